@@ -1,0 +1,97 @@
+"""The engine protocol every model back end implements, and the types that cross it.
+
+One synchronous batch-in/batch-out method keeps flows and tasks ignorant of how a back end batches or parallelises:
+vLLM's continuous batching, llama.cpp's shared-prefix scoring and an HTTP client's bounded pool all live inside the
+engine. Engines report tokens and seconds, never dollars (see schemas/pricing.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One document to answer: its id (doc_id) and its parsed text."""
+
+    id: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens one call consumed; cached input tokens are a subset of input tokens."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.cached_tokens + other.cached_tokens,
+        )
+
+
+@dataclass(slots=True)
+class Prediction:
+    """An engine's answer for one request.
+
+    `label`/`fields` hold typed values already checked against the task spec. Confidences are probabilities in
+    [0, 1], or None where the back end cannot give one (a frontier API without logprobs). `error` is set when the
+    engine could not answer; `retryable` says whether trying again later may succeed.
+    """
+
+    id: str
+    model: str
+    label: str | None = None
+    label_confidence: float | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+    field_confidences: dict[str, float | None] = field(default_factory=dict)
+    usage: Usage = field(default_factory=Usage)
+    engine_seconds: float = 0.0
+    truncated: bool = False
+    error: str | None = None
+    retryable: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A model back end: answers a batch of requests, exactly one prediction per request, in request order."""
+
+    name: str
+
+    def predict(self, batch: Sequence[Request]) -> list[Prediction]: ...
+
+    def close(self) -> None: ...
+
+
+class EngineError(Exception):
+    """Base of the errors engines raise when a whole batch cannot be answered."""
+
+
+class EngineUnavailableError(EngineError):
+    """The back end cannot start here (a missing package, no GPU, an unreadable model file)."""
+
+
+def check_complete(batch: Sequence[Request], predictions: Sequence[Prediction], engine: str) -> list[Prediction]:
+    """Return predictions in request order, or raise if any request is missing or answered twice."""
+    by_id: dict[str, Prediction] = {}
+    for prediction in predictions:
+        if prediction.id in by_id:
+            raise EngineError(f"{engine} answered request {prediction.id} twice")
+        by_id[prediction.id] = prediction
+    ids = [request.id for request in batch]
+    if len(set(ids)) != len(ids):
+        raise EngineError("a batch holds the same request id twice")
+    missing = [i for i in ids if i not in by_id]
+    if missing or len(by_id) != len(ids):
+        raise EngineError(f"{engine} returned {len(by_id)} predictions for {len(ids)} requests (missing {missing[:3]})")
+    return [by_id[i] for i in ids]

@@ -1,0 +1,1 @@
+"""Bundled example corpora and job files; data only, kept importable so `docroute demo` finds them when installed."""

@@ -1,0 +1,1 @@
+"""docroute.flows."""

@@ -1,0 +1,123 @@
+"""Load a job spec from YAML with errors that name the bad field and its line.
+
+This is the one place that reads environment variables: `${NAME}` / `${NAME:-default}` in YAML strings and the
+frontier API key default are resolved here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from docroute.schemas.spec import JobSpec
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class JobSpecError(ValueError):
+    """A job file that cannot be used; the message lists every problem with its line."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"invalid job spec {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _interpolate(value: Any, env: Mapping[str, str], where: list[str]) -> Any:
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            where.append(name)
+            return match.group(0)
+
+        return _ENV_REF.sub(substitute, value)
+    if isinstance(value, list):
+        return [_interpolate(v, env, where) for v in value]
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env, where) for k, v in value.items()}
+    return value
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """Walk the composed YAML tree along a pydantic error location; return the deepest line found (1-based)."""
+    if node is None:
+        return None
+    line = node.start_mark.line + 1
+    for part in loc:
+        child: yaml.Node | None = None
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.value == str(part):
+                    child = value_node
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            child = node.value[part]
+        if child is None:
+            break
+        node = child
+        line = node.start_mark.line + 1
+    return line
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    # drop pydantic's discriminator tags (e.g. 'llamacpp') that are not keys the user wrote
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def parse_job(
+    text: str,
+    *,
+    source: str = "<job>",
+    base_dir: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> JobSpec:
+    """Validate YAML text as a JobSpec; `env` defaults to the process environment."""
+    env = dict(os.environ) if env is None else dict(env)
+    try:
+        tree = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise JobSpecError(source, [f"{where}not valid YAML: {getattr(exc, 'problem', exc)}"]) from exc
+    if not isinstance(data, dict):
+        raise JobSpecError(source, ["the job file must be a YAML mapping (key: value) at the top level"])
+    missing: list[str] = []
+    data = _interpolate(data, env, missing)
+    if missing:
+        raise JobSpecError(source, [f"environment variable ${{{name}}} is not set" for name in sorted(set(missing))])
+    context = {"base_dir": str(base_dir) if base_dir is not None else None, "env": env}
+    try:
+        return JobSpec.model_validate(data, context=context)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False):
+            loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p in {"llamacpp", "openai_compatible"}))
+            line = _line_of(tree, loc)
+            prefix = f"line {line}: " if line is not None else ""
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{prefix}{_format_loc(loc)}: {message}")
+        raise JobSpecError(source, problems) from None
+
+
+def load_job(path: str | Path, *, env: Mapping[str, str] | None = None) -> JobSpec:
+    """Read and validate a job file; relative paths inside it are taken from the file's folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise JobSpecError(str(path), ["the job file does not exist"]) from None
+    except UnicodeDecodeError as exc:
+        raise JobSpecError(str(path), [f"the job file is not UTF-8 text ({exc.reason})"]) from None
+    return parse_job(text, source=str(path), base_dir=path.resolve().parent, env=env)

@@ -1,0 +1,105 @@
+"""Prices of model calls, and the cost of one call from its token counts.
+
+Engines report tokens and seconds, never dollars: every dollar figure in a row or a ledger comes from here, so a price
+change is one edit and an unknown model is an error instead of a silent $0.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from decimal import Decimal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PRICES_AS_OF = date(2025, 11, 24)
+"""When the default table was copied from the providers' public price pages; override in the job spec when stale."""
+
+
+class ModelPrice(BaseModel):
+    """USD per one million tokens for one model, with the discount its provider gives to batch jobs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input_per_million: float = Field(ge=0)
+    output_per_million: float = Field(ge=0)
+    cached_input_per_million: float | None = Field(default=None, ge=0)
+    batch_discount: float = Field(default=0.5, ge=0, le=1, description="fraction taken off by the batch API")
+    as_of: date = PRICES_AS_OF
+
+    def cost_usd(
+        self, input_tokens: int, output_tokens: int, cached_tokens: int = 0, *, batch: bool = False
+    ) -> float:
+        """Price one call; cached input tokens are billed at the cached rate where the provider has one."""
+        cached = min(max(cached_tokens, 0), max(input_tokens, 0))
+        cached_rate = self.cached_input_per_million if self.cached_input_per_million is not None else None
+        fresh = input_tokens - cached if cached_rate is not None else input_tokens
+        usd = (
+            Decimal(fresh) * Decimal(str(self.input_per_million))
+            + Decimal(output_tokens) * Decimal(str(self.output_per_million))
+        )
+        if cached_rate is not None:
+            usd += Decimal(cached) * Decimal(str(cached_rate))
+        usd /= Decimal(1_000_000)
+        if batch:
+            usd *= Decimal(1) - Decimal(str(self.batch_discount))
+        return float(usd)
+
+
+def _price(inp: float, out: float, cached: float | None = None) -> ModelPrice:
+    return ModelPrice(input_per_million=inp, output_per_million=out, cached_input_per_million=cached)
+
+
+DEFAULT_PRICES: dict[str, ModelPrice] = {
+    # OpenAI (platform.openai.com/docs/pricing)
+    "gpt-5": _price(1.25, 10.00, 0.125),
+    "gpt-5-mini": _price(0.25, 2.00, 0.025),
+    "gpt-5-nano": _price(0.05, 0.40, 0.005),
+    "gpt-4.1": _price(2.00, 8.00, 0.50),
+    "gpt-4.1-mini": _price(0.40, 1.60, 0.10),
+    "gpt-4.1-nano": _price(0.10, 0.40, 0.025),
+    "gpt-4o": _price(2.50, 10.00, 1.25),
+    "gpt-4o-mini": _price(0.15, 0.60, 0.075),
+    "o3": _price(2.00, 8.00, 0.50),
+    "o4-mini": _price(1.10, 4.40, 0.275),
+    # Anthropic (docs.anthropic.com pricing); cached = cache-read rate
+    "claude-opus-4-5": _price(5.00, 25.00, 0.50),
+    "claude-opus-4-1": _price(15.00, 75.00, 1.50),
+    "claude-sonnet-4-5": _price(3.00, 15.00, 0.30),
+    "claude-sonnet-4-0": _price(3.00, 15.00, 0.30),
+    "claude-haiku-4-5": _price(1.00, 5.00, 0.10),
+    "claude-3-5-haiku-latest": _price(0.80, 4.00, 0.08),
+    # Mistral (mistral.ai/pricing)
+    "mistral-large-latest": _price(2.00, 6.00),
+    "mistral-medium-latest": _price(0.40, 2.00),
+    "mistral-small-latest": _price(0.10, 0.30),
+    "ministral-8b-latest": _price(0.10, 0.10),
+}
+
+
+class UnknownModelPriceError(KeyError):
+    """Raised for a model with no price: docroute never guesses $0."""
+
+    def __str__(self) -> str:
+        model = self.args[0] if self.args else "?"
+        return (
+            f"no price known for model {model!r}; set frontier.price (input_per_million, output_per_million) "
+            f"in the job spec. Known models: {', '.join(sorted(DEFAULT_PRICES))}"
+        )
+
+
+def lookup_price(model: str, override: ModelPrice | None = None) -> ModelPrice:
+    """Return the override, else the default for the model or its dated snapshot name (e.g. gpt-4o-2024-08-06)."""
+    if override is not None:
+        return override
+    if model in DEFAULT_PRICES:
+        return DEFAULT_PRICES[model]
+    # provider snapshots append a date or version: gpt-4o-mini-2024-07-18, claude-haiku-4-5-20251001
+    for name in sorted(DEFAULT_PRICES, key=len, reverse=True):
+        if model.startswith(name + "-") and model[len(name) + 1 :][:1].isdigit():
+            return DEFAULT_PRICES[name]
+    raise UnknownModelPriceError(model)
+
+
+def self_hosted_cost_usd(engine_seconds: float, usd_per_hour: float) -> float:
+    """Cost of running a self-hosted engine for the seconds it spent on a row (GPU-hour or CPU-hour rate)."""
+    return max(engine_seconds, 0.0) * usd_per_hour / 3600.0

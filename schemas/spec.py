@@ -1,0 +1,390 @@
+"""The job spec: one validated pydantic model describing a docroute job, loaded from YAML.
+
+Everything a run needs — where documents come from, what to classify or extract, which engines to use, how to
+route and where to write — is validated here once, so the rest of the code receives typed objects and never
+re-checks configuration or reads the environment itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from docroute.schemas.columns import CONFIDENCE_SUFFIX, PROVENANCE_COLUMNS
+from docroute.schemas.pricing import ModelPrice, lookup_price
+
+FieldType = Literal["str", "int", "float", "decimal", "date", "datetime", "bool", "enum", "list[str]"]
+DocFormat = Literal["auto", "txt", "md", "html", "pdf", "docx", "eml", "json", "jsonl"]
+
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_JOB_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+class StrictModel(BaseModel):
+    """Base for every spec part: unknown keys are errors (a typo must not silently use a default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def _is_local_path(url: str) -> bool:
+    return "://" not in url and not url.startswith(("s3:", "gs:", "gcs:", "az:", "abfs:", "memory:"))
+
+
+def _resolve_path(url: str, info: ValidationInfo) -> str:
+    """Make a local path relative to the job file absolute, so a job runs the same from any working directory."""
+    base = (info.context or {}).get("base_dir")
+    if base is None or not _is_local_path(url):
+        return url
+    from pathlib import Path
+
+    path = Path(url).expanduser()
+    return str(path if path.is_absolute() else (Path(base) / path).resolve())
+
+
+class SourceSpec(StrictModel):
+    """Where the documents are and how to read them."""
+
+    url: str = Field(min_length=1, description="fsspec URL or local folder; local paths are relative to the job file")
+    glob: str = Field(default="**/*", min_length=1, description="pattern under url selecting the documents")
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    format: DocFormat = Field(default="auto", description="auto picks the parser from the file extension")
+    text_field: str = Field(default="text", min_length=1, description="json/jsonl: dotted path of the text")
+    id_field: str | None = Field(default=None, description="json/jsonl: dotted path of a stable record key")
+    max_bytes: int = Field(default=20 * 1024 * 1024, gt=0, description="larger files become error rows")
+    encoding: str | None = Field(default=None, description="force a text encoding instead of detecting it")
+
+    @field_validator("url")
+    @classmethod
+    def _resolve(cls, url: str, info: ValidationInfo) -> str:
+        return _resolve_path(url, info)
+
+
+class LabelSpec(StrictModel):
+    """One class of a classification task."""
+
+    name: str = Field(min_length=1, max_length=200)
+    description: str = ""
+    examples: list[str] = Field(default_factory=list)
+    verbalizer: str | None = Field(
+        default=None, description="text the label-scoring model reads for this label; default: the name in words"
+    )
+
+    @property
+    def text(self) -> str:
+        """Return the words a language model scores for this label."""
+        return self.verbalizer or self.name.replace("_", " ").strip()
+
+
+class ClassifySpec(StrictModel):
+    """Assign exactly one label to each document."""
+
+    labels: list[LabelSpec] = Field(min_length=2)
+    examples_file: str | None = Field(
+        default=None, description="CSV or JSONL of labeled examples (columns text,label), relative to the job file"
+    )
+    instructions: str = ""
+
+    @field_validator("labels")
+    @classmethod
+    def _unique_labels(cls, labels: list[LabelSpec]) -> list[LabelSpec]:
+        seen: set[str] = set()
+        for label in labels:
+            if label.name in seen:
+                raise ValueError(f"label {label.name!r} is listed twice")
+            seen.add(label.name)
+        texts = [label.text for label in labels]
+        if len(set(texts)) != len(texts):
+            raise ValueError("two labels read the same to the model; give them distinct verbalizers")
+        return labels
+
+    @field_validator("examples_file")
+    @classmethod
+    def _resolve(cls, path: str | None, info: ValidationInfo) -> str | None:
+        return None if path is None else _resolve_path(path, info)
+
+    @property
+    def label_names(self) -> list[str]:
+        return [label.name for label in self.labels]
+
+
+class FieldSpec(StrictModel):
+    """One field to extract, with the type its Parquet column will have."""
+
+    name: str
+    type: FieldType
+    description: str = ""
+    required: bool = True
+    values: list[str] | None = Field(default=None, description="enum only: the allowed values")
+    precision: int = Field(default=18, ge=1, le=38, description="decimal only")
+    scale: int = Field(default=2, ge=0, le=18, description="decimal only")
+    date_order: Literal["DMY", "MDY", "YMD"] = Field(
+        default="DMY", description="how to read ambiguous dates such as 03/04/2024"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _identifier(cls, name: str) -> str:
+        if not _IDENTIFIER.match(name):
+            raise ValueError(
+                "field names must be lowercase identifiers (a-z, 0-9, _; not starting with a digit), "
+                "so every warehouse can query the column unquoted"
+            )
+        if name in PROVENANCE_COLUMNS or name.endswith(CONFIDENCE_SUFFIX):
+            raise ValueError(f"field name {name!r} collides with a column docroute writes itself")
+        return name
+
+    @model_validator(mode="after")
+    def _type_options(self) -> Self:
+        if self.type == "enum":
+            if not self.values or len(self.values) < 2:
+                raise ValueError("an enum field needs `values` with at least two entries")
+            if len(set(self.values)) != len(self.values):
+                raise ValueError("enum values must be distinct")
+        elif self.values is not None:
+            raise ValueError(f"`values` is only for enum fields, not {self.type}")
+        if self.type == "decimal" and self.scale > self.precision:
+            raise ValueError("decimal scale cannot exceed its precision")
+        return self
+
+
+class ExtractExample(StrictModel):
+    """A worked example for extraction: a document and the values a careful reader takes from it."""
+
+    text: str = Field(min_length=1)
+    values: dict[str, Any]
+
+
+class ExtractSpec(StrictModel):
+    """Fill typed fields from each document."""
+
+    fields: list[FieldSpec] = Field(min_length=1)
+    examples: list[ExtractExample] = Field(default_factory=list)
+    instructions: str = ""
+
+    @field_validator("fields")
+    @classmethod
+    def _unique_fields(cls, fields: list[FieldSpec]) -> list[FieldSpec]:
+        names = [f.name for f in fields]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"field names listed twice: {', '.join(duplicates)}")
+        return fields
+
+    @model_validator(mode="after")
+    def _examples_name_fields(self) -> Self:
+        known = {f.name for f in self.fields}
+        for i, example in enumerate(self.examples):
+            unknown = sorted(set(example.values) - known)
+            if unknown:
+                raise ValueError(f"examples[{i}] names unknown fields: {', '.join(unknown)}")
+        return self
+
+    def field(self, name: str) -> FieldSpec:
+        for spec in self.fields:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+
+class TaskSpec(StrictModel):
+    """What to do with each document: classify, extract, or both."""
+
+    instructions: str = Field(default="", description="context shared by every prompt, e.g. what the documents are")
+    classify: ClassifySpec | None = None
+    extract: ExtractSpec | None = None
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> Self:
+        if self.classify is None and self.extract is None:
+            raise ValueError("a task needs `classify`, `extract` or both")
+        return self
+
+
+class LlamaCppSpec(StrictModel):
+    """Embedded CPU engine: llama.cpp with a local GGUF (default: the packaged Gemma 3 270M)."""
+
+    engine: Literal["llamacpp"] = "llamacpp"
+    model_path: str | None = Field(default=None, description="a .gguf file; default: the packaged Gemma 3 270M")
+    n_ctx: int = Field(default=2048, ge=256, le=131072)
+    n_threads: int | None = Field(default=None, ge=1, description="default: the machine's cores")
+    max_input_tokens: int = Field(default=768, ge=32, description="document tokens kept; the rest is truncated")
+    classify_strategy: Literal["label_scoring", "embedding_head"] = "label_scoring"
+    calibration: Literal["content_free", "batch", "none"] = Field(
+        default="content_free", description="label scoring: divide by the label prior on content-free input or batch"
+    )
+    few_shot: int = Field(default=8, ge=0, le=64, description="labeled examples placed in the scoring prompt")
+    max_candidates: int = Field(default=48, ge=1, le=256, description="extraction: candidates scored per field")
+    usd_per_hour: float = Field(default=0.0, ge=0, description="self-hosted compute price for the cost ledger")
+
+    @field_validator("model_path")
+    @classmethod
+    def _resolve(cls, path: str | None, info: ValidationInfo) -> str | None:
+        return None if path is None else _resolve_path(path, info)
+
+    @property
+    def model_name(self) -> str:
+        from pathlib import Path
+
+        return Path(self.model_path).name if self.model_path else "gemma-3-270m-q4_k_m.gguf"
+
+
+class OpenAICompatibleSmallSpec(StrictModel):
+    """A small model served behind an OpenAI-compatible endpoint (vllm serve, llama.cpp server)."""
+
+    engine: Literal["openai_compatible"] = "openai_compatible"
+    model: str = Field(min_length=1)
+    base_url: str = Field(min_length=1)
+    api_key: SecretStr | None = Field(default=None, repr=False)
+    max_concurrency: int = Field(default=8, ge=1, le=512)
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=4, ge=0, le=20)
+    max_output_tokens: int = Field(default=512, ge=1)
+    usd_per_hour: float = Field(default=0.0, ge=0)
+
+    @property
+    def model_name(self) -> str:
+        return self.model
+
+
+SmallModelSpec = Annotated[LlamaCppSpec | OpenAICompatibleSmallSpec, Field(discriminator="engine")]
+
+_DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY", "openai_compatible": None}
+
+
+class FrontierSpec(StrictModel):
+    """The large model that answers the rows the small one is unsure of."""
+
+    provider: Literal["openai", "anthropic", "openai_compatible"]
+    model: str = Field(min_length=1)
+    base_url: str | None = None
+    api_key: SecretStr | None = Field(default=None, repr=False)
+    api_key_env: str | None = Field(
+        default=None, description="environment variable holding the key; default OPENAI_API_KEY/ANTHROPIC_API_KEY"
+    )
+    price: ModelPrice | None = Field(default=None, description="USD per 1M tokens; default from the price table")
+    max_concurrency: int = Field(default=8, ge=1, le=512)
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=4, ge=0, le=20)
+    max_output_tokens: int = Field(default=512, ge=16)
+    max_input_tokens: int = Field(default=32000, ge=256, description="document tokens sent; the rest is truncated")
+
+    @model_validator(mode="after")
+    def _key_and_price(self, info: ValidationInfo) -> Self:
+        lookup_price(self.model, self.price)  # raises for an unpriced model: never a silent $0
+        if self.provider == "openai_compatible" and not self.base_url:
+            raise ValueError("an openai_compatible frontier needs base_url")
+        if self.api_key is None:
+            env = (info.context or {}).get("env") or {}
+            name = self.api_key_env or _DEFAULT_KEY_ENV[self.provider]
+            if name and env.get(name):
+                object.__setattr__(self, "api_key", SecretStr(env[name]))
+        return self
+
+    @property
+    def unit_price(self) -> ModelPrice:
+        return lookup_price(self.model, self.price)
+
+
+class RoutingSpec(StrictModel):
+    """When a small-model answer is kept, and how much the frontier may cost."""
+
+    threshold: float = Field(default=0.8, ge=0, le=1, description="minimum confidence to keep a small-model answer")
+    field_thresholds: dict[str, float] = Field(default_factory=dict, description="per extracted field overrides")
+    max_frontier_usd: float | None = Field(
+        default=5.0, ge=0, description="hard cap on frontier spend per run; null means no cap"
+    )
+
+    @field_validator("field_thresholds")
+    @classmethod
+    def _in_unit_interval(cls, thresholds: dict[str, float]) -> dict[str, float]:
+        for name, value in thresholds.items():
+            if not 0 <= value <= 1:
+                raise ValueError(f"threshold for {name!r} must be within [0, 1]")
+        return thresholds
+
+
+class OutputSpec(StrictModel):
+    """Where the Parquet results, cost ledger and manifests go."""
+
+    url: str = Field(min_length=1)
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+
+    @field_validator("url")
+    @classmethod
+    def _resolve(cls, url: str, info: ValidationInfo) -> str:
+        return _resolve_path(url, info).rstrip("/")
+
+
+class RunnerSpec(StrictModel):
+    """How shard tasks run; threads overlap I/O with the (serialised) embedded model."""
+
+    kind: Literal["threads"] = "threads"
+    max_workers: int = Field(default=2, ge=1, le=256)
+
+
+class JobSpec(StrictModel):
+    """A complete docroute job."""
+
+    name: str = Field(description="lowercase letters, digits and dashes; names the job's Prefect artifacts")
+    source: SourceSpec
+    task: TaskSpec
+    small_model: SmallModelSpec = Field(default_factory=LlamaCppSpec)
+    frontier: FrontierSpec | None = None
+    routing: RoutingSpec = Field(default_factory=RoutingSpec)
+    output: OutputSpec
+    shard_size: int = Field(default=64, ge=1, le=100_000)
+    runner: RunnerSpec = Field(default_factory=RunnerSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, name: str) -> str:
+        if not _JOB_NAME.match(name):
+            raise ValueError("job name must be 1-63 lowercase letters, digits or dashes, starting alphanumeric")
+        return name
+
+    @model_validator(mode="after")
+    def _routing_names_fields(self) -> Self:
+        known = {f.name for f in self.task.extract.fields} if self.task.extract else set()
+        unknown = sorted(set(self.routing.field_thresholds) - known)
+        if unknown:
+            raise ValueError(f"routing.field_thresholds names unknown fields: {', '.join(unknown)}")
+        return self
+
+    def field_threshold(self, field_name: str) -> float:
+        """Return the confidence a field needs to be kept."""
+        return self.routing.field_thresholds.get(field_name, self.routing.threshold)
+
+    def spec_hash(self) -> str:
+        """Hash what decides a row's answer (task and small model), so changing either reprocesses documents."""
+        payload = {
+            "task": self.task.model_dump(mode="json"),
+            "small_model": self.small_model.model_dump(
+                mode="json", exclude={"n_threads", "usd_per_hour", "max_concurrency", "timeout_s", "max_retries"}
+            ),
+        }
+        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def redacted(self) -> dict[str, Any]:
+        """Return the spec as plain data with every secret and storage option masked, for logs and artifacts."""
+        data = self.model_dump(mode="json")
+        for part in ("source", "output"):
+            data[part]["storage_options"] = {k: "***" for k in data[part]["storage_options"]}
+        if data.get("frontier"):
+            data["frontier"]["api_key"] = "***" if self.frontier and self.frontier.api_key else None
+        if data["small_model"].get("api_key"):
+            data["small_model"]["api_key"] = "***"
+        return data
