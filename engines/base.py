@@ -73,6 +73,15 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class FrontierEngine(Engine, Protocol):
+    """An engine whose calls cost money: it can bound a call's tokens before making it, for budget reservations."""
+
+    def usage_bound(self, request: Request) -> Usage:
+        """Return an upper bound on the tokens answering this request can consume (all attempts included)."""
+        ...
+
+
 class EngineError(Exception):
     """Base of the errors engines raise when a whole batch cannot be answered."""
 

@@ -26,16 +26,13 @@ class ModelPrice(BaseModel):
     batch_discount: float = Field(default=0.5, ge=0, le=1, description="fraction taken off by the batch API")
     as_of: date = PRICES_AS_OF
 
-    def cost_usd(
-        self, input_tokens: int, output_tokens: int, cached_tokens: int = 0, *, batch: bool = False
-    ) -> float:
+    def cost_usd(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0, *, batch: bool = False) -> float:
         """Price one call; cached input tokens are billed at the cached rate where the provider has one."""
         cached = min(max(cached_tokens, 0), max(input_tokens, 0))
         cached_rate = self.cached_input_per_million if self.cached_input_per_million is not None else None
         fresh = input_tokens - cached if cached_rate is not None else input_tokens
-        usd = (
-            Decimal(fresh) * Decimal(str(self.input_per_million))
-            + Decimal(output_tokens) * Decimal(str(self.output_per_million))
+        usd = Decimal(fresh) * Decimal(str(self.input_per_million)) + Decimal(output_tokens) * Decimal(
+            str(self.output_per_million)
         )
         if cached_rate is not None:
             usd += Decimal(cached) * Decimal(str(cached_rate))

@@ -78,7 +78,8 @@ class LabelSpec(StrictModel):
     description: str = ""
     examples: list[str] = Field(default_factory=list)
     verbalizer: str | None = Field(
-        default=None, description="text the label-scoring model reads for this label; default: the name in words"
+        default=None,
+        description="text the label-scoring model reads for this label; default: the name in words",
     )
 
     @property
@@ -92,7 +93,8 @@ class ClassifySpec(StrictModel):
 
     labels: list[LabelSpec] = Field(min_length=2)
     examples_file: str | None = Field(
-        default=None, description="CSV or JSONL of labeled examples (columns text,label), relative to the job file"
+        default=None,
+        description="CSV or JSONL of labeled examples (columns text,label), relative to the job file",
     )
     instructions: str = ""
 
@@ -220,12 +222,25 @@ class LlamaCppSpec(StrictModel):
     n_ctx: int = Field(default=2048, ge=256, le=131072)
     n_threads: int | None = Field(default=None, ge=1, description="default: the machine's cores")
     max_input_tokens: int = Field(default=768, ge=32, description="document tokens kept; the rest is truncated")
-    classify_strategy: Literal["label_scoring", "embedding_head"] = "label_scoring"
-    calibration: Literal["content_free", "batch", "none"] = Field(
-        default="content_free", description="label scoring: divide by the label prior on content-free input or batch"
+    classify_strategy: Literal["auto", "label_scoring", "embedding_head"] = Field(
+        default="auto",
+        description="auto: embedding_head when every label has at least 4 labeled examples, else label_scoring",
     )
-    few_shot: int = Field(default=8, ge=0, le=64, description="labeled examples placed in the scoring prompt")
+    calibration: Literal["content_free", "batch", "none"] = Field(
+        default="content_free",
+        description="label scoring: divide by the label prior on content-free input or batch",
+    )
+    few_shot: int = Field(
+        default=24,
+        ge=0,
+        le=128,
+        description="label scoring: most labeled examples shown in the prompt (fewer if long)",
+    )
     max_candidates: int = Field(default=48, ge=1, le=256, description="extraction: candidates scored per field")
+    candidate_scoring: Literal["sum", "mean"] = Field(
+        default="sum",
+        description="extraction: sum ranks candidates by their likelihood; mean by likelihood per token",
+    )
     usd_per_hour: float = Field(default=0.0, ge=0, description="self-hosted compute price for the cost ledger")
 
     @field_validator("model_path")
@@ -271,7 +286,8 @@ class FrontierSpec(StrictModel):
     base_url: str | None = None
     api_key: SecretStr | None = Field(default=None, repr=False)
     api_key_env: str | None = Field(
-        default=None, description="environment variable holding the key; default OPENAI_API_KEY/ANTHROPIC_API_KEY"
+        default=None,
+        description="environment variable holding the key; default OPENAI_API_KEY/ANTHROPIC_API_KEY",
     )
     price: ModelPrice | None = Field(default=None, description="USD per 1M tokens; default from the price table")
     max_concurrency: int = Field(default=8, ge=1, le=512)
@@ -372,7 +388,8 @@ class JobSpec(StrictModel):
         payload = {
             "task": self.task.model_dump(mode="json"),
             "small_model": self.small_model.model_dump(
-                mode="json", exclude={"n_threads", "usd_per_hour", "max_concurrency", "timeout_s", "max_retries"}
+                mode="json",
+                exclude={"n_threads", "usd_per_hour", "max_concurrency", "timeout_s", "max_retries"},
             ),
         }
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))

@@ -10,7 +10,7 @@ import json
 import math
 import re
 import unicodedata
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any
 
@@ -51,9 +51,27 @@ _DATE_PATTERNS: tuple[re.Pattern[str], ...] = (
     re.compile(_MONTH_WORD + r"[\s\-/.]*(?P<d>\d{1,2})(?:st|nd|rd|th)?[\s,\-/.]*(?P<y>\d{4}|\d{2})$"),
     re.compile(r"^(?P<y>\d{4})(?P<m>\d{2})(?P<d>\d{2})$"),
 )
-_TIME = re.compile(
-    r"(?P<h>\d{1,2}):(?P<mi>\d{2})(?::(?P<s>\d{2})(?:\.(?P<f>\d{1,6}))?)?\s*(?P<ampm>[AaPp]\.?[Mm]\.?)?"
-)
+_TIME = re.compile(r"(?P<h>\d{1,2}):(?P<mi>\d{2})(?::(?P<s>\d{2})(?:\.(?P<f>\d{1,6}))?)?\s*(?P<ampm>[AaPp]\.?[Mm]\.?)?")
+_WEEKDAYS = {
+    "mon",
+    "monday",
+    "tue",
+    "tues",
+    "tuesday",
+    "wed",
+    "wednesday",
+    "thu",
+    "thur",
+    "thurs",
+    "thursday",
+    "fri",
+    "friday",
+    "sat",
+    "saturday",
+    "sun",
+    "sunday",
+}
+_ZONE = re.compile(r"(?:\s*(?P<z>Z|UTC|GMT)|\s*(?:UTC|GMT)?\s*(?P<sign>[+-])(?P<zh>\d{2}):?(?P<zm>\d{2}))\s*$")
 _TRUE = {"true", "yes", "y", "1", "t", "on", "ja", "oui", "si", "sí"}
 _FALSE = {"false", "no", "n", "0", "f", "off", "nein", "non"}
 
@@ -67,14 +85,16 @@ def _full_year(year: int) -> int:
 def parse_date(text: str, order: str = "DMY") -> date:
     """Read a date written in any common way; `order` settles 03/04/2024 (DMY: 3 April)."""
     cleaned = " ".join(text.strip().split()).strip(",;")
-    cleaned = re.sub(r"^[A-Za-z]{3,9},?\s+(?=\d)", "", cleaned)  # a leading weekday: "Tue, 12 Mar 2024"
+    weekday = re.match(r"^([A-Za-z]{3,9})\.?,?\s+(?=\d)", cleaned)  # "Tue, 12 Mar 2024"
+    if weekday and weekday.group(1).lower() in _WEEKDAYS:
+        cleaned = cleaned[weekday.end() :]
     for pattern in _DATE_PATTERNS:
         match = pattern.match(cleaned)
         if not match:
             continue
         groups = match.groupdict()
         year = _full_year(int(groups["y"]))
-        if "mon" in groups and groups["mon"]:
+        if groups.get("mon"):
             month = _MONTHS.get(groups["mon"].lower())
             if month is None:
                 continue
@@ -106,6 +126,13 @@ def parse_datetime(text: str, order: str = "DMY") -> datetime:
     try:
         parsed = datetime.fromisoformat(cleaned.replace("Z", "+00:00"))
     except ValueError:
+        offset = timedelta(0)
+        zone = _ZONE.search(cleaned)
+        if zone and _TIME.search(cleaned[: zone.start()]):
+            if zone["sign"]:
+                offset = timedelta(hours=int(zone["zh"]), minutes=int(zone["zm"]))
+                offset = -offset if zone["sign"] == "-" else offset
+            cleaned = cleaned[: zone.start()]
         match = _TIME.search(cleaned)
         date_part = cleaned[: match.start()] if match else cleaned
         day = parse_date(date_part.strip(" ,T"), order)
@@ -121,7 +148,7 @@ def parse_datetime(text: str, order: str = "DMY") -> datetime:
                 clock = time(hour, int(match["mi"]), int(match["s"] or 0), int((match["f"] or "0").ljust(6, "0")))
             except ValueError as exc:
                 raise ValueCoercionError(f"{text!r} has an impossible time ({exc})") from None
-        parsed = datetime.combine(day, clock)
+        parsed = datetime.combine(day, clock, tzinfo=timezone(offset))
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=UTC)
     return parsed.astimezone(UTC)
@@ -198,7 +225,7 @@ def clean_text(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def coerce_value(field: FieldSpec, raw: Any) -> Any:  # noqa: PLR0911 - one branch per type reads best
+def coerce_value(field: FieldSpec, raw: Any) -> Any:
     """Return the field's typed value for a raw answer, None for an empty one, or raise ValueCoercionError."""
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         return None

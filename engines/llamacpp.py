@@ -1,0 +1,316 @@
+"""The embedded CPU engine: a small base model under llama.cpp, used the ways that measurably work for it.
+
+* Classification by label scoring: the log-probability of every label's words after a few-shot prompt, normalised
+  over the label set and divided by the label prior on content-free input (contextual calibration).
+* Classification by embeddings and a logistic-regression head trained on the job's labeled examples.
+* Extraction by choosing each field's value among candidates taken from the document (engines/candidates.py),
+  scored by the model's likelihood after a few-shot prompt; confidence is the chosen value's share of the
+  candidate set's probability.
+
+Free generation is not used: on a 270M base model it is slow and mostly wrong, while choosing among real
+alternatives gives a calibrated confidence the router can trust.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from docroute.engines import fewshot
+from docroute.engines.base import EngineUnavailableError, Prediction, Request, Usage, check_complete
+from docroute.engines.candidates import candidates_for
+from docroute.engines.confidence import contextual_calibration, merge_by_value, pick, softmax
+from docroute.engines.head import LabelHead, examples_fingerprint, train_head
+from docroute.engines.llama_runtime import LlamaRuntime, packaged_model_path, shared_runtime
+from docroute.schemas.spec import ExtractSpec, FieldSpec, LlamaCppSpec, TaskSpec
+
+CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
+"""Inputs that say nothing, used to estimate the label bias of the prompt (Zhao et al. 2021)."""
+
+LIST_SHARE = 0.2
+"""A list[str] field keeps every candidate holding at least this share of the candidate set's probability."""
+
+_QUESTION_RESERVE = 32
+
+MIN_EXAMPLES_FOR_HEAD = 4
+"""classify_strategy auto trains an embedding head only when every label has at least this many examples."""
+"""Tokens kept free after the document for the question segment."""
+
+
+@dataclass
+class _DocTokens:
+    tokens: list[int]
+    truncated: bool
+
+
+class LlamaCppEngine:
+    """Engine protocol implementation over a shared per-process llama.cpp runtime."""
+
+    def __init__(
+        self,
+        spec: LlamaCppSpec,
+        task: TaskSpec,
+        *,
+        examples: Sequence[tuple[str, str]] = (),
+        runtime: LlamaRuntime | None = None,
+        head: LabelHead | None = None,
+    ) -> None:
+        self.spec = spec
+        self.task = task
+        self.name = f"llamacpp:{spec.model_name}"
+        model_path = spec.model_path or packaged_model_path()
+        self._runtime = runtime or shared_runtime(model_path, n_ctx=spec.n_ctx, n_threads=spec.n_threads)
+        self._examples = list(examples)
+        self._head = head
+        self._classify_prefix: list[int] = []
+        self._label_tokens: list[list[int]] = []
+        self._label_prior: np.ndarray | None = None
+        self.strategy = ""
+        self.few_shot_used = 0
+        self._extract_prefix: list[int] = []
+        self._question_tokens: dict[str, list[int]] = {}
+        self._candidate_room = 0
+        if task.classify is not None:
+            self._prepare_classification()
+        if task.extract is not None:
+            self._prepare_extraction(task.extract)
+
+    # ------------------------------------------------------------------ set-up
+    def _resolve_strategy(self) -> str:
+        """Use the embedding head where every label has enough examples to train it, label scoring elsewhere."""
+        classify = self.task.classify
+        assert classify is not None
+        if self.spec.classify_strategy != "auto":
+            return self.spec.classify_strategy
+        counts = {label.name: len(label.examples) for label in classify.labels}
+        for _, label in self._examples:
+            counts[label] = counts.get(label, 0) + 1
+        return "embedding_head" if min(counts.values()) >= MIN_EXAMPLES_FOR_HEAD else "label_scoring"
+
+    def _prepare_classification(self) -> None:
+        classify = self.task.classify
+        assert classify is not None
+        self.strategy = self._resolve_strategy()
+        if self.strategy == "embedding_head":
+            if self._head is None:
+                self._head = self._train_head()
+            if list(self._head.labels) != classify.label_names:
+                raise EngineUnavailableError("the embedding head was trained for other labels than the job's")
+            return
+        self._head = None
+        self._label_tokens = [
+            self._runtime.tokenize(fewshot.label_continuation(label.text)) for label in classify.labels
+        ]
+        nodes = sum(len(t) for t in self._label_tokens)
+        # the fixed prompt may use what the document budget and the label trie leave of the context
+        budget = self._runtime.n_ctx - min(self.spec.max_input_tokens, self._runtime.n_ctx // 2) - nodes
+        budget -= _QUESTION_RESERVE
+        shots = fewshot.select_examples(classify, self._examples, self.spec.few_shot)
+        while True:
+            self._classify_prefix = self._runtime.tokenize(fewshot.classify_prefix(self.task, shots), add_bos=True)
+            if len(self._classify_prefix) <= budget or not shots:
+                break
+            shots = shots[: len(shots) * 3 // 4]
+        self.few_shot_used = len(shots)
+        self._check_fits(self._classify_prefix, extra=nodes)
+        if self.spec.calibration != "none":
+            priors = [softmax(self._score_labels(text)) for text in CONTENT_FREE_INPUTS]
+            self._label_prior = np.mean(priors, axis=0)
+
+    def _train_head(self) -> LabelHead:
+        classify = self.task.classify
+        assert classify is not None
+        data = [(text, label.name) for label in classify.labels for text in label.examples]
+        data += [(text, label) for text, label in self._examples]
+        covered = {label for _, label in data}
+        for label in classify.labels:  # a label nobody gave examples for is described by its own words
+            if label.name not in covered:
+                data.append((f"{label.text}. {label.description}".strip(" ."), label.name))
+        fingerprint = examples_fingerprint(self.name, data, classify.label_names)
+        embeddings, _ = self._runtime.embed([text for text, _ in data], max_tokens=self.spec.max_input_tokens)
+        return train_head(embeddings, [label for _, label in data], classify.label_names, fingerprint=fingerprint)
+
+    def _prepare_extraction(self, extract: ExtractSpec) -> None:
+        prefix = fewshot.extract_prefix(self.task, extract)
+        self._extract_prefix = self._runtime.tokenize(prefix, add_bos=True)
+        self._question_tokens = {
+            field.name: self._runtime.tokenize(fewshot.extract_question(field)) for field in extract.fields
+        }
+        # candidates are scored in groups that fit beside the document; keep room for a few long ones at a time
+        self._candidate_room = min(256, self._runtime.n_ctx // 8)
+        self._check_fits(self._extract_prefix, extra=self._candidate_room)
+
+    def _check_fits(self, prefix: list[int], *, extra: int) -> None:
+        room = self._runtime.n_ctx - len(prefix) - _QUESTION_RESERVE - extra
+        if room < 64:
+            raise EngineUnavailableError(
+                f"the prompt's fixed part ({len(prefix)} tokens) leaves no room for documents in a "
+                f"{self._runtime.n_ctx}-token context; raise small_model.n_ctx or lower few_shot"
+            )
+
+    @property
+    def head(self) -> LabelHead | None:
+        return self._head
+
+    # ------------------------------------------------------------------ documents
+    def _document_tokens(self, wrapped: str, fixed: int, reserve: int) -> _DocTokens:
+        """Tokenize a wrapped document, keeping its head and tail when it exceeds the token budget."""
+        tokens = self._runtime.tokenize(wrapped)
+        budget = min(self.spec.max_input_tokens, self._runtime.n_ctx - fixed - _QUESTION_RESERVE - reserve)
+        if len(tokens) <= budget:
+            return _DocTokens(tokens, truncated=False)
+        marker = self._runtime.tokenize("\n[…]\n")
+        keep = max(budget - len(marker), 2)
+        head = keep * 2 // 3  # openings name the parties; endings hold totals and signatures
+        return _DocTokens(tokens[:head] + marker + tokens[len(tokens) - (keep - head) :], truncated=True)
+
+    # ------------------------------------------------------------------ classification
+    def _score_labels(self, text: str, doc: list[int] | None = None) -> np.ndarray:
+        question = self._runtime.tokenize(fewshot.CLASSIFY_QUESTION)
+        doc_tokens = doc if doc is not None else self._runtime.tokenize(fewshot.classify_document(text))
+        return self._runtime.score([self._classify_prefix, doc_tokens, question], self._label_tokens)
+
+    def _classify(self, text: str) -> tuple[str, float, Usage, bool]:
+        classify = self.task.classify
+        assert classify is not None
+        nodes = sum(len(t) for t in self._label_tokens)
+        doc = self._document_tokens(fewshot.classify_document(text), len(self._classify_prefix), nodes)
+        probs = softmax(self._score_labels(text, doc.tokens))
+        if self._label_prior is not None:
+            probs = contextual_calibration(probs, self._label_prior)
+        index, confidence = pick(probs)
+        usage = Usage(
+            input_tokens=len(self._classify_prefix) + len(doc.tokens) + nodes,
+            cached_tokens=len(self._classify_prefix),
+        )
+        return classify.labels[index].name, confidence, usage, doc.truncated
+
+    def _classify_batch_calibrated(self, texts: Sequence[str]) -> list[tuple[str, float, Usage, bool]]:
+        """Batch calibration: the label prior is the mean prediction over the batch itself."""
+        classify = self.task.classify
+        assert classify is not None
+        nodes = sum(len(t) for t in self._label_tokens)
+        raw = []
+        for text in texts:
+            doc = self._document_tokens(fewshot.classify_document(text), len(self._classify_prefix), nodes)
+            raw.append((softmax(self._score_labels(text, doc.tokens)), doc))
+        prior = np.mean([p for p, _ in raw], axis=0) if len(raw) >= 8 else self._label_prior
+        results = []
+        for probs, doc in raw:
+            calibrated = contextual_calibration(probs, prior) if prior is not None else probs
+            index, confidence = pick(calibrated)
+            usage = Usage(len(self._classify_prefix) + len(doc.tokens) + nodes, 0, len(self._classify_prefix))
+            results.append((classify.labels[index].name, confidence, usage, doc.truncated))
+        return results
+
+    # ------------------------------------------------------------------ extraction
+    def _choose(self, field: FieldSpec, probs: np.ndarray, values: list[Any], starts: list[int]) -> tuple[Any, float]:
+        """Pick the value with the most probability, summed over candidates that mean the same value."""
+        if field.type == "list[str]":
+            chosen = [i for i, p in enumerate(probs) if p >= LIST_SHARE and values[i] is not None]
+            if not chosen:
+                return [], float(sum(p for p, v in zip(probs, values, strict=True) if v is None))
+            items: list[str] = []
+            for i in sorted(chosen, key=lambda i: starts[i]):
+                items.extend(v for v in values[i] if v not in items)
+            return items, min(1.0, float(sum(probs[i] for i in chosen)))
+        keys = [_hashable(v) for v in values]
+        merged = merge_by_value(probs, keys)
+        best = max(merged, key=lambda k: (merged[k], -keys.index(k)))
+        return values[keys.index(best)], merged[best]
+
+    def _extract(self, text: str, extract: ExtractSpec) -> tuple[dict[str, Any], dict[str, float | None], Usage, bool]:
+        """Choose each field's value among its candidates.
+
+        A candidate is scored together with what follows it in the examples (the next field's title, or the next
+        document): a span that stops too early, such as the first line of a two-line name, is then unlikely,
+        because the example format never puts the next field's title mid-value.
+        """
+        doc = self._document_tokens(fewshot.extract_document(text), len(self._extract_prefix), self._candidate_room)
+        visible = self._runtime.detokenize(doc.tokens) if doc.truncated else text
+        fields: dict[str, Any] = {}
+        confidences: dict[str, float | None] = {}
+        evaluated = len(doc.tokens)
+        for position, field in enumerate(extract.fields):
+            candidates = candidates_for(field, visible, limit=self.spec.max_candidates)
+            surfaces = [c.surface for c in candidates]
+            values: list[Any] = [c.value for c in candidates]
+            starts = [c.start for c in candidates]
+            if not field.required:
+                surfaces.append(fewshot.NO_VALUE)
+                values.append(None)
+                starts.append(-1)
+            if not surfaces or (len(surfaces) == 1 and values[0] is None):
+                fields[field.name], confidences[field.name] = (None, 0.0 if field.required else 1.0)
+                continue
+            following = extract.fields[position + 1] if position + 1 < len(extract.fields) else None
+            ending = fewshot.extract_question(following) if following else "\nDocument:"
+            continuations = [self._runtime.tokenize(fewshot.value_continuation(s) + ending) for s in surfaces]
+            question = self._question_tokens[field.name]
+            scores = self._runtime.score([self._extract_prefix, doc.tokens, question], continuations)
+            evaluated += len(question) + sum(len(c) for c in continuations)
+            if self.spec.candidate_scoring == "mean":
+                scores = scores / np.array([len(c) for c in continuations])
+            value, confidence = self._choose(field, softmax(scores), values, starts)
+            fields[field.name], confidences[field.name] = value, confidence
+        usage = Usage(input_tokens=len(self._extract_prefix) + evaluated, cached_tokens=len(self._extract_prefix))
+        return fields, confidences, usage, doc.truncated
+
+    # ------------------------------------------------------------------ protocol
+    def predict(self, batch: Sequence[Request]) -> list[Prediction]:
+        predictions: list[Prediction] = []
+        classify = self.task.classify
+        head_probs: np.ndarray | None = None
+        batch_labels: list[tuple[str, float, Usage, bool]] | None = None
+        if classify is not None and batch and self._head is not None and self.strategy == "embedding_head":
+            started = time.perf_counter()
+            embeddings, embedded_tokens = self._runtime.embed(
+                [r.text for r in batch], max_tokens=self.spec.max_input_tokens
+            )
+            head_probs = self._head.predict_proba(embeddings)
+            head_seconds = (time.perf_counter() - started) / len(batch)
+        elif classify is not None and batch and self.spec.calibration == "batch":
+            batch_labels = self._classify_batch_calibrated([r.text for r in batch])
+        for position, request in enumerate(batch):
+            started = time.perf_counter()
+            prediction = Prediction(id=request.id, model=self.name)
+            usage = Usage()
+            try:
+                if classify is not None:
+                    if head_probs is not None:
+                        index, confidence = pick(head_probs[position])
+                        prediction.label = classify.labels[index].name
+                        prediction.label_confidence = confidence
+                        limit = self._runtime.embed_token_limit(self.spec.max_input_tokens)
+                        usage += Usage(input_tokens=min(embedded_tokens[position], limit))
+                        prediction.truncated |= embedded_tokens[position] > limit
+                        prediction.engine_seconds += head_seconds
+                    else:
+                        label, confidence, label_usage, truncated = (
+                            batch_labels[position] if batch_labels is not None else self._classify(request.text)
+                        )
+                        prediction.label, prediction.label_confidence = label, confidence
+                        prediction.truncated |= truncated
+                        usage += label_usage
+                if self.task.extract is not None:
+                    fields, confidences, extract_usage, truncated = self._extract(request.text, self.task.extract)
+                    prediction.fields, prediction.field_confidences = fields, confidences
+                    prediction.truncated |= truncated
+                    usage += extract_usage
+            except (ValueError, RuntimeError) as exc:
+                prediction.error = f"small model failed on this document: {exc}"
+            prediction.usage = usage
+            prediction.engine_seconds += time.perf_counter() - started
+            predictions.append(prediction)
+        return check_complete(batch, predictions, self.name)
+
+    def close(self) -> None:
+        """Keep the shared runtime loaded: other shards in this worker process reuse it."""
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value

@@ -1,0 +1,454 @@
+"""Any OpenAI-compatible chat endpoint (OpenAI, `vllm serve`, llama.cpp server) as a docroute Engine.
+
+The official SDK does the transport work: its client retries 408/409/429/5xx, timeouts and connection errors
+with exponential backoff and jitter, and honours `retry-after-ms` / `retry-after` (openai/_base_client.py,
+`_parse_retry_after_header` and `_calculate_retry_timeout`). This module adds what a batch needs on top: a
+bound on requests in flight across every thread using the engine, structured outputs, one repair round for an
+answer that does not fit the schema, error rows instead of exceptions, token usage and logprob confidences per
+row.
+
+`predict` is synchronous and is called from worker threads. An AsyncOpenAI client belongs to the event loop it
+first ran on, so the engine owns one private loop on a daemon thread: every `predict`, from any thread, with
+or without a running loop of its own, submits its batch there. One loop means one client (a shared connection
+pool) and one semaphore, so `max_concurrency` bounds the engine as a whole, not each calling thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import openai
+from openai import AsyncOpenAI
+
+from docroute.engines.base import (
+    EngineError,
+    EngineUnavailableError,
+    Prediction,
+    Request,
+    Usage,
+    check_complete,
+)
+from docroute.engines.prompts import (
+    INVALID_ANSWER_FEEDBACK,
+    AnswerError,
+    answer_schema,
+    chat_messages,
+    estimate_prompt_tokens,
+    parse_answer,
+    truncate_text_to_tokens,
+    value_confidences,
+)
+from docroute.schemas.spec import FrontierSpec, OpenAICompatibleSmallSpec, TaskSpec
+
+log = logging.getLogger(__name__)
+
+TokenLimitParam = Literal["max_tokens", "max_completion_tokens"]
+
+_PLACEHOLDER_KEY = "EMPTY"
+"""Sent when no key is configured: the SDK requires one, and keyless local servers ignore it."""
+
+_ERROR_CHARS = 300
+_SECRET_LIKE = re.compile(r"\b(?:sk|rk|pk)-[A-Za-z0-9_\-*.]{4,}|Bearer\s+\S+")
+_WORDS = re.compile(r"[A-Za-z0-9_\-]{8,}")
+_KEY_OVERLAP = 8
+_RETOKENIZE_MARGIN = 16
+"""Tokens a generated answer may gain when sent back as input (generation need not split text canonically)."""
+_OPENAI_REASONING = re.compile(r"^(?:o[1-9]|gpt-5)(?!.*-chat)")
+
+
+class _FinalAnswerError(Exception):
+    """An answer that asking again will not fix: a refusal, a content filter, output cut at the limit."""
+
+
+def is_openai_reasoning_model(model: str) -> bool:
+    """Say whether an OpenAI model is a reasoning model (o-series, gpt-5), which rejects temperature != 1."""
+    return bool(_OPENAI_REASONING.match(model))
+
+
+def redact(text: str, secret: str | None) -> str:
+    """Remove a secret, any 8+ character piece of it, and anything shaped like an API key or bearer token.
+
+    Providers echo part of a rejected key in 401 messages ("Incorrect API key provided: sk-...abcd"), and
+    error strings end up in Parquet rows and logs.
+    """
+    out = text
+    if secret and secret != _PLACEHOLDER_KEY:
+        out = out.replace(secret, "***")
+    out = _SECRET_LIKE.sub("***", out)
+    if secret and secret != _PLACEHOLDER_KEY and len(secret) >= _KEY_OVERLAP:
+        pieces = {secret[i : i + _KEY_OVERLAP] for i in range(len(secret) - _KEY_OVERLAP + 1)}
+        out = _WORDS.sub(lambda m: "***" if any(p in m.group(0) for p in pieces) else m.group(0), out)
+    return out
+
+
+def _short(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= _ERROR_CHARS else flat[: _ERROR_CHARS - 1] + "…"
+
+
+def _usage_of(completion: Any) -> Usage:
+    usage = getattr(completion, "usage", None)
+    if usage is None:
+        return Usage()
+    details = getattr(usage, "prompt_tokens_details", None)
+    cached = (getattr(details, "cached_tokens", None) or 0) if details is not None else 0
+    return Usage(int(usage.prompt_tokens or 0), int(usage.completion_tokens or 0), int(cached))
+
+
+def _content_of(completion: Any) -> str:
+    choices = getattr(completion, "choices", None) or []
+    return (choices[0].message.content or "") if choices else ""
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Ask a loop thread to finish; used when an engine is garbage-collected without close()."""
+    if not loop.is_closed():
+        loop.call_soon_threadsafe(loop.stop)
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Body of the engine's loop thread: serve until stopped, then cancel leftovers and close the loop."""
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+class OpenAICompatibleEngine:
+    """Answer a task with a chat model behind an OpenAI-compatible API: one structured-output call a document.
+
+    Errors never raise out of `predict` for a single document: transport failures that outlive the SDK's
+    retries become rows with `retryable=True` (a later run may succeed), bad requests, auth failures and
+    answers that stay invalid after one repair round become rows with `retryable=False`.
+    """
+
+    def __init__(
+        self,
+        *,
+        task: TaskSpec,
+        model: str,
+        base_url: str | None,
+        api_key: str | None,
+        max_concurrency: int = 8,
+        timeout_s: float = 60.0,
+        max_retries: int = 4,
+        max_output_tokens: int = 512,
+        max_input_tokens: int = 32000,
+        request_logprobs: bool = False,
+        extra_body: dict[str, Any] | None = None,
+        name_prefix: str = "openai",
+        token_limit_param: TokenLimitParam = "max_tokens",
+        send_temperature: bool = True,
+        role: str = "frontier",
+    ) -> None:
+        """Configure the engine; nothing connects until the first `predict`.
+
+        `token_limit_param`: OpenAI's own API wants `max_completion_tokens` (reasoning models reject
+        `max_tokens`), while older vLLM and llama.cpp servers only read `max_tokens`. `send_temperature=False`
+        omits temperature for models that reject 0 (OpenAI reasoning models). `role` names the model in error
+        rows.
+        """
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        if max_retries < 0:
+            raise ValueError("max_retries cannot be negative")
+        self.task = task
+        self.model = model
+        self.base_url = base_url
+        self.max_concurrency = max_concurrency
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.max_output_tokens = max_output_tokens
+        self.max_input_tokens = max_input_tokens
+        self.request_logprobs = request_logprobs
+        self.extra_body = dict(extra_body) if extra_body else None
+        self.token_limit_param: TokenLimitParam = token_limit_param
+        self.send_temperature = send_temperature
+        self.role = role
+        self.name = f"{name_prefix}:{model}"
+        self._api_key = api_key
+        self._response_format: dict[str, Any] = {
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": answer_schema(task), "strict": True},
+        }
+        self._schema_bytes = len(json.dumps(self._response_format).encode("utf-8"))
+        self._field_names: list[str] = [f.name for f in task.extract.fields] if task.extract else []
+        self._keys: list[str] = (["label"] if task.classify else []) + self._field_names
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._finalizer: weakref.finalize[..., None] | None = None
+        # touched only on the loop thread
+        self._client: AsyncOpenAI | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+
+    def __repr__(self) -> str:
+        return f"OpenAICompatibleEngine(name={self.name!r}, base_url={self.base_url!r})"
+
+    def __enter__(self) -> OpenAICompatibleEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- public API ------------------------------------------------------------------------------------------
+
+    def predict(self, batch: Sequence[Request]) -> list[Prediction]:
+        """Answer every request; exactly one prediction per request, in request order."""
+        requests = list(batch)
+        if not requests:
+            return []
+        if len({request.id for request in requests}) != len(requests):
+            raise EngineError("a batch holds the same request id twice")  # refuse before spending money
+        loop = self._ensure_loop()
+        if threading.current_thread() is self._thread:
+            raise EngineError(f"{self.name}: predict was called from the engine's own event loop")
+        future = asyncio.run_coroutine_threadsafe(self._predict_all(requests), loop)
+        return check_complete(requests, future.result(), self.name)
+
+    def usage_bound(self, request: Request) -> Usage:
+        """Return an upper bound on the tokens one request can be billed for, to reserve budget beforehand.
+
+        Two calls at most (the answer and one repair round), each producing at most `max_output_tokens`. Input
+        is bounded by UTF-8 bytes (a token spells at least one byte) plus the response schema, which providers
+        count as input too; the repair round resends the prompt with the bad answer and a reason of bounded
+        length. Calls the SDK retries after 429/5xx/connection errors return no usage and are not counted.
+        """
+        text, _ = truncate_text_to_tokens(request.text, self.max_input_tokens)
+        first = estimate_prompt_tokens(chat_messages(self.task, text)) + self._schema_bytes
+        feedback = len(INVALID_ANSWER_FEEDBACK.encode("utf-8")) + 4 * _ERROR_CHARS
+        repair = first + (self.max_output_tokens + _RETOKENIZE_MARGIN) + feedback + 2 * 8
+        return Usage(input_tokens=first + repair, output_tokens=2 * self.max_output_tokens)
+
+    def close(self) -> None:
+        """Close the HTTP client and stop the loop thread; a later `predict` starts afresh."""
+        with self._lock:
+            loop, thread, finalizer = self._loop, self._thread, self._finalizer
+            self._loop = self._thread = self._finalizer = None
+        if loop is None or thread is None:
+            return
+        if finalizer is not None:
+            finalizer.detach()
+        try:
+            asyncio.run_coroutine_threadsafe(self._aclose(), loop).result(timeout=30)
+        except Exception as exc:  # closing must not mask the caller's own error
+            log.debug("%s: closing the client failed: %s", self.name, type(exc).__name__)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+
+    # -- event loop plumbing ---------------------------------------------------------------------------------
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=_run_loop, args=(loop,), name=f"docroute-{self.name}", daemon=True)
+                thread.start()
+                self._loop, self._thread = loop, thread
+                self._finalizer = weakref.finalize(self, _stop_loop, loop)
+            return self._loop
+
+    async def _aclose(self) -> None:
+        client, self._client, self._semaphore = self._client, None, None
+        if client is not None:
+            await client.close()
+
+    def _make_client(self) -> AsyncOpenAI:
+        return AsyncOpenAI(
+            api_key=self._api_key or _PLACEHOLDER_KEY,
+            base_url=self.base_url,
+            timeout=self.timeout_s,
+            max_retries=self.max_retries,
+        )
+
+    async def _predict_all(self, requests: list[Request]) -> list[Prediction]:
+        if self._client is None:
+            self._client = self._make_client()
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.max_concurrency)
+        client, semaphore = self._client, self._semaphore
+        results = await asyncio.gather(
+            *(self._answer(client, semaphore, request) for request in requests), return_exceptions=True
+        )
+        predictions: list[Prediction] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result  # a bug, not a model or transport failure: fail the batch loudly
+            predictions.append(result)
+        return predictions
+
+    # -- one document ----------------------------------------------------------------------------------------
+
+    async def _answer(self, client: AsyncOpenAI, semaphore: asyncio.Semaphore, request: Request) -> Prediction:
+        text, truncated = truncate_text_to_tokens(request.text, self.max_input_tokens)
+        messages = chat_messages(self.task, text)
+        prediction = Prediction(id=request.id, model=self.name, truncated=truncated)
+        async with semaphore:
+            started = time.perf_counter()
+            try:
+                await self._ask(client, messages, prediction)
+            except openai.OpenAIError as exc:
+                prediction.error, prediction.retryable = self._transport_error(exc)
+            except _FinalAnswerError as exc:
+                prediction.error, prediction.retryable = str(exc), False
+            finally:
+                prediction.engine_seconds = time.perf_counter() - started
+        if prediction.error is not None:
+            prediction.label, prediction.fields = None, {}
+            prediction.label_confidence, prediction.field_confidences = None, {}
+            # the reason may quote the answer, i.e. document content: keep it out of warning-level logs
+            log.warning("%s: request %s failed (retryable=%s)", self.name, request.id, prediction.retryable)
+            log.debug("%s: request %s: %s", self.name, request.id, prediction.error)
+        return prediction
+
+    async def _ask(self, client: AsyncOpenAI, messages: list[dict[str, str]], prediction: Prediction) -> None:
+        """Ask once; if the answer does not fit the schema, show the model its answer and the reason, once."""
+        completion = await self._complete(client, messages)
+        prediction.usage += _usage_of(completion)
+        try:
+            self._read(completion, prediction)
+            return
+        except AnswerError as exc:
+            reason = str(exc)
+        log.debug("%s: invalid answer, asking again: %s", self.name, reason)
+        repair = [
+            *messages,
+            {"role": "assistant", "content": _content_of(completion)},
+            {"role": "user", "content": INVALID_ANSWER_FEEDBACK.format(reason=_short(reason))},
+        ]
+        completion = await self._complete(client, repair)
+        prediction.usage += _usage_of(completion)
+        try:
+            self._read(completion, prediction)
+        except AnswerError as exc:
+            prediction.error = f"invalid answer from {self.role}: {_short(str(exc))}"
+            prediction.retryable = False
+
+    async def _complete(self, client: AsyncOpenAI, messages: list[dict[str, str]]) -> Any:
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "response_format": self._response_format,
+            self.token_limit_param: self.max_output_tokens,
+        }
+        if self.send_temperature:
+            kwargs["temperature"] = 0
+        if self.request_logprobs:
+            kwargs["logprobs"] = True
+        if self.extra_body:
+            kwargs["extra_body"] = self.extra_body
+        return await client.chat.completions.create(**kwargs)
+
+    def _read(self, completion: Any, prediction: Prediction) -> None:
+        """Fill label, fields and confidences from a completion, or raise AnswerError / _FinalAnswerError."""
+        choices = getattr(completion, "choices", None) or []
+        if not choices:
+            raise AnswerError("the response holds no answer")
+        choice = choices[0]
+        refusal = getattr(choice.message, "refusal", None)
+        if refusal:
+            raise _FinalAnswerError(f"{self.role} refused to answer: {_short(str(refusal))}")
+        if choice.finish_reason == "content_filter":
+            raise _FinalAnswerError(f"{self.role} answer withheld by the provider's content filter")
+        content = choice.message.content or ""
+        try:
+            label, fields = parse_answer(self.task, content)
+        except AnswerError:
+            if choice.finish_reason == "length":
+                raise _FinalAnswerError(
+                    f"invalid answer from {self.role}: cut off at max_output_tokens={self.max_output_tokens}"
+                ) from None
+            raise
+        prediction.label, prediction.fields = label, fields
+        confidences = self._confidences(choice, content)
+        prediction.label_confidence = confidences.get("label") if self.task.classify else None
+        prediction.field_confidences = {name: confidences.get(name) for name in self._field_names}
+
+    def _confidences(self, choice: Any, content: str) -> dict[str, float | None]:
+        logprobs = getattr(choice, "logprobs", None)
+        entries = getattr(logprobs, "content", None) if logprobs is not None else None
+        if not self.request_logprobs or not entries:
+            return dict.fromkeys(self._keys)
+        tokens: list[tuple[bytes | str, float]] = [
+            (bytes(entry.bytes) if entry.bytes is not None else entry.token, float(entry.logprob)) for entry in entries
+        ]
+        return value_confidences(content, tokens, self._keys)
+
+    def _transport_error(self, exc: openai.OpenAIError) -> tuple[str, bool]:
+        """Describe a failure the SDK gave up on, without secrets, and say whether a later try may succeed."""
+        if isinstance(exc, openai.APIStatusError):
+            status = exc.status_code
+            retryable = status in (408, 409, 429) or status >= 500
+            detail = exc.message
+        elif isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
+            retryable = True
+            detail = exc.message
+            cause = exc.__cause__
+            if cause is not None and str(cause):
+                detail = f"{detail} ({type(cause).__name__}: {cause})"
+        else:
+            retryable = False
+            detail = str(exc)
+        return f"{type(exc).__name__}: {_short(redact(detail, self._api_key))}", retryable
+
+
+def engine_from_frontier_spec(spec: FrontierSpec, task: TaskSpec) -> OpenAICompatibleEngine:
+    """Build the frontier engine for provider `openai` or `openai_compatible` from the job spec."""
+    if spec.provider not in ("openai", "openai_compatible"):
+        raise ValueError(f"provider {spec.provider!r} is not served by the OpenAI-compatible engine")
+    api_key = spec.api_key.get_secret_value() if spec.api_key is not None else None
+    openai_proper = spec.provider == "openai"
+    if openai_proper and not api_key:
+        raise EngineUnavailableError(
+            "no OpenAI API key: set frontier.api_key, or the environment variable named by "
+            "frontier.api_key_env (default OPENAI_API_KEY)"
+        )
+    reasoning = openai_proper and is_openai_reasoning_model(spec.model)
+    return OpenAICompatibleEngine(
+        task=task,
+        model=spec.model,
+        base_url=spec.base_url,
+        api_key=api_key,
+        max_concurrency=spec.max_concurrency,
+        timeout_s=spec.timeout_s,
+        max_retries=spec.max_retries,
+        max_output_tokens=spec.max_output_tokens,
+        max_input_tokens=spec.max_input_tokens,
+        name_prefix=spec.provider,
+        token_limit_param="max_completion_tokens" if openai_proper else "max_tokens",
+        send_temperature=not reasoning,
+    )
+
+
+def engine_from_small_spec(spec: OpenAICompatibleSmallSpec, task: TaskSpec) -> OpenAICompatibleEngine:
+    """Build the small-model engine for a served model; logprobs on, since routing needs its confidences."""
+    return OpenAICompatibleEngine(
+        task=task,
+        model=spec.model,
+        base_url=spec.base_url,
+        api_key=spec.api_key.get_secret_value() if spec.api_key is not None else None,
+        max_concurrency=spec.max_concurrency,
+        timeout_s=spec.timeout_s,
+        max_retries=spec.max_retries,
+        max_output_tokens=spec.max_output_tokens,
+        request_logprobs=True,
+        name_prefix=spec.engine,
+        role="small model",
+    )

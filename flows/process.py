@@ -1,0 +1,115 @@
+"""The main flow: discover → one task per shard (parse, infer, route, escalate, write) → ledger and manifest.
+
+The flow only sequences. It keeps at most `runner.max_workers` shards in flight, so memory stays bounded by the
+window, not the corpus, and a shard that fails after its retries still yields one error row per document.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture, as_completed
+from prefect.runtime import flow_run
+
+from docroute.schemas.load import load_job
+from docroute.schemas.rows import ResultRow, rows_to_table
+from docroute.schemas.spec import JobSpec
+from docroute.tasks.budget import release_run_budget
+from docroute.tasks.discover import Shard, discover_documents
+from docroute.tasks.ledger import merge_entries, run_record, summarise_part
+from docroute.tasks.read import document_id
+from docroute.tasks.report import start_progress, update_progress, write_ledger
+from docroute.tasks.shard import RunContext, ShardResult, process_shard
+from docroute.tasks.write import results_part_url, write_parquet
+
+
+def _run_id() -> str:
+    current = flow_run.get_id()
+    return str(current) if current else uuid.uuid4().hex
+
+
+def failed_shard_result(spec: JobSpec, shard: Shard, run: RunContext, reason: str) -> ShardResult:
+    """Write one error row per file of a shard that failed for good, so its documents are not lost."""
+    now = datetime.now(UTC)
+    rows = [
+        ResultRow(
+            doc_id=document_id(ref.uri),
+            source_uri=ref.uri,
+            run_id=run.run_id,
+            spec_hash=spec.spec_hash(),
+            processed_at=now,
+            route="error",
+            route_reason=f"shard failed after retries: {reason}",
+            error=f"shard failed after retries: {reason}",
+        )
+        for ref in shard.refs
+    ]
+    table = rows_to_table(rows, spec)
+    url = results_part_url(spec.output, run.run_date, run.run_id, shard.index)
+    write_parquet(spec.output, url, table)
+    return ShardResult(shard.index, url, table.num_rows, {"error": table.num_rows}, summarise_part(table, spec))
+
+
+def run_job(spec: JobSpec) -> dict[str, Any]:
+    """Process every document of the job; must run inside a Prefect flow (it submits tasks)."""
+    logger = get_run_logger()
+    started = datetime.now(UTC)
+    run = RunContext(run_id=_run_id(), run_date=started.date())
+    shards: list[Shard] = discover_documents(spec)
+    total_files = sum(s.size for s in shards)
+    logger.info("job %s: %d files in %d shards (run %s)", spec.name, total_files, len(shards), run.run_id)
+    progress = start_progress(spec, len(shards))
+    results: list[ShardResult] = []
+    pending = list(reversed(shards))
+    running: dict[PrefectFuture[ShardResult], Shard] = {}
+    try:
+        while pending or running:
+            while pending and len(running) < spec.runner.max_workers:
+                shard = pending.pop()
+                running[process_shard.submit(spec, shard, run)] = shard
+            finished = next(iter(as_completed(list(running))))
+            shard = running.pop(finished)
+            try:
+                results.append(finished.result())
+            except Exception as exc:  # a shard that failed for good still yields its rows
+                logger.error("shard %d failed after retries: %s", shard.index, exc)
+                results.append(failed_shard_result(spec, shard, run, f"{type(exc).__name__}: {exc}"))
+            update_progress(progress, len(results), len(shards))
+    finally:
+        release_run_budget(run.run_id)
+    results.sort(key=lambda r: r.shard_index)
+    entries = merge_entries([e for r in results for e in r.entries])
+    record = run_record(
+        spec,
+        entries,
+        run_id=run.run_id,
+        run_date=run.run_date,
+        started_at=started,
+        finished_at=datetime.now(UTC),
+        parts=len(results),
+    )
+    parts = [{"url": r.part_url, "rows": r.rows, "shard": r.shard_index} for r in results]
+    files = write_ledger(spec, record, entries, parts)
+    return {**record, **files, "entries": entries, "parts": parts}
+
+
+def with_output(spec: JobSpec, output: str | None) -> JobSpec:
+    """Return the spec writing to another place (a local path is made absolute)."""
+    if not output:
+        return spec
+    url = output if "://" in output else str(Path(output).expanduser().resolve())
+    return spec.model_copy(update={"output": spec.output.model_copy(update={"url": url.rstrip("/")})})
+
+
+@flow(name="process-documents", log_prints=False)
+def process_documents(job: str, output: str | None = None) -> dict[str, Any]:
+    """Classify and/or extract every document of a job file; returns the run summary.
+
+    `job` is the path of the job's YAML file; `output`, when given, replaces the job's output URL.
+    """
+    spec = with_output(load_job(Path(job)), output)
+    return run_job(spec)

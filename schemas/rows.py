@@ -1,0 +1,219 @@
+"""The result row and its Arrow schema, derived from the job spec: the one source of the output's columns.
+
+Each extracted field gets a column of its own Arrow type (decimal128, date32, timestamp[us, UTC], bool,
+list<string>, …) so warehouses read typed values without parsing JSON; labels and enums are dictionary-encoded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import pyarrow as pa
+
+from docroute import __version__
+from docroute.schemas.columns import ROUTES, field_confidence_column
+from docroute.schemas.spec import FieldSpec, JobSpec
+from docroute.schemas.values import to_json_value
+
+CATEGORY = pa.dictionary(pa.int32(), pa.string())
+SMALL_CATEGORY = pa.dictionary(pa.int8(), pa.string())
+UTC_MICROS = pa.timestamp("us", tz="UTC")
+
+
+def arrow_type(spec: FieldSpec) -> pa.DataType:
+    """The Arrow type of an extracted field's column."""
+    match spec.type:
+        case "str":
+            return pa.string()
+        case "int":
+            return pa.int64()
+        case "float":
+            return pa.float64()
+        case "decimal":
+            return pa.decimal128(spec.precision, spec.scale)
+        case "date":
+            return pa.date32()
+        case "datetime":
+            return UTC_MICROS
+        case "bool":
+            return pa.bool_()
+        case "enum":
+            return CATEGORY
+        case "list[str]":
+            return pa.list_(pa.string())
+    raise ValueError(f"no Arrow type for field type {spec.type!r}")  # pragma: no cover - spec validation
+
+
+_LEADING: list[tuple[str, pa.DataType, str]] = [
+    ("doc_id", pa.string(), "stable hash of source_uri (and record_key for json/jsonl records)"),
+    ("source_uri", pa.string(), "where the document was read from"),
+    ("record_key", pa.string(), "record id or index inside a json/jsonl file; null for whole files"),
+    ("content_sha256", pa.string(), "SHA-256 of the document's bytes"),
+    ("doc_format", SMALL_CATEGORY, "parser used: txt, md, html, pdf, docx, eml, json, jsonl"),
+    ("run_id", pa.string(), "the run that wrote this row"),
+    ("spec_hash", pa.string(), "hash of the task and small model that produced the answer"),
+    ("processed_at", UTC_MICROS, "when the row was produced"),
+    ("route", SMALL_CATEGORY, "small | frontier | deferred | error"),
+    ("route_reason", pa.string(), "why the row took its route"),
+]
+
+_TRAILING: list[tuple[str, pa.DataType, str]] = [
+    (
+        "confidence",
+        pa.float64(),
+        "the small model's confidence for the row (its least confident required part)",
+    ),
+    ("small_model", pa.string(), "engine and model that answered first"),
+    ("final_model", pa.string(), "model whose answer the row holds; null for error rows"),
+    ("small_answer", pa.string(), "the small model's answer as JSON, kept for audits and distillation"),
+    ("input_tokens", pa.int64(), "all input tokens spent on the row"),
+    ("output_tokens", pa.int64(), "all output tokens spent on the row"),
+    ("small_input_tokens", pa.int64(), ""),
+    ("small_output_tokens", pa.int64(), ""),
+    ("frontier_input_tokens", pa.int64(), ""),
+    ("frontier_output_tokens", pa.int64(), ""),
+    ("small_cost_usd", pa.float64(), "self-hosted compute: engine seconds x small_model.usd_per_hour"),
+    ("frontier_cost_usd", pa.float64(), "frontier tokens x the price table"),
+    ("cost_usd", pa.float64(), "small_cost_usd + frontier_cost_usd"),
+    ("engine_seconds", pa.float64(), "small-model compute time spent on the row"),
+    ("error", pa.string(), "what went wrong, for error rows"),
+    ("truncated", pa.bool_(), "the document was cut to the model's token budget"),
+    ("input_chars", pa.int64(), "characters of parsed text"),
+    ("router_version", pa.string(), "the calibrated router the thresholds came from, if any"),
+]
+
+
+def result_schema(spec: JobSpec) -> pa.Schema:
+    """Build the Arrow schema of the job's result rows; field order is stable, metadata names the spec."""
+    columns = list(_LEADING)
+    if spec.task.classify is not None:
+        columns.append(("label", CATEGORY, "the chosen label"))
+        columns.append(("label_confidence", pa.float64(), "the small model's calibrated probability of its label"))
+    if spec.task.extract is not None:
+        for item in spec.task.extract.fields:
+            columns.append((item.name, arrow_type(item), item.description))
+        for item in spec.task.extract.fields:
+            columns.append((field_confidence_column(item.name), pa.float64(), f"small-model confidence of {item.name}"))
+    columns += _TRAILING
+    fields = [
+        pa.field(name, kind, nullable=True, metadata={"description": doc} if doc else None)
+        for name, kind, doc in columns
+    ]
+    metadata = {
+        "docroute.version": __version__,
+        "docroute.job": spec.name,
+        "docroute.spec_hash": spec.spec_hash(),
+    }
+    return pa.schema(fields, metadata=metadata)
+
+
+@dataclass
+class ResultRow:
+    """One document's outcome; `to_record` flattens it into the schema's columns."""
+
+    doc_id: str
+    source_uri: str
+    run_id: str
+    spec_hash: str
+    processed_at: datetime
+    route: str
+    route_reason: str
+    record_key: str | None = None
+    content_sha256: str | None = None
+    doc_format: str | None = None
+    label: str | None = None
+    label_confidence: float | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+    field_confidences: dict[str, float | None] = field(default_factory=dict)
+    confidence: float | None = None
+    small_model: str | None = None
+    final_model: str | None = None
+    small_answer: dict[str, Any] | None = None
+    small_input_tokens: int = 0
+    small_output_tokens: int = 0
+    frontier_input_tokens: int = 0
+    frontier_output_tokens: int = 0
+    small_cost_usd: float = 0.0
+    frontier_cost_usd: float = 0.0
+    engine_seconds: float = 0.0
+    error: str | None = None
+    truncated: bool = False
+    input_chars: int | None = None
+    router_version: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.route not in ROUTES:
+            raise ValueError(f"unknown route {self.route!r}")
+
+    def to_record(self, spec: JobSpec) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "doc_id": self.doc_id,
+            "source_uri": self.source_uri,
+            "record_key": self.record_key,
+            "content_sha256": self.content_sha256,
+            "doc_format": self.doc_format,
+            "run_id": self.run_id,
+            "spec_hash": self.spec_hash,
+            "processed_at": self.processed_at,
+            "route": self.route,
+            "route_reason": self.route_reason,
+            "confidence": self.confidence,
+            "small_model": self.small_model,
+            "final_model": self.final_model,
+            "small_answer": None if self.small_answer is None else json.dumps(self.small_answer, sort_keys=True),
+            "input_tokens": self.small_input_tokens + self.frontier_input_tokens,
+            "output_tokens": self.small_output_tokens + self.frontier_output_tokens,
+            "small_input_tokens": self.small_input_tokens,
+            "small_output_tokens": self.small_output_tokens,
+            "frontier_input_tokens": self.frontier_input_tokens,
+            "frontier_output_tokens": self.frontier_output_tokens,
+            "small_cost_usd": self.small_cost_usd,
+            "frontier_cost_usd": self.frontier_cost_usd,
+            "cost_usd": self.small_cost_usd + self.frontier_cost_usd,
+            "engine_seconds": self.engine_seconds,
+            "error": self.error,
+            "truncated": self.truncated,
+            "input_chars": self.input_chars,
+            "router_version": self.router_version,
+        }
+        if spec.task.classify is not None:
+            record["label"] = self.label
+            record["label_confidence"] = self.label_confidence
+        if spec.task.extract is not None:
+            for item in spec.task.extract.fields:
+                record[item.name] = self.fields.get(item.name)
+                record[field_confidence_column(item.name)] = self.field_confidences.get(item.name)
+        return record
+
+
+def rows_to_table(rows: list[ResultRow], spec: JobSpec, schema: pa.Schema | None = None) -> pa.Table:
+    """Convert rows to an Arrow table of the job's schema (an empty table keeps the schema)."""
+    schema = schema or result_schema(spec)
+    records = [row.to_record(spec) for row in rows]
+    return pa.Table.from_pylist(records, schema=schema)
+
+
+def answer_json(
+    label: str | None,
+    label_confidence: float | None,
+    fields: dict[str, Any],
+    field_confidences: dict[str, float | None],
+) -> dict[str, Any]:
+    """The small model's answer in plain JSON types, for the small_answer column."""
+    answer: dict[str, Any] = {}
+    if label is not None or label_confidence is not None:
+        answer["label"] = label
+        answer["label_confidence"] = label_confidence
+    if fields:
+        answer["fields"] = {k: _json_safe(v) for k, v in fields.items()}
+        answer["field_confidences"] = dict(field_confidences)
+    return answer
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, list):
+        return [to_json_value(v) for v in value]
+    return to_json_value(value)

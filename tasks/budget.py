@@ -1,0 +1,63 @@
+"""The per-run frontier budget: reserve before calling, settle after, never exceed.
+
+A reservation is an upper bound on the call's cost (prompt bytes bound its tokens, max_tokens bounds the output),
+so however many shards escalate at once the settled total cannot pass the cap. Shard tasks of one run share a
+budget through `run_budget` while they run as threads of one process (the default runner).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass
+class FrontierBudget:
+    """Thread-safe spend tracker; `limit_usd` None means no cap."""
+
+    limit_usd: float | None
+    spent_usd: float = 0.0
+    reserved_usd: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def try_reserve(self, amount_usd: float) -> bool:
+        """Hold `amount_usd` for one call; False when it would take the run past its cap."""
+        if amount_usd < 0:
+            raise ValueError("a reservation cannot be negative")
+        with self._lock:
+            if self.limit_usd is not None and self.spent_usd + self.reserved_usd + amount_usd > self.limit_usd:
+                return False
+            self.reserved_usd += amount_usd
+            return True
+
+    def settle(self, reserved_usd: float, actual_usd: float) -> None:
+        """Release a reservation and record what the call really cost."""
+        with self._lock:
+            self.reserved_usd = max(0.0, self.reserved_usd - reserved_usd)
+            self.spent_usd += actual_usd
+
+    @property
+    def remaining_usd(self) -> float | None:
+        with self._lock:
+            if self.limit_usd is None:
+                return None
+            return max(0.0, self.limit_usd - self.spent_usd - self.reserved_usd)
+
+
+_BUDGETS: dict[str, FrontierBudget] = {}
+_BUDGETS_LOCK = threading.Lock()
+
+
+def run_budget(run_id: str, limit_usd: float | None) -> FrontierBudget:
+    """Return the run's shared budget, creating it on first use."""
+    with _BUDGETS_LOCK:
+        budget = _BUDGETS.get(run_id)
+        if budget is None:
+            budget = _BUDGETS[run_id] = FrontierBudget(limit_usd)
+        return budget
+
+
+def release_run_budget(run_id: str) -> FrontierBudget | None:
+    """Forget a finished run's budget (returns it for the ledger)."""
+    with _BUDGETS_LOCK:
+        return _BUDGETS.pop(run_id, None)

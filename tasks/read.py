@@ -1,0 +1,87 @@
+"""Fetch a shard's files in one batched call and parse them into documents, each with a stable id.
+
+A file that cannot be fetched because it vanished, or is larger than allowed, becomes an error document; any other
+storage failure is raised so Prefect retries the whole shard (object stores fail transiently).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from docroute.schemas.spec import SourceSpec
+from docroute.tasks.discover import DocumentRef, source_filesystem
+from docroute.tasks.parse import detect_format, parse_document
+
+
+@dataclass(frozen=True, slots=True)
+class SourceDocument:
+    """One document to answer (text set) or to report (error set)."""
+
+    doc_id: str
+    uri: str
+    record_key: str | None
+    content_sha256: str | None
+    format: str | None
+    text: str | None
+    error: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def document_id(uri: str, record_key: str | None = None) -> str:
+    """A stable id from the URI (and record key): the same document gets the same id on every run."""
+    key = uri if record_key is None else f"{uri}#{record_key}"
+    return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+
+
+def _failed(ref: DocumentRef, reason: str, fmt: str | None = None) -> SourceDocument:
+    return SourceDocument(document_id(ref.uri), ref.uri, None, None, fmt, None, reason)
+
+
+def read_documents(source: SourceSpec, refs: Sequence[DocumentRef]) -> list[SourceDocument]:
+    """Fetch and parse every ref; returns at least one document per ref, in ref order."""
+    fs, _ = source_filesystem(source)
+    fetchable = []
+    early: dict[str, SourceDocument] = {}
+    for ref in refs:
+        if ref.size is not None and ref.size > source.max_bytes:
+            early[ref.uri] = _failed(
+                ref,
+                f"too_large: the file has {ref.size:,} bytes, over source.max_bytes ({source.max_bytes:,})",
+                detect_format(ref.uri, source.format),
+            )
+        else:
+            fetchable.append(ref)
+    paths = {fs._strip_protocol(ref.uri): ref for ref in fetchable}
+    contents = fs.cat(list(paths), on_error="return") if paths else {}
+    if len(paths) == 1 and not isinstance(contents, dict):  # fsspec returns bare bytes for a single path
+        contents = {next(iter(paths)): contents}
+    documents: list[SourceDocument] = []
+    for ref in refs:
+        if ref.uri in early:
+            documents.append(early[ref.uri])
+            continue
+        data = contents.get(fs._strip_protocol(ref.uri))
+        if isinstance(data, FileNotFoundError) or data is None:
+            documents.append(_failed(ref, "missing: the file was listed but is gone (deleted during the run?)"))
+            continue
+        if isinstance(data, BaseException):
+            raise data
+        digest = hashlib.sha256(data).hexdigest()
+        for parsed in parse_document(data, uri=ref.uri, source=source):
+            documents.append(
+                SourceDocument(
+                    doc_id=document_id(ref.uri, parsed.record_key),
+                    uri=ref.uri,
+                    record_key=parsed.record_key,
+                    content_sha256=digest,
+                    format=parsed.format,
+                    text=parsed.text,
+                    error=parsed.error,
+                )
+            )
+    return documents

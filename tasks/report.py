@@ -1,0 +1,138 @@
+"""Write the run's ledger files and publish its Prefect artifacts.
+
+Artifacts use stable keys per job (`<job>-summary`, `<job>-costs`, `<job>-progress`), so the Prefect UI's
+Artifacts page keeps each one's history across runs. The manifest is written last: a run whose manifest exists
+has all its parts committed.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Any
+from uuid import UUID
+
+import pyarrow as pa
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+from prefect.exceptions import MissingContextError
+
+from docroute.schemas.spec import JobSpec
+from docroute.tasks.ledger import RUN_SCHEMA, LedgerEntry, cost_table
+from docroute.tasks.write import write_json, write_parquet
+
+
+def _in_run() -> bool:
+    return FlowRunContext.get() is not None
+
+
+def start_progress(spec: JobSpec, shards: int) -> UUID | None:
+    """Create the progress artifact (None outside a flow run, e.g. when called from a plain script)."""
+    if not _in_run():
+        return None
+    try:
+        return create_progress_artifact(
+            progress=0.0, key=f"{spec.name}-progress", description=f"{spec.name}: shards done out of {shards}"
+        )
+    except MissingContextError:  # pragma: no cover - guarded above
+        return None
+
+
+def update_progress(artifact_id: UUID | None, done: int, total: int) -> None:
+    if artifact_id is None:
+        return
+    from prefect.artifacts import update_progress_artifact
+
+    update_progress_artifact(artifact_id=artifact_id, progress=100.0 * done / max(total, 1))
+
+
+def costs_url(spec: JobSpec, run_date: date, run_id: str) -> str:
+    return f"{spec.output.url}/costs/run_date={run_date.isoformat()}/costs-{run_id}.parquet"
+
+
+def runs_url(spec: JobSpec, run_date: date, run_id: str) -> str:
+    return f"{spec.output.url}/runs/run_date={run_date.isoformat()}/run-{run_id}.parquet"
+
+
+def manifest_url(spec: JobSpec, run_id: str) -> str:
+    return f"{spec.output.url}/manifests/run-{run_id}.json"
+
+
+def _money(value: float | None) -> str:
+    return "—" if value is None else f"${value:,.4f}"
+
+
+def summary_markdown(spec: JobSpec, record: dict[str, Any], entries: list[LedgerEntry]) -> str:
+    """The run summary shown in the Prefect UI."""
+    lines = [
+        f"# docroute · {spec.name}",
+        "",
+        f"Run `{record['run_id']}` on {record['run_date']}: **{record['documents']} documents** in "
+        f"{record['wall_seconds']:.1f} s, written to `{spec.output.url}`.",
+        "",
+        "| route | documents |",
+        "|---|---:|",
+    ]
+    lines += [f"| {route} | {record[route]} |" for route in ("small", "frontier", "deferred", "error")]
+    lines += [
+        "",
+        "| spend | USD |",
+        "|---|---:|",
+        f"| small model | {_money(record['small_cost_usd'])} |",
+        f"| frontier | {_money(record['frontier_cost_usd'])} |",
+        f"| **total** | **{_money(record['cost_usd'])}** |",
+        f"| all-frontier estimate | {_money(record['all_frontier_usd'])} |",
+    ]
+    if record["savings_pct"] is not None:
+        lines.append(f"| savings | {record['savings_pct']:.1f}% |")
+    if record["max_frontier_usd"] is not None:
+        lines.append(f"| frontier cap | {_money(record['max_frontier_usd'])} |")
+    if record["deferred"]:
+        lines += [
+            "",
+            f"{record['deferred']} rows were deferred with the small model's answer; the next run retries them.",
+        ]
+    lines += [
+        "",
+        f"Small model: `{record['small_model']}` · frontier: `{record['frontier_model'] or 'none'}`.",
+    ]
+    return "\n".join(lines)
+
+
+@task(name="write-ledger", retries=3, retry_delay_seconds=[1, 5, 20], cache_policy=NO_CACHE)
+def write_ledger(
+    spec: JobSpec, record: dict[str, Any], entries: list[LedgerEntry], parts: list[dict[str, Any]]
+) -> dict[str, str]:
+    """Write the cost table and run row, then the manifest that commits the run; publish the artifacts."""
+    run_id, run_date = record["run_id"], record["run_date"]
+    costs = costs_url(spec, run_date, run_id)
+    runs = runs_url(spec, run_date, run_id)
+    write_parquet(spec.output, costs, cost_table(entries, run_id=run_id, job=spec.name, run_date=run_date))
+    write_parquet(spec.output, runs, pa.Table.from_pylist([record], schema=RUN_SCHEMA))
+    manifest = manifest_url(spec, run_id)
+    write_json(spec.output, manifest, {"run": record, "parts": parts, "costs": costs, "runs": runs})
+    if _in_run():
+        create_markdown_artifact(
+            markdown=summary_markdown(spec, record, entries),
+            key=f"{spec.name}-summary",
+            description=f"docroute run summary for {spec.name}",
+        )
+        create_table_artifact(
+            table=[
+                {
+                    "route": e.route,
+                    "role": e.role,
+                    "model": e.model or "—",
+                    "documents": e.documents,
+                    "input_tokens": e.input_tokens,
+                    "output_tokens": e.output_tokens,
+                    "cost_usd": round(e.cost_usd, 6),
+                    "engine_seconds": round(e.engine_seconds, 2),
+                }
+                for e in entries
+            ],
+            key=f"{spec.name}-costs",
+            description=f"docroute cost ledger for {spec.name} (run {run_id})",
+        )
+    return {"manifest": manifest, "costs": costs, "runs": runs}

@@ -1,0 +1,207 @@
+"""The per-shard Prefect task: read → parse → small model → route → frontier → one Parquet part.
+
+One task run per shard, never per document: a task run costs milliseconds of orchestration, a document a fraction
+of that. Every document read becomes exactly one row — answered, deferred or error — with its reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+
+import pyarrow as pa
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from docroute.engines.base import Prediction, Request
+from docroute.schemas.pricing import self_hosted_cost_usd
+from docroute.schemas.rows import ResultRow, answer_json, rows_to_table
+from docroute.schemas.spec import JobSpec
+from docroute.tasks.budget import run_budget
+from docroute.tasks.discover import Shard
+from docroute.tasks.escalate import Escalation, escalate
+from docroute.tasks.infer import frontier_engine, run_engine, small_engine
+from docroute.tasks.ledger import LedgerEntry, summarise_part
+from docroute.tasks.read import SourceDocument, read_documents
+from docroute.tasks.route import RouteDecision, decide
+from docroute.tasks.write import results_part_url, write_parquet
+
+
+@dataclass(frozen=True, slots=True)
+class RunContext:
+    """What every shard of one run shares."""
+
+    run_id: str
+    run_date: date
+    router_version: str | None = None
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """A shard's outcome, small enough to pass back to the flow."""
+
+    shard_index: int
+    part_url: str
+    rows: int
+    routes: dict[str, int]
+    entries: list[LedgerEntry] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _base_row(doc: SourceDocument, spec: JobSpec, run: RunContext, route: str, reason: str) -> ResultRow:
+    return ResultRow(
+        doc_id=doc.doc_id,
+        source_uri=doc.uri,
+        record_key=doc.record_key,
+        content_sha256=doc.content_sha256,
+        doc_format=doc.format,
+        run_id=run.run_id,
+        spec_hash=spec.spec_hash(),
+        processed_at=datetime.now(UTC),
+        route=route,
+        route_reason=reason,
+        input_chars=len(doc.text) if doc.text is not None else None,
+        router_version=run.router_version,
+    )
+
+
+def _apply_small(row: ResultRow, small: Prediction, spec: JobSpec) -> None:
+    row.small_model = small.model
+    row.label, row.label_confidence = small.label, small.label_confidence
+    row.fields, row.field_confidences = dict(small.fields), dict(small.field_confidences)
+    row.small_answer = answer_json(small.label, small.label_confidence, small.fields, small.field_confidences)
+    row.small_input_tokens = small.usage.input_tokens
+    row.small_output_tokens = small.usage.output_tokens
+    row.engine_seconds = small.engine_seconds
+    row.small_cost_usd = self_hosted_cost_usd(small.engine_seconds, spec.small_model.usd_per_hour)
+    row.truncated = small.truncated
+
+
+def _finish_escalated(row: ResultRow, outcome: Escalation | None, decision_reason: str, has_small: bool) -> None:
+    """Fill a row the small model did not settle, from the frontier's outcome."""
+    if outcome is None:  # no frontier configured
+        if has_small:
+            row.route, row.route_reason = "deferred", f"{decision_reason}; no frontier configured"
+            row.final_model = row.small_model
+        else:
+            row.route = "error"
+        return
+    if outcome.deferred_reason is not None:
+        row.route, row.route_reason = (
+            ("deferred" if has_small else "error"),
+            f"{decision_reason}; {outcome.deferred_reason}",
+        )
+        row.final_model = row.small_model if has_small else None
+        if not has_small:
+            row.error = row.route_reason
+        return
+    frontier = outcome.prediction
+    assert frontier is not None
+    row.frontier_input_tokens = frontier.usage.input_tokens
+    row.frontier_output_tokens = frontier.usage.output_tokens
+    row.frontier_cost_usd = outcome.cost_usd
+    row.truncated = row.truncated or frontier.truncated
+    if frontier.ok:
+        row.route, row.route_reason = "frontier", f"{decision_reason}; answered by the frontier"
+        row.final_model = frontier.model
+        row.label = frontier.label
+        row.fields = dict(frontier.fields)
+        return
+    if frontier.retryable and has_small:
+        row.route = "deferred"
+        row.route_reason = f"{decision_reason}; frontier call failed, will retry: {frontier.error}"
+        row.final_model = row.small_model
+        return
+    row.route, row.error = "error", f"frontier failed: {frontier.error}"
+    row.route_reason = f"{decision_reason}; {row.error}"
+    row.final_model = None
+    row.label, row.fields = None, {}
+
+
+def answer_documents(spec: JobSpec, run: RunContext, documents: Sequence[SourceDocument]) -> list[ResultRow]:
+    """Turn parsed documents into result rows, one per document, in document order."""
+    rows: dict[str, ResultRow] = {}
+    readable = [d for d in documents if d.ok]
+    for doc in documents:
+        if not doc.ok:
+            row = _base_row(doc, spec, run, "error", doc.error or "unreadable")
+            row.error = doc.error
+            rows[doc.doc_id] = row
+    requests = [Request(id=d.doc_id, text=d.text or "") for d in readable]
+    small = {p.id: p for p in run_engine(small_engine(spec), requests)}
+    escalated: list[tuple[SourceDocument, RouteDecision]] = []
+    for doc in readable:
+        prediction = small[doc.doc_id]
+        if not prediction.ok:
+            row = _base_row(doc, spec, run, "error", f"small model failed: {prediction.error}")
+            row.small_model, row.error = prediction.model, f"small model failed: {prediction.error}"
+            rows[doc.doc_id] = row
+            escalated.append((doc, RouteDecision(True, None, row.route_reason)))
+            continue
+        decision = decide(prediction, spec)
+        row = _base_row(doc, spec, run, "small", decision.reason)
+        _apply_small(row, prediction, spec)
+        row.confidence = decision.confidence
+        rows[doc.doc_id] = row
+        if decision.escalate:
+            escalated.append((doc, decision))
+        else:
+            row.final_model = prediction.model
+    if escalated:
+        engine = frontier_engine(spec)
+        outcomes: dict[str, Escalation] = {}
+        if engine is not None and spec.frontier is not None:
+            budget = run_budget(run.run_id, spec.routing.max_frontier_usd)
+            outcomes = escalate(
+                engine,
+                [Request(d.doc_id, d.text or "") for d, _ in escalated],
+                budget,
+                spec.frontier.unit_price,
+            )
+        for doc, decision in escalated:
+            row = rows[doc.doc_id]
+            has_small = row.small_answer is not None
+            if not has_small and engine is None:
+                continue  # an error row already says what went wrong
+            if not has_small:
+                row.error = None
+            _finish_escalated(row, outcomes.get(doc.doc_id), decision.reason, has_small)
+    return [rows[d.doc_id] for d in documents]
+
+
+@task(name="process-shard", retries=2, retry_delay_seconds=[2, 15], cache_policy=NO_CACHE)
+def process_shard(spec: JobSpec, shard: Shard, run: RunContext) -> ShardResult:
+    """Process one shard end to end and write its Parquet part; retried as a whole on storage errors."""
+    started = time.perf_counter()
+    documents = read_documents(spec.source, shard.refs)
+    rows = answer_documents(spec, run, documents)
+    table = rows_to_table(rows, spec)
+    url = results_part_url(spec.output, run.run_date, run.run_id, shard.index)
+    write_parquet(spec.output, url, table)
+    result = ShardResult(
+        shard_index=shard.index,
+        part_url=url,
+        rows=table.num_rows,
+        routes=_route_counts(table),
+        entries=summarise_part(table, spec),
+        seconds=time.perf_counter() - started,
+    )
+    get_run_logger().info(
+        "shard %d: %d files → %d rows %s in %.1f s",
+        shard.index,
+        shard.size,
+        result.rows,
+        " ".join(f"{route}={count}" for route, count in sorted(result.routes.items())),
+        result.seconds,
+    )
+    return result
+
+
+def _route_counts(table: pa.Table) -> dict[str, int]:
+    counts = table.group_by("route").aggregate([("doc_id", "count")])
+    return {
+        str(route): int(count)
+        for route, count in zip(counts["route"].to_pylist(), counts["doc_id_count"].to_pylist(), strict=True)
+    }

@@ -1,0 +1,328 @@
+"""A real OpenAI-compatible HTTP server on 127.0.0.1 that answers from a fixed table, for tests.
+
+Engines are tested through the real `openai` SDK and real sockets, so retries, timeouts, headers and JSON
+shapes are exercised as in production; only the model is replaced by a lookup. Faults (429 with Retry-After,
+5xx, hangs, malformed or schema-violating answers, any status code) are injected one per request, in arrival
+order.
+
+    with OracleServer([("Invoice", {"label": "invoice"})], faults=["429"]) as server:
+        engine = OpenAICompatibleEngine(..., base_url=server.base_url, api_key="sk-test")
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+AnswerEntry = tuple[str, Any] | tuple[str, Any, float]
+"""(needle, answer) or (needle, answer, logprob per token); the answer is a dict (sent as JSON) or text."""
+
+_TOKEN = re.compile(r"\w+|\s+|[^\w\s]")
+_STATUS_FAULT = re.compile(r"^[1-5][0-9]{2}$")
+
+
+def fake_tokens(content: str) -> list[str]:
+    """Split text into deterministic pseudo-tokens (words, whitespace runs, single punctuation marks)."""
+    return _TOKEN.findall(content)
+
+
+class OracleServer:
+    """An OpenAI-compatible chat server answering from `answers`, usable as a context manager.
+
+    The answer is chosen from the user messages, newest first: the first needle found in the newest user
+    message that contains any needle wins (so a "that answer was invalid" follow-up still gets the document's
+    answer); with no match, `default`. Every request is recorded in `.requests` (method, path, lowercased
+    headers, parsed body, then the status and JSON it got). `max_in_flight` is the highest number of chat
+    requests it was serving at once.
+
+    Faults, consumed one per chat request in arrival order, then normal answers:
+      "429"        status 429 with `Retry-After: <retry_after>`
+      "500"/"503"/"400"/... any status code, with an OpenAI-style error body
+      "hang"       wait `hang_s` (longer than the client's timeout), then answer normally
+      "malformed"  content "{not json"
+      "invalid"    valid JSON that breaks the schema (label not in the enum, every field an object)
+      "length"     finish_reason "length" with the answer cut in half
+      "refusal"    message.refusal set, content null
+      "ok"         a normal answer
+    With `api_key` set, a request without `Authorization: Bearer <api_key>` gets 401 whose message quotes the
+    key it was given, the worst case a client must redact.
+    """
+
+    def __init__(
+        self,
+        answers: Sequence[AnswerEntry] = (),
+        *,
+        default: Any = None,
+        faults: Iterable[str] = (),
+        hang_s: float = 2.0,
+        delay_s: float = 0.0,
+        retry_after: str = "0.2",
+        api_key: str | None = None,
+        cached_tokens: int = 0,
+        model: str = "oracle-1",
+    ) -> None:
+        self.answers: list[AnswerEntry] = list(answers)
+        self.default: Any = {} if default is None else default
+        self.hang_s = hang_s
+        self.delay_s = delay_s
+        self.retry_after = retry_after
+        self.api_key = api_key
+        self.cached_tokens = cached_tokens
+        self.model = model
+        self.requests: list[dict[str, Any]] = []
+        self.max_in_flight = 0
+        self._faults: list[str] = list(faults)
+        self._in_flight = 0
+        self._served = 0
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def start(self) -> OracleServer:
+        """Bind a free port on 127.0.0.1 and serve on a daemon thread."""
+        if self._httpd is not None:
+            return self
+        oracle = self
+
+        class Handler(_Handler):
+            server_oracle = oracle
+
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        httpd.daemon_threads = True
+        self._httpd = httpd
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, name="oracle-server", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving; hanging handlers are released at once."""
+        self._stopping.set()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._httpd = None
+        self._thread = None
+
+    def __enter__(self) -> OracleServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._httpd is None:
+            raise RuntimeError("the oracle server is not running")
+        return int(self._httpd.server_address[1])
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    # -- test helpers ----------------------------------------------------------------------------------------
+
+    def add_faults(self, *faults: str) -> None:
+        with self._lock:
+            self._faults.extend(faults)
+
+    @property
+    def chat_requests(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [r for r in self.requests if r["path"].endswith("/chat/completions")]
+
+    # -- request handling (called from handler threads) ------------------------------------------------------
+
+    def _record(self, method: str, path: str, headers: Mapping[str, str], body: Any) -> dict[str, Any]:
+        entry: dict[str, Any] = {"method": method, "path": path, "headers": dict(headers), "body": body}
+        with self._lock:
+            self.requests.append(entry)
+        return entry
+
+    def _reply(self, entry: dict[str, Any], status: int, payload: Any) -> None:
+        with self._lock:
+            entry["status"], entry["response"] = status, payload
+
+    def _next_fault(self) -> str:
+        with self._lock:
+            return self._faults.pop(0) if self._faults else "ok"
+
+    def _enter(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def _pick(self, messages: Sequence[Mapping[str, Any]]) -> tuple[Any, float]:
+        user_texts = [_text_of(m.get("content")) for m in messages if m.get("role") == "user"]
+        for text in reversed(user_texts):
+            for entry in self.answers:
+                if entry[0] in text:
+                    logprob = float(entry[2]) if len(entry) == 3 else 0.0
+                    return entry[1], logprob
+        return self.default, 0.0
+
+    def _answer(self, body: Mapping[str, Any], fault: str) -> dict[str, Any]:
+        messages = body.get("messages") or []
+        answer, logprob = self._pick(messages)
+        finish_reason = "stop"
+        refusal: str | None = None
+        content: str | None = answer if isinstance(answer, str) else json.dumps(answer)
+        if fault == "malformed":
+            content = "{not json"
+        elif fault == "invalid":
+            schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema") or {}
+            broken: dict[str, Any] = {"label": "__not_a_label__"}
+            broken.update({name: {"invalid": True} for name in schema.get("properties", {}) if name != "label"})
+            content = json.dumps(broken)
+        elif fault == "length":
+            assert content is not None
+            content = content[: len(content) // 2]
+            finish_reason = "length"
+        elif fault == "refusal":
+            content, refusal = None, "I cannot help with that."
+        with self._lock:
+            self._served += 1
+            serial = self._served
+        prompt_chars = sum(len(_text_of(m.get("content"))) for m in messages)
+        completion_text = content if content is not None else (refusal or "")
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": content, "refusal": refusal},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
+        if body.get("logprobs") and content is not None:
+            choice["logprobs"] = {
+                "content": [
+                    {"token": t, "logprob": logprob, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
+                    for t in fake_tokens(content)
+                ],
+                "refusal": None,
+            }
+        prompt_tokens = prompt_chars // 4 + 1
+        completion_tokens = len(completion_text) // 4 + 1
+        return {
+            "id": f"chatcmpl-oracle-{serial}",
+            "object": "chat.completion",
+            "created": 0,
+            "model": str(body.get("model") or self.model),
+            "choices": [choice],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": min(self.cached_tokens, prompt_tokens)},
+            },
+        }
+
+
+def _text_of(content: Any) -> str:
+    """Message content as text: a string, or the text parts of a content list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return ""
+
+
+def _error_body(status: int, message: str) -> dict[str, Any]:
+    kinds = {400: "invalid_request_error", 401: "invalid_request_error", 429: "rate_limit_exceeded"}
+    return {"error": {"message": message, "type": kinds.get(status, "server_error"), "param": None, "code": None}}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive, as the SDK's connection pool expects."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = 10  # idle keep-alive connections end instead of holding a thread forever
+    server_oracle: OracleServer
+    _entry: dict[str, Any] | None = None
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Keep test output quiet."""
+
+    def _send_json(self, status: int, payload: Any, headers: Mapping[str, str] | None = None) -> None:
+        data = json.dumps(payload).encode("utf-8")
+        if self._entry is not None:
+            self.server_oracle._reply(self._entry, status, payload)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout test)
+            self.close_connection = True
+
+    def _read_body(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            return json.loads(raw or b"null")
+        except json.JSONDecodeError:
+            return raw.decode("utf-8", "replace")
+
+    def do_GET(self) -> None:
+        oracle = self.server_oracle
+        self._entry = oracle._record("GET", self.path, {k.lower(): v for k, v in self.headers.items()}, None)
+        if self.path.rstrip("/").endswith("/models"):
+            model = {"id": oracle.model, "object": "model", "created": 0, "owned_by": "oracle"}
+            self._send_json(200, {"object": "list", "data": [model]})
+        else:
+            self._send_json(404, _error_body(404, f"no route {self.path}"))
+
+    def do_POST(self) -> None:
+        oracle = self.server_oracle
+        body = self._read_body()
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        self._entry = oracle._record("POST", self.path, headers, body)
+        if not self.path.rstrip("/").endswith("/chat/completions"):
+            self._send_json(404, _error_body(404, f"no route {self.path}"))
+            return
+        oracle._enter()
+        try:
+            self._chat(oracle, body if isinstance(body, dict) else {}, headers)
+        finally:
+            oracle._leave()
+
+    def _chat(self, oracle: OracleServer, body: dict[str, Any], headers: Mapping[str, str]) -> None:
+        if oracle.api_key is not None:
+            given = headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if given != oracle.api_key:
+                message = f"Incorrect API key provided: {given}. You can find your API key at https://example.test."
+                self._send_json(401, _error_body(401, message))
+                return
+        fault = oracle._next_fault()
+        if oracle.delay_s:
+            time.sleep(oracle.delay_s)
+        if fault == "hang":
+            if oracle._stopping.wait(oracle.hang_s):
+                return
+        elif fault == "429":
+            self._send_json(
+                429, _error_body(429, "Rate limit reached. Slow down."), {"Retry-After": oracle.retry_after}
+            )
+            return
+        elif _STATUS_FAULT.match(fault):
+            status = int(fault)
+            self._send_json(status, _error_body(status, f"injected {HTTPStatus(status).phrase}"))
+            return
+        self._send_json(200, oracle._answer(body, fault))
