@@ -17,10 +17,12 @@ cores slow each other down many times over, so calls are serialised and threads 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,7 +155,26 @@ class LlamaRuntime:
         self._cached: list[list[int]] = []  # prompt segments whose KV cells sequence 0 holds
         self._cached_last_logits: np.ndarray | None = None
         self.lock = threading.RLock()
+        self._busy = threading.local()
         self.path = path
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the model for one call, counting only the time it is held towards this thread's busy seconds.
+
+        Shards running in parallel threads wait for each other here; waiting is not compute, so a row's
+        engine_seconds (and the self-hosted cost derived from it) exclude it.
+        """
+        with self.lock:
+            started = time.perf_counter()
+            try:
+                yield
+            finally:
+                self._busy.seconds = self.busy_seconds() + time.perf_counter() - started
+
+    def busy_seconds(self) -> float:
+        """Seconds this thread has held the model so far (read before and after a document to attribute them)."""
+        return getattr(self._busy, "seconds", 0.0)
 
     # ------------------------------------------------------------------ tokens
     def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
@@ -251,7 +272,7 @@ class LlamaRuntime:
         """
         if any(len(c) == 0 for c in continuations):
             raise ValueError("every continuation needs at least one token")
-        with self.lock:
+        with self._exclusive():
             last_logits = self._set_prompt(segments)
             prompt_len = sum(len(s) for s in segments)
             scores = np.zeros(len(continuations), dtype=np.float64)
@@ -306,7 +327,7 @@ class LlamaRuntime:
         full_lists = [self.tokenize(t, add_bos=True) or [0] for t in texts]
         token_lists = [tokens[:limit] for tokens in full_lists]
         out = np.zeros((len(texts), self.n_embd), dtype=np.float32)
-        with self.lock:
+        with self._exclusive():
             self._reset()
             self._api.llama_set_embeddings(self._ctx, True)
             try:

@@ -13,7 +13,6 @@ alternatives gives a calibrated confidence the router can trust.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +70,8 @@ class LlamaCppEngine:
         self._label_prior: np.ndarray | None = None
         self.strategy = ""
         self.few_shot_used = 0
+        self.examples_used = 0
+        self._choice_priors: dict[tuple[str, tuple[tuple[int, ...], ...]], np.ndarray] = {}
         self._extract_prefix: list[int] = []
         self._question_tokens: dict[str, list[int]] = {}
         self._candidate_room = 0
@@ -135,13 +136,21 @@ class LlamaCppEngine:
         return train_head(embeddings, [label for _, label in data], classify.label_names, fingerprint=fingerprint)
 
     def _prepare_extraction(self, extract: ExtractSpec) -> None:
-        prefix = fewshot.extract_prefix(self.task, extract)
-        self._extract_prefix = self._runtime.tokenize(prefix, add_bos=True)
+        # candidates are scored in groups that fit beside the document; keep room for a few long ones at a time
+        self._candidate_room = min(256, self._runtime.n_ctx // 8)
+        budget = self._runtime.n_ctx - min(self.spec.max_input_tokens, self._runtime.n_ctx // 2)
+        budget -= self._candidate_room + _QUESTION_RESERVE
+        examples = list(extract.examples)
+        while True:  # drop worked examples from the end until the fixed prompt leaves room for documents
+            trimmed = extract.model_copy(update={"examples": examples})
+            self._extract_prefix = self._runtime.tokenize(fewshot.extract_prefix(self.task, trimmed), add_bos=True)
+            if len(self._extract_prefix) <= budget or not examples:
+                break
+            examples = examples[:-1]
+        self.examples_used = len(examples)
         self._question_tokens = {
             field.name: self._runtime.tokenize(fewshot.extract_question(field)) for field in extract.fields
         }
-        # candidates are scored in groups that fit beside the document; keep room for a few long ones at a time
-        self._candidate_room = min(256, self._runtime.n_ctx // 8)
         self._check_fits(self._extract_prefix, extra=self._candidate_room)
 
     def _check_fits(self, prefix: list[int], *, extra: int) -> None:
@@ -208,6 +217,27 @@ class LlamaCppEngine:
         return results
 
     # ------------------------------------------------------------------ extraction
+    def _choice_prior(self, field: FieldSpec, continuations: list[list[int]]) -> np.ndarray | None:
+        """For fields with a fixed choice set (enum, bool), the model's preference on content-free documents.
+
+        Like labels, a closed set of choices carries the prompt's bias (e.g. the currency the examples show);
+        dividing by the prior on documents that say nothing removes it.
+        """
+        if field.type not in ("enum", "bool") or self.spec.calibration == "none":
+            return None
+        key = (field.name, tuple(tuple(c) for c in continuations))
+        if key not in self._choice_priors:
+            question = self._question_tokens[field.name]
+            priors = []
+            for text in CONTENT_FREE_INPUTS:
+                null_doc = self._runtime.tokenize(fewshot.extract_document(text))
+                scores = self._runtime.score([self._extract_prefix, null_doc, question], continuations)
+                if self.spec.candidate_scoring == "mean":
+                    scores = scores / np.array([len(c) for c in continuations])
+                priors.append(softmax(scores))
+            self._choice_priors[key] = np.mean(priors, axis=0)
+        return self._choice_priors[key]
+
     def _choose(self, field: FieldSpec, probs: np.ndarray, values: list[Any], starts: list[int]) -> tuple[Any, float]:
         """Pick the value with the most probability, summed over candidates that mean the same value."""
         if field.type == "list[str]":
@@ -237,6 +267,9 @@ class LlamaCppEngine:
         evaluated = len(doc.tokens)
         for position, field in enumerate(extract.fields):
             candidates = candidates_for(field, visible, limit=self.spec.max_candidates)
+            mentioned = [c for c in candidates if c.start >= 0]
+            if field.type == "enum" and mentioned:
+                candidates = mentioned  # values the document names beat values it never mentions
             surfaces = [c.surface for c in candidates]
             values: list[Any] = [c.value for c in candidates]
             starts = [c.start for c in candidates]
@@ -255,7 +288,11 @@ class LlamaCppEngine:
             evaluated += len(question) + sum(len(c) for c in continuations)
             if self.spec.candidate_scoring == "mean":
                 scores = scores / np.array([len(c) for c in continuations])
-            value, confidence = self._choose(field, softmax(scores), values, starts)
+            probs = softmax(scores)
+            prior = self._choice_prior(field, continuations)
+            if prior is not None:
+                probs = contextual_calibration(probs, prior)
+            value, confidence = self._choose(field, probs, values, starts)
             fields[field.name], confidences[field.name] = value, confidence
         usage = Usage(input_tokens=len(self._extract_prefix) + evaluated, cached_tokens=len(self._extract_prefix))
         return fields, confidences, usage, doc.truncated
@@ -267,16 +304,16 @@ class LlamaCppEngine:
         head_probs: np.ndarray | None = None
         batch_labels: list[tuple[str, float, Usage, bool]] | None = None
         if classify is not None and batch and self._head is not None and self.strategy == "embedding_head":
-            started = time.perf_counter()
+            started = self._runtime.busy_seconds()
             embeddings, embedded_tokens = self._runtime.embed(
                 [r.text for r in batch], max_tokens=self.spec.max_input_tokens
             )
             head_probs = self._head.predict_proba(embeddings)
-            head_seconds = (time.perf_counter() - started) / len(batch)
+            head_seconds = (self._runtime.busy_seconds() - started) / len(batch)
         elif classify is not None and batch and self.spec.calibration == "batch":
             batch_labels = self._classify_batch_calibrated([r.text for r in batch])
         for position, request in enumerate(batch):
-            started = time.perf_counter()
+            started = self._runtime.busy_seconds()
             prediction = Prediction(id=request.id, model=self.name)
             usage = Usage()
             try:
@@ -304,7 +341,7 @@ class LlamaCppEngine:
             except (ValueError, RuntimeError) as exc:
                 prediction.error = f"small model failed on this document: {exc}"
             prediction.usage = usage
-            prediction.engine_seconds += time.perf_counter() - started
+            prediction.engine_seconds += self._runtime.busy_seconds() - started
             predictions.append(prediction)
         return check_complete(batch, predictions, self.name)
 

@@ -30,8 +30,9 @@ def _print_summary(summary: dict[str, Any], seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    routes = Table(title=f"docroute · {summary['job']} · {summary['documents']} documents in {seconds:.1f} s")
+    console = Console(soft_wrap=True)
+    console.print(f"[bold]{summary['job']}[/bold]: {summary['documents']} documents in {seconds:.1f} s")
+    routes = Table()
     routes.add_column("route")
     routes.add_column("documents", justify="right")
     routes.add_column("cost (USD)", justify="right")
@@ -95,19 +96,21 @@ def validate(job: Annotated[Path, typer.Argument(help="the job's YAML file")]) -
 @app.command()
 def demo(
     output: Annotated[Path, typer.Option(help="where the demo writes its results")] = Path("demo-output"),
-    job: Annotated[str, typer.Option(help="which bundled job: classify or extract")] = "classify",
+    job: Annotated[str, typer.Option(help="which bundled job: classify, extract or all")] = "all",
 ) -> None:
-    """Run a bundled example on the embedded model (no API key, no network): a local folder in, Parquet out."""
+    """Run the bundled examples on the embedded model (no API key, no network): local folders in, Parquet out."""
     _quiet_prefect()
-    if job not in ("classify", "extract"):
-        typer.echo("--job must be classify or extract", err=True)
+    jobs = ["classify", "extract"] if job == "all" else [job]
+    if not set(jobs) <= {"classify", "extract"}:
+        typer.echo("--job must be classify, extract or all", err=True)
         raise typer.Exit(2)
     with as_file(files("docroute.examples")) as examples:
-        workdir = output.resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        summary = _run(Path(examples) / f"demo_{job}.yaml", str(workdir))
-        _print_summary(summary, time.perf_counter() - started)
+        for name in jobs:
+            workdir = (output / name).resolve()
+            workdir.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            summary = _run(Path(examples) / f"demo_{name}.yaml", str(workdir))
+            _print_summary(summary, time.perf_counter() - started)
 
 
 def main() -> None:

@@ -211,8 +211,10 @@ def _parse(data: bytes, *, uri: str, source: SourceSpec, fmt: str) -> list[Parse
         if not text.strip():
             raise _DocumentError("empty", f"no text left after decoding the {fmt} file (only whitespace)")
         return _parse_json(text, source) if fmt == "json" else _parse_jsonl(text, source)
-    if fmt in ("txt", "md"):
+    if fmt == "txt":
         text = _decode_text(data, forced=source.encoding)
+    elif fmt == "md":
+        text = markdown_text(_decode_text(data, forced=source.encoding))
     elif fmt == "html":
         text = _html_text(data, forced=source.encoding)
     elif fmt == "pdf":
@@ -224,6 +226,30 @@ def _parse(data: bytes, *, uri: str, source: SourceSpec, fmt: str) -> list[Parse
     if not text.strip():
         raise _DocumentError("empty", f"no text left after parsing the {fmt} file (only whitespace)")
     return [ParsedDocument(None, text, fmt)]
+
+
+_MD_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^```.*$|^~~~.*$", re.M), ""),  # code fences (their content stays)
+    (re.compile(r"^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$", re.M), r"\1"),  # ATX headings
+    (re.compile(r"^\s{0,3}(?:[-*_]\s*){3,}$", re.M), ""),  # horizontal rules
+    (re.compile(r"^\s{0,3}>\s?", re.M), ""),  # block quotes
+    (re.compile(r"!\[([^\]]*)\]\([^)]*\)"), r"\1"),  # images: keep the alt text
+    (re.compile(r"\[([^\]]+)\]\([^)]*\)"), r"\1"),  # links: keep the text
+    (re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1"), r"\2"),  # bold
+    (re.compile(r"(?<![\w*])([*_])(?=\S)(.+?)(?<=\S)\1(?![\w*])"), r"\2"),  # italics
+    (re.compile(r"`([^`]+)`"), r"\1"),  # inline code
+    (re.compile(r"[ \t]+$", re.M), ""),  # hard-break spaces
+)
+
+
+def markdown_text(text: str) -> str:
+    """Drop Markdown syntax a reader does not see (heading marks, emphasis, link targets); keep the words and lines.
+
+    Values copied from the text must not carry a stray '#' or '**' into a typed column.
+    """
+    for pattern, replacement in _MD_RULES:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 def _unsupported_reason(uri: str, declared: str) -> str:

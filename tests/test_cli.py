@@ -1,0 +1,57 @@
+"""The `docroute` command: validate, run and demo, through the real CLI entry point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from docroute.flows.cli import app
+
+runner = CliRunner()
+
+
+def test_validate_prints_the_spec_with_secrets_masked(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "name: ok\nsource: {url: docs, storage_options: {key: AKIA123, secret: hunter2}}\n"
+        "task: {classify: {labels: [{name: a}, {name: b}]}}\noutput: {url: out}\n"
+        "frontier: {provider: openai, model: gpt-4o-mini, api_key: sk-live-secret}\n"
+    )
+    result = runner.invoke(app, ["validate", str(job)])
+    assert result.exit_code == 0, result.output
+    assert "hunter2" not in result.output and "AKIA123" not in result.output and "sk-live-secret" not in result.output
+    assert '"key": "***"' in result.output and str(tmp_path / "docs") in result.output
+
+
+def test_invalid_job_exits_2_naming_field_and_line(tmp_path: Path) -> None:
+    job = tmp_path / "bad.yaml"
+    job.write_text("name: bad\nsource: {url: docs}\ntask:\n  classify:\n    labels: [{name: only}]\noutput: {url: o}\n")
+    for command in ("validate", "run"):
+        result = runner.invoke(app, [command, str(job)])
+        assert result.exit_code == 2
+        assert "line 5: task.classify.labels" in result.output
+
+
+def test_bundled_demo_jobs_are_valid() -> None:
+    from importlib.resources import files
+
+    from docroute.schemas.load import load_job
+
+    for name in ("demo_classify.yaml", "demo_extract.yaml"):
+        spec = load_job(Path(str(files("docroute.examples") / name)))
+        assert Path(spec.source.url).is_dir()
+        assert spec.frontier is None  # the demo needs no API key
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_demo_runs_on_the_embedded_model(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["demo", "--job", "classify", "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "demo-support-intents" in result.output and "total" in result.output
+    rows = pl.read_parquet(f"{tmp_path}/classify/results/**/*.parquet")
+    assert rows.height == 32  # 28 files, one of them a 5-record jsonl (see examples/build_demo_corpus.py)
+    assert rows.filter(pl.col("route") == "error").height == 2  # the binary and the empty file
+    assert (tmp_path / "classify" / "manifests").is_dir()

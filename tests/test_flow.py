@@ -1,0 +1,245 @@
+"""process_documents end to end: real files, the real embedded model, a real Prefect API and real HTTP frontier."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+from corpus import COOKING, SPORTS, WEATHER, build_topic_corpus, topic_job_yaml
+from oracle_server import OracleServer
+
+from docroute.flows.process import process_documents
+from docroute.schemas.load import load_job
+from docroute.schemas.rows import result_schema
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def _run(tmp_path: Path, extra: str = "", name: str = "job") -> tuple[dict, pl.DataFrame, dict]:
+    source = tmp_path / "docs"
+    gold = build_topic_corpus(source) if not source.exists() else None
+    job = tmp_path / f"{name}.yaml"
+    job.write_text(topic_job_yaml(source, tmp_path / f"out-{name}", extra=extra), encoding="utf-8")
+    summary = process_documents(str(job))
+    rows = pl.read_parquet(f"{tmp_path}/out-{name}/results/**/*.parquet")
+    return summary, rows, gold or {}
+
+
+def _key(row: dict) -> str:
+    name = row["source_uri"].rsplit("/", 1)[-1]
+    return f"{name}#{row['record_key']}" if row["record_key"] else name
+
+
+def test_every_document_becomes_exactly_one_typed_row(tmp_path: Path) -> None:
+    summary, rows, gold = _run(tmp_path)
+    assert sorted(_key(r) for r in rows.to_dicts()) == sorted(gold)
+    assert rows["doc_id"].n_unique() == rows.height == summary["documents"] == len(gold)
+    by_key = {_key(r): r for r in rows.to_dicts()}
+    for key, label in gold.items():
+        row = by_key[key]
+        assert row["route_reason"], key
+        if label is None:
+            assert row["route"] == "error" and row["error"], key
+            assert row["label"] is None
+        else:
+            assert row["route"] in ("small", "deferred"), key
+            assert row["label"] in ("sports", "weather", "cooking")
+            assert 0 < row["label_confidence"] <= 1 and row["small_model"].startswith("llamacpp:")
+            assert json.loads(row["small_answer"])["label"] == row["label"]
+    correct = sum(by_key[k]["label"] == v for k, v in gold.items() if v)
+    assert correct >= 6, {k: by_key[k]["label"] for k in gold}
+    reasons = {k: by_key[k]["error"] for k, v in gold.items() if v is None}
+    assert reasons["corrupt.pdf"].startswith("pdf_corrupt")
+    assert reasons["junk.txt"].startswith("binary")
+    assert reasons["empty.txt"].startswith("empty")
+    assert reasons["big.txt"].startswith("too_large")
+    assert reasons["notes.xyz"].startswith("unsupported_format")
+    assert reasons["records.jsonl#r3"].startswith("json_missing_text")
+    # no frontier: every escalation is deferred with the small model's answer, never dropped
+    deferred = rows.filter(pl.col("route") == "deferred")
+    assert all("no frontier configured" in r for r in deferred["route_reason"])
+    assert deferred["final_model"].str.starts_with("llamacpp:").all()
+    # the written file has exactly the schema derived from the spec, and both engines read it typed
+    spec = load_job(tmp_path / "job.yaml")
+    part = next(Path(tmp_path / "out-job" / "results").rglob("*.parquet"))
+    assert pq.read_schema(part).remove_metadata() == result_schema(spec).remove_metadata()
+    assert rows.schema["label"] == pl.Categorical and rows.schema["processed_at"] == pl.Datetime("us", "UTC")
+    described = {
+        name: kind for name, kind, *_ in duckdb.sql(f"describe select * from read_parquet('{part}')").fetchall()
+    }
+    assert described["processed_at"] == "TIMESTAMP WITH TIME ZONE" and described["truncated"] == "BOOLEAN"
+    assert described["label"] == "VARCHAR" and described["label_confidence"] == "DOUBLE"
+
+
+INVOICES = {
+    "inv-1.txt": "Northwind Office Supply\nInvoice No: NW-20931\nDate: 14/03/2024\nPaid: yes\n"
+    "Paper 4 $263.17\nTOTAL DUE: $351.27 USD\n",
+    "inv-2.md": "# Blue Heron Bakery\n\nInvoice No: BH-0042  \nDate: 02/04/2024  \nPaid: no  \n"
+    "Croissants 12 €40.00  \nTOTAL DUE: €86.40 EUR\n",
+}
+
+
+def test_extraction_writes_one_typed_column_per_field(tmp_path: Path) -> None:
+    source = tmp_path / "invoices"
+    source.mkdir()
+    for name, text in INVOICES.items():
+        (source / name).write_text(text, encoding="utf-8")
+    job = tmp_path / "extract.yaml"
+    job.write_text(
+        f"""name: invoices
+source: {{url: {source}}}
+task:
+  extract:
+    fields:
+      - {{name: vendor, type: str}}
+      - {{name: invoice_number, type: str, required: false}}
+      - {{name: invoice_date, type: date}}
+      - {{name: total, type: decimal, precision: 12, scale: 2}}
+      - {{name: currency, type: enum, values: [USD, EUR, GBP]}}
+      - {{name: paid, type: bool, required: false}}
+      - {{name: lines, type: int, required: false}}
+    examples:
+      - text: "Harbourside Stationers\\nInvoice No: HS-1188\\nDate: 05/02/2024\\nPaid: yes\\nTOTAL DUE: $31.36 USD"
+        values: {{vendor: Harbourside Stationers, invoice_number: HS-1188, invoice_date: 05/02/2024,
+                  total: "31.36", currency: USD, paid: true}}
+routing: {{threshold: 0.0}}
+output: {{url: {tmp_path / "out"}}}
+""",
+        encoding="utf-8",
+    )
+    summary = process_documents(str(job))
+    assert summary["documents"] == 2 and summary["error"] == 0
+    rows = pl.read_parquet(f"{tmp_path}/out/results/**/*.parquet").sort("source_uri")
+    assert rows.schema["total"] == pl.Decimal(12, 2)
+    assert rows.schema["invoice_date"] == pl.Date
+    assert rows.schema["currency"] == pl.Categorical
+    assert rows.schema["paid"] == pl.Boolean and rows.schema["lines"] == pl.Int64
+    assert rows.schema["total_confidence"] == pl.Float64
+    from datetime import date
+    from decimal import Decimal
+
+    assert rows["invoice_date"].to_list() == [date(2024, 3, 14), date(2024, 4, 2)]
+    totals = rows["total"].to_list()  # which amount a 270M model picks is tested in test_llamacpp_engine
+    assert totals[0] == Decimal("351.27")
+    assert all(isinstance(t, Decimal) and t.as_tuple().exponent == -2 for t in totals)
+    assert rows["currency"].cast(pl.String).to_list() == ["USD", "EUR"]
+    part = next((tmp_path / "out" / "results").rglob("*.parquet"))
+    described = {
+        name: kind for name, kind, *_ in duckdb.sql(f"describe select * from read_parquet('{part}')").fetchall()
+    }
+    assert described["total"] == "DECIMAL(12,2)" and described["invoice_date"] == "DATE"
+
+
+def test_ledger_and_manifest_match_the_rows(tmp_path: Path) -> None:
+    summary, rows, _ = _run(tmp_path)
+    manifest = json.loads(Path(summary["manifest"]).read_text())
+    assert sum(p["rows"] for p in manifest["parts"]) == rows.height
+    assert {Path(p["url"]).name for p in manifest["parts"]} == {
+        Path(p).name for p in Path(tmp_path / "out-job" / "results").rglob("*.parquet")
+    }
+    costs = pl.read_parquet(summary["costs"])
+    small = costs.filter(pl.col("role") == "small")
+    assert small["documents"].sum() == rows.height
+    assert small["input_tokens"].sum() == rows["small_input_tokens"].sum()
+    assert abs(small["engine_seconds"].sum() - rows["engine_seconds"].sum()) < 1e-6
+    run = pl.read_parquet(summary["runs"]).to_dicts()[0]
+    assert run["documents"] == rows.height
+    for route in ("small", "frontier", "deferred", "error"):
+        assert run[route] == rows.filter(pl.col("route") == route).height
+    assert run["all_frontier_usd"] is None  # no frontier configured: no counterfactual
+
+
+def _frontier_block(server: OracleServer, *, threshold: float, cap: str = "null", retries: int = 0) -> str:
+    return f"""frontier:
+  provider: openai_compatible
+  model: oracle-1
+  base_url: {server.base_url}
+  api_key: sk-test
+  price: {{input_per_million: 100.0, output_per_million: 400.0}}
+  max_retries: {retries}
+  timeout_s: 5
+routing:
+  threshold: {threshold}
+  max_frontier_usd: {cap}
+"""
+
+
+ORACLE = [(SPORTS, {"label": "sports"}), (WEATHER, {"label": "weather"}), (COOKING, {"label": "cooking"})]
+
+
+def test_low_confidence_rows_are_answered_by_the_frontier(tmp_path: Path) -> None:
+    with OracleServer(ORACLE) as server:
+        summary, rows, gold = _run(tmp_path, _frontier_block(server, threshold=1.0))
+        calls = len(server.chat_requests)
+    readable = [k for k, v in gold.items() if v]
+    assert summary["frontier"] == len(readable) == calls
+    by_key = {_key(r): r for r in rows.to_dicts()}
+    for key in readable:
+        row = by_key[key]
+        assert row["route"] == "frontier" and row["final_model"] == "openai_compatible:oracle-1"
+        assert row["label"] == gold[key]  # the oracle knows the answers
+        assert row["frontier_input_tokens"] > 0 and row["frontier_cost_usd"] > 0
+        assert row["cost_usd"] == pytest.approx(row["small_cost_usd"] + row["frontier_cost_usd"])
+        assert json.loads(row["small_answer"])["label"] in ("sports", "weather", "cooking")
+    costs = pl.read_parquet(summary["costs"])
+    frontier_spend = costs.filter(pl.col("role") == "frontier")["cost_usd"].sum()
+    assert frontier_spend == pytest.approx(rows["frontier_cost_usd"].sum())
+    assert summary["frontier_cost_usd"] == pytest.approx(frontier_spend)
+    assert summary["all_frontier_usd"] >= frontier_spend > 0
+
+
+def test_budget_cap_defers_the_rest_and_is_never_exceeded(tmp_path: Path) -> None:
+    from docroute.engines.base import Request
+    from docroute.tasks.infer import frontier_engine
+
+    with OracleServer(ORACLE) as server:
+        job = tmp_path / "probe.yaml"
+        job.write_text(topic_job_yaml(tmp_path, tmp_path / "o", extra=_frontier_block(server, threshold=1.0)))
+        spec = load_job(job)
+        bound = frontier_engine(spec).usage_bound(Request("x", WEATHER))
+        one_call = spec.frontier.unit_price.cost_usd(bound.input_tokens, bound.output_tokens)
+        cap = round(one_call * 2.5, 6)
+        summary, rows, _ = _run(tmp_path, _frontier_block(server, threshold=1.0, cap=str(cap)))
+    assert rows["frontier_cost_usd"].sum() <= cap
+    assert summary["frontier"] >= 2
+    budget_deferred = rows.filter(pl.col("route_reason").str.contains("budget exhausted"))
+    assert budget_deferred.height >= 1 and (budget_deferred["route"] == "deferred").all()
+    assert budget_deferred["label"].is_not_null().all()  # the small model's answer is kept
+
+
+def test_frontier_failures_defer_or_error_but_never_lose_rows(tmp_path: Path) -> None:
+    with OracleServer(ORACLE, faults=["500"] * 200) as server:
+        _, rows, gold = _run(tmp_path, _frontier_block(server, threshold=1.0), name="down")
+    readable = {k for k, v in gold.items() if v}
+    by_key = {_key(r): r for r in rows.to_dicts()}
+    assert rows.height == len(gold)
+    for key in readable:
+        assert by_key[key]["route"] == "deferred", by_key[key]["route_reason"]
+        assert "will retry" in by_key[key]["route_reason"]
+    with OracleServer(ORACLE, faults=["invalid"] * 200) as server:
+        _, rows, _ = _run(tmp_path, _frontier_block(server, threshold=1.0), name="invalid")
+    by_key = {_key(r): r for r in rows.to_dicts()}
+    for key in readable:
+        assert by_key[key]["route"] == "error" and "invalid answer" in by_key[key]["error"]
+        assert by_key[key]["label"] is None
+
+
+def test_run_publishes_keyed_artifacts(tmp_path: Path) -> None:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    _run(tmp_path)
+
+    async def read() -> set[str]:
+        async with get_client() as client:
+            keys = ["topics-summary", "topics-costs", "topics-progress"]
+            artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+            return {a.key for a in artifacts}
+
+    assert asyncio.run(read()) == {"topics-summary", "topics-costs", "topics-progress"}
