@@ -34,7 +34,7 @@ def model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def runtime(model_path: Path):  # noqa: ANN201 - the runtime type is imported lazily
+def runtime(model_path: Path):
     """This process's shared llama.cpp runtime (the same one engines use)."""
     from docroute.engines.llama_runtime import shared_runtime
 
