@@ -24,6 +24,7 @@ class DocumentRef:
     """One listed file: its full URI and what the listing said about it."""
 
     uri: str
+    path: str  # the same location in the filesystem's own terms (no protocol), for batched reads
     size: int | None
     etag: str | None
 
@@ -63,7 +64,7 @@ def list_documents(source: SourceSpec, *, exclude_prefix: str | None = None) -> 
         found = {root: fs.info(root)}
     excluded = None
     if exclude_prefix and fsspec.core.split_protocol(exclude_prefix)[0] == fsspec.core.split_protocol(source.url)[0]:
-        excluded = fs._strip_protocol(exclude_prefix).rstrip("/") + "/"
+        excluded = fsspec.core.strip_protocol(exclude_prefix).rstrip("/") + "/"
     refs = []
     for path, info in sorted(found.items()):
         if info.get("type") not in ("file", None):
@@ -72,7 +73,7 @@ def list_documents(source: SourceSpec, *, exclude_prefix: str | None = None) -> 
             continue
         if excluded and (path + "/").startswith(excluded):
             continue
-        refs.append(DocumentRef(uri=fs.unstrip_protocol(path), size=info.get("size"), etag=_etag(info)))
+        refs.append(DocumentRef(uri=fs.unstrip_protocol(path), path=path, size=info.get("size"), etag=_etag(info)))
     return refs
 
 

@@ -56,16 +56,16 @@ def read_documents(source: SourceSpec, refs: Sequence[DocumentRef]) -> list[Sour
             )
         else:
             fetchable.append(ref)
-    paths = {fs._strip_protocol(ref.uri): ref for ref in fetchable}
-    contents = fs.cat(list(paths), on_error="return") if paths else {}
-    if len(paths) == 1 and not isinstance(contents, dict):  # fsspec returns bare bytes for a single path
-        contents = {next(iter(paths)): contents}
+    # cat_ranges reads many files concurrently on object stores and, unlike cat, never expands names as globs
+    # (a file called "report[1].txt" is read, not matched as a pattern)
+    paths = [ref.path for ref in fetchable]
+    contents = dict(zip(paths, fs.cat_ranges(paths, None, None, on_error="return"), strict=True)) if paths else {}
     documents: list[SourceDocument] = []
     for ref in refs:
         if ref.uri in early:
             documents.append(early[ref.uri])
             continue
-        data = contents.get(fs._strip_protocol(ref.uri))
+        data = contents.get(ref.path)
         if isinstance(data, FileNotFoundError) or data is None:
             documents.append(_failed(ref, "missing: the file was listed but is gone (deleted during the run?)"))
             continue

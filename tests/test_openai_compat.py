@@ -120,7 +120,7 @@ def test_classify_and_extract_are_typed_and_the_request_is_structured() -> None:
             (prediction,) = engine.predict([Request("doc-1", "INVOICE 1 from ACME")])
         assert prediction.ok, prediction.error
         assert prediction.id == "doc-1"
-        assert prediction.model == "oracle-1"
+        assert prediction.model == engine.name == "openai:oracle-1"
         assert prediction.label == "invoice"
         assert prediction.fields == {
             "total": Decimal("1234.50"),
