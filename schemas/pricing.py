@@ -63,6 +63,8 @@ DEFAULT_PRICES: dict[str, ModelPrice] = {
     "claude-opus-4-1": _price(15.00, 75.00, 1.50),
     "claude-sonnet-4-5": _price(3.00, 15.00, 0.30),
     "claude-sonnet-4-0": _price(3.00, 15.00, 0.30),
+    "claude-sonnet-4": _price(3.00, 15.00, 0.30),  # claude-sonnet-4-20250514
+    "claude-opus-4": _price(15.00, 75.00, 1.50),  # claude-opus-4-20250514
     "claude-haiku-4-5": _price(1.00, 5.00, 0.10),
     "claude-3-5-haiku-latest": _price(0.80, 4.00, 0.08),
     # Mistral (mistral.ai/pricing)

@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from docroute.schemas.columns import CONFIDENCE_SUFFIX, PROVENANCE_COLUMNS
-from docroute.schemas.pricing import ModelPrice, lookup_price
+from docroute.schemas.pricing import ModelPrice, UnknownModelPriceError, lookup_price
 
 FieldType = Literal["str", "int", "float", "decimal", "date", "datetime", "bool", "enum", "list[str]"]
 DocFormat = Literal["auto", "txt", "md", "html", "pdf", "docx", "eml", "json", "jsonl"]
@@ -298,7 +298,10 @@ class FrontierSpec(StrictModel):
 
     @model_validator(mode="after")
     def _key_and_price(self, info: ValidationInfo) -> Self:
-        lookup_price(self.model, self.price)  # raises for an unpriced model: never a silent $0
+        try:
+            lookup_price(self.model, self.price)  # an unpriced model is an error: never a silent $0
+        except UnknownModelPriceError as exc:
+            raise ValueError(str(exc)) from None
         if self.provider == "openai_compatible" and not self.base_url:
             raise ValueError("an openai_compatible frontier needs base_url")
         if self.api_key is None:
@@ -371,13 +374,17 @@ class JobSpec(StrictModel):
             raise ValueError("job name must be 1-63 lowercase letters, digits or dashes, starting alphanumeric")
         return name
 
-    @model_validator(mode="after")
-    def _routing_names_fields(self) -> Self:
-        known = {f.name for f in self.task.extract.fields} if self.task.extract else set()
-        unknown = sorted(set(self.routing.field_thresholds) - known)
+    @field_validator("routing")
+    @classmethod
+    def _routing_names_fields(cls, routing: RoutingSpec, info: ValidationInfo) -> RoutingSpec:
+        task = info.data.get("task")  # absent when the task itself failed validation
+        if task is None:
+            return routing
+        known = {f.name for f in task.extract.fields} if task.extract else set()
+        unknown = sorted(set(routing.field_thresholds) - known)
         if unknown:
-            raise ValueError(f"routing.field_thresholds names unknown fields: {', '.join(unknown)}")
-        return self
+            raise ValueError(f"field_thresholds names unknown fields: {', '.join(unknown)}")
+        return routing
 
     def field_threshold(self, field_name: str) -> float:
         """Return the confidence a field needs to be kept."""

@@ -11,7 +11,7 @@ import math
 import re
 import unicodedata
 from datetime import UTC, date, datetime, time, timedelta, timezone
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation, localcontext
 from typing import Any
 
 from docroute.schemas.spec import FieldSpec
@@ -48,7 +48,7 @@ _DATE_PATTERNS: tuple[re.Pattern[str], ...] = (
     re.compile(r"^(?P<y>\d{4})[-/.](?P<m>\d{1,2})[-/.](?P<d>\d{1,2})$"),
     re.compile(r"^(?P<a>\d{1,2})[-/.](?P<b>\d{1,2})[-/.](?P<y>\d{2}|\d{4})$"),
     re.compile(r"^(?P<d>\d{1,2})(?:st|nd|rd|th)?[\s\-/.]*" + _MONTH_WORD + r"[\s\-/.,]*(?P<y>\d{2}|\d{4})$"),
-    re.compile(_MONTH_WORD + r"[\s\-/.]*(?P<d>\d{1,2})(?:st|nd|rd|th)?[\s,\-/.]*(?P<y>\d{4}|\d{2})$"),
+    re.compile(_MONTH_WORD + r"[\s\-/.]*(?P<d>\d{1,2})(?:st|nd|rd|th)?[\s,\-/.]+(?P<y>\d{4}|\d{2})$"),
     re.compile(r"^(?P<y>\d{4})(?P<m>\d{2})(?P<d>\d{2})$"),
 )
 _TIME = re.compile(r"(?P<h>\d{1,2}):(?P<mi>\d{2})(?::(?P<s>\d{2})(?:\.(?P<f>\d{1,6}))?)?\s*(?P<ampm>[AaPp]\.?[Mm]\.?)?")
@@ -84,7 +84,7 @@ def _full_year(year: int) -> int:
 
 def parse_date(text: str, order: str = "DMY") -> date:
     """Read a date written in any common way; `order` settles 03/04/2024 (DMY: 3 April)."""
-    cleaned = " ".join(text.strip().split()).strip(",;")
+    cleaned = " ".join(text.strip().split()).strip(" ,;")
     weekday = re.match(r"^([A-Za-z]{3,9})\.?,?\s+(?=\d)", cleaned)  # "Tue, 12 Mar 2024"
     if weekday and weekday.group(1).lower() in _WEEKDAYS:
         cleaned = cleaned[weekday.end() :]
@@ -101,6 +101,9 @@ def parse_date(text: str, order: str = "DMY") -> date:
             day = int(groups["d"])
         elif "a" in groups and groups.get("a"):
             first, second = int(groups["a"]), int(groups["b"])
+            if order == "YMD" and len(groups["y"]) == 2:  # 24/03/04 read year first: 2024-03-04
+                year, first, second = _full_year(first), second, int(groups["y"])
+                order = "MDY"
             if order == "MDY":
                 month, day = first, second
             else:
@@ -135,7 +138,7 @@ def parse_datetime(text: str, order: str = "DMY") -> datetime:
             cleaned = cleaned[: zone.start()]
         match = _TIME.search(cleaned)
         date_part = cleaned[: match.start()] if match else cleaned
-        day = parse_date(date_part.strip(" ,T"), order)
+        day = parse_date(date_part.rstrip(" ,").removesuffix("T").rstrip(" ,"), order)
         clock = time()
         if match:
             hour = int(match["h"])
@@ -156,23 +159,30 @@ def parse_datetime(text: str, order: str = "DMY") -> datetime:
 
 def parse_number(text: str) -> Decimal:
     """Read an amount or count: currency signs, thousands separators and decimal commas are understood."""
-    raw = unicodedata.normalize("NFKC", text).strip()
+    raw = unicodedata.normalize("NFKC", text).replace("\u2212", "-").strip()  # U+2212 is PDF text's minus
     match = _NUMBER.search(raw)
     if not match:
         raise ValueCoercionError(f"{text!r} holds no number")
     token = match.group(0).strip()
-    negative = token.startswith("-") or (token.startswith("(") and token.endswith(")"))
+    before = raw[: match.start()].strip()
+    negative = (
+        token.startswith("-")
+        or before.endswith("-")
+        or before.startswith("-")
+        or ((token.startswith("(") or before.startswith("(")) and raw.rstrip().endswith(")"))
+    )
     body = re.sub(r"[^\d.,]", "", token)
     if not body or not body[0].isdigit():
         raise ValueCoercionError(f"{text!r} holds no number")
     body = body.rstrip(".,")
     if "," in body and "." in body:
         decimal_sep = "," if body.rfind(",") > body.rfind(".") else "."
+    elif body.count(",") > 1:
+        decimal_sep = "."  # 1,234,567
     elif "," in body:
-        head, _, tail = body.rpartition(",")
-        decimal_sep = "." if (len(tail) == 3 and body.count(",") >= 1 and head) else ","
-        if body.count(",") > 1:
-            decimal_sep = "."
+        head, _, tail = body.partition(",")
+        grouped = len(tail) == 3 and head and not head.startswith("0")  # 1,234 but not 0,125
+        decimal_sep = "." if grouped else ","
     elif body.count(".") > 1:
         decimal_sep = ","  # 1.234.567 uses dots for thousands
     else:
@@ -245,7 +255,12 @@ def coerce_value(field: FieldSpec, raw: Any) -> Any:
     if kind == "float":
         return float(_as_decimal(raw))
     if kind == "decimal":
-        value = _as_decimal(raw).quantize(Decimal(1).scaleb(-field.scale), rounding=ROUND_HALF_EVEN)
+        with localcontext() as context:  # the default 28 digits are fewer than decimal128's 38
+            context.prec = 80
+            try:
+                value = _as_decimal(raw).quantize(Decimal(1).scaleb(-field.scale), rounding=ROUND_HALF_EVEN)
+            except InvalidOperation:
+                raise ValueCoercionError(f"{raw!r} does not fit decimal({field.precision},{field.scale})") from None
         if len(value.as_tuple().digits) > field.precision:
             raise ValueCoercionError(f"{raw!r} has more than {field.precision} digits")
         return value

@@ -6,6 +6,7 @@ confidence is its least confident required part, so one number says how sure the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from docroute.engines.base import Prediction
@@ -40,6 +41,7 @@ def decide(prediction: Prediction, spec: JobSpec) -> RouteDecision:
                         spec.field_threshold(field.name),
                     )
                 )
+    parts = [(name, None if c is None or math.isnan(c) else c, t) for name, c, t in parts]  # NaN is unknown
     known = [c for _, c, _ in parts if c is not None]
     confidence = min(known) if known else None
     below = [

@@ -192,3 +192,24 @@ def test_instructions_too_long_for_the_context_are_refused(runtime) -> None:
     task = TaskSpec(instructions="word " * 3000, extract=ExtractSpec(fields=[FieldSpec(name="total", type="decimal")]))
     with pytest.raises(EngineUnavailableError, match="no room for documents"):
         LlamaCppEngine(LlamaCppSpec(n_ctx=2048), task, runtime=runtime)
+
+
+def test_engine_seconds_count_compute_not_waiting(runtime) -> None:
+    """Two shards in two threads share one model: each row's seconds exclude the time spent waiting for it."""
+    import threading
+    import time
+
+    engine = LlamaCppEngine(
+        LlamaCppSpec(classify_strategy="label_scoring"), _classify_task(with_examples=True), runtime=runtime
+    )
+    results: list = []
+    batches = [_requests(TEST_TEXTS), _requests(TEST_TEXTS[::-1])]
+    started = time.perf_counter()
+    threads = [threading.Thread(target=lambda b=b: results.extend(engine.predict(b))) for b in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    assert len(results) == 12
+    assert sum(p.engine_seconds for p in results) <= wall * 1.05
