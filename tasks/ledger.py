@@ -154,27 +154,42 @@ COST_SCHEMA = pa.schema(
         pa.field("output_tokens", pa.int64()),
         pa.field("cost_usd", pa.float64()),
         pa.field("engine_seconds", pa.float64()),
+        pa.field(
+            "all_frontier_usd",
+            pa.float64(),
+            metadata={"description": "these documents all-frontier (on small-role rows, so each counts once)"},
+        ),
     ]
 )
 
 
-def cost_table(entries: list[LedgerEntry], *, run_id: str, job: str, run_date: date) -> pa.Table:
+def cost_table(entries: list[LedgerEntry], spec: JobSpec, *, run_id: str, run_date: date) -> pa.Table:
+    """The run's tally by route, role and model, with the all-frontier counterfactual of each route."""
+    counterfactual = all_frontier_by_route(entries, spec)
     records = [
         {
             "run_id": run_id,
-            "job": job,
+            "job": spec.name,
             "run_date": run_date,
             **{k: v for k, v in asdict(entry).items() if k != "input_chars"},
+            "model": entry.model or None,
+            "all_frontier_usd": counterfactual.get(entry.route) if entry.role == "small" and entry.model else None,
         }
         for entry in entries
     ]
     return pa.Table.from_pylist(records, schema=COST_SCHEMA)
 
 
-def all_frontier_estimate_usd(entries: list[LedgerEntry], spec: JobSpec) -> float | None:
-    """What the run would have cost had every readable document gone to the frontier (None without a frontier)."""
+def all_frontier_by_route(entries: list[LedgerEntry], spec: JobSpec) -> dict[str, float]:
+    """What each route's documents would have cost had they all gone to the frontier (empty without a frontier).
+
+    Documents the frontier answered cost what they cost. The others are priced with the tokens per character and
+    output tokens per document this run's own escalations measured (a fixed 4 characters per token and a small
+    answer when nothing was escalated). Unreadable documents (route error without a frontier call) cost nothing:
+    no model could have answered them.
+    """
     if spec.frontier is None:
-        return None
+        return {}
     price = spec.frontier.unit_price
     overhead = sum(len(m["content"]) for m in chat_messages(spec.task, "")) / CHARS_PER_TOKEN
     sent = [e for e in entries if e.role == "frontier" and e.route == "frontier"]
@@ -187,15 +202,20 @@ def all_frontier_estimate_usd(entries: list[LedgerEntry], spec: JobSpec) -> floa
         output_per_doc = sum(e.output_tokens for e in sent) / sent_docs
         if sent_chars and sent_in > sent_docs * overhead:
             tokens_per_char = (sent_in - sent_docs * overhead) / sent_chars
-    actual = sum(e.cost_usd for e in sent)
-    others = [e for e in entries if e.role == "small" and e.route in ("small", "deferred")]
-    # rows that went to the frontier carry a small-model entry too: count each document once
-    other_docs = sum(e.documents for e in others)
-    other_chars = sum(e.input_chars for e in others)
-    estimated = price.cost_usd(
-        round(other_docs * overhead + other_chars * tokens_per_char), round(other_docs * output_per_doc)
-    )
-    return actual + estimated
+    estimate: dict[str, float] = {"frontier": sum(e.cost_usd for e in sent)}
+    for route in ("small", "deferred", "error"):
+        # each document has exactly one small-role entry, so counting those counts each document once
+        readable = [e for e in entries if e.role == "small" and e.route == route and e.model]
+        docs = sum(e.documents for e in readable)
+        chars = sum(e.input_chars for e in readable)
+        estimate[route] = price.cost_usd(round(docs * overhead + chars * tokens_per_char), round(docs * output_per_doc))
+    return estimate
+
+
+def all_frontier_estimate_usd(entries: list[LedgerEntry], spec: JobSpec) -> float | None:
+    """What the whole run would have cost all-frontier (None without a frontier)."""
+    by_route = all_frontier_by_route(entries, spec)
+    return sum(by_route.values()) if by_route else None
 
 
 RUN_SCHEMA = pa.schema(

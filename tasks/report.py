@@ -108,7 +108,7 @@ def write_ledger(
     run_id, run_date = record["run_id"], record["run_date"]
     costs = costs_url(spec, run_date, run_id)
     runs = runs_url(spec, run_date, run_id)
-    write_parquet(spec.output, costs, cost_table(entries, run_id=run_id, job=spec.name, run_date=run_date))
+    write_parquet(spec.output, costs, cost_table(entries, spec, run_id=run_id, run_date=run_date))
     write_parquet(spec.output, runs, pa.Table.from_pylist([record], schema=RUN_SCHEMA))
     manifest = manifest_url(spec, run_id)
     write_json(spec.output, manifest, {"run": record, "parts": parts, "costs": costs, "runs": runs})

@@ -151,6 +151,7 @@ def test_ledger_and_manifest_match_the_rows(tmp_path: Path) -> None:
     for route in ("small", "frontier", "deferred", "error"):
         assert run[route] == rows.filter(pl.col("route") == route).height
     assert run["all_frontier_usd"] is None  # no frontier configured: no counterfactual
+    assert costs["all_frontier_usd"].null_count() == costs.height
 
 
 def _frontier_block(server: OracleServer, *, threshold: float, cap: str = "null", retries: int = 0) -> str:
@@ -190,6 +191,7 @@ def test_low_confidence_rows_are_answered_by_the_frontier(tmp_path: Path) -> Non
     assert frontier_spend == pytest.approx(rows["frontier_cost_usd"].sum())
     assert summary["frontier_cost_usd"] == pytest.approx(frontier_spend)
     assert summary["all_frontier_usd"] >= frontier_spend > 0
+    assert costs["all_frontier_usd"].sum() == pytest.approx(summary["all_frontier_usd"])
 
 
 def test_budget_cap_defers_the_rest_and_is_never_exceeded(tmp_path: Path) -> None:
