@@ -341,7 +341,7 @@ class OpenAICompatibleEngine:
             prediction.error = f"invalid answer from {self.role}: {_short(str(exc))}"
             prediction.retryable = False
 
-    async def _complete(self, client: AsyncOpenAI, messages: list[dict[str, str]]) -> Any:
+    def _request_kwargs(self, messages: list[dict[str, str]]) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
@@ -352,6 +352,29 @@ class OpenAICompatibleEngine:
             kwargs["temperature"] = 0
         if self.request_logprobs:
             kwargs["logprobs"] = True
+        return kwargs
+
+    def request_body(self, request: Request) -> dict[str, Any]:
+        """The JSON body of the chat request answering `request`, exactly as sent (batch files reuse it)."""
+        text, _ = truncate_text_to_tokens(request.text, self.max_input_tokens)
+        return {**self._request_kwargs(chat_messages(self.task, text)), **(self.extra_body or {})}
+
+    def read_completion(self, request_id: str, completion: Any) -> Prediction:
+        """Turn a chat completion (an SDK object) into a prediction: typed answer, usage, or the reason it failed."""
+        prediction = Prediction(id=request_id, model=self.name)
+        prediction.usage = _usage_of(completion)
+        try:
+            self._read(completion, prediction)
+        except AnswerError as exc:
+            prediction.error = f"invalid answer from {self.role}: {_short(str(exc))}"
+            prediction.retryable = False
+        except _FinalAnswerError as exc:
+            prediction.error = str(exc)
+            prediction.retryable = False
+        return prediction
+
+    async def _complete(self, client: AsyncOpenAI, messages: list[dict[str, str]]) -> Any:
+        kwargs = self._request_kwargs(messages)
         if self.extra_body:
             kwargs["extra_body"] = self.extra_body
         return await client.chat.completions.create(**kwargs)
@@ -431,6 +454,7 @@ def engine_from_frontier_spec(spec: FrontierSpec, task: TaskSpec) -> OpenAICompa
         max_retries=spec.max_retries,
         max_output_tokens=spec.max_output_tokens,
         max_input_tokens=spec.max_input_tokens,
+        extra_body=spec.extra_body or None,
         name_prefix=spec.provider,
         token_limit_param="max_completion_tokens" if openai_proper else "max_tokens",
         send_temperature=not reasoning,
@@ -448,7 +472,10 @@ def engine_from_small_spec(spec: OpenAICompatibleSmallSpec, task: TaskSpec) -> O
         timeout_s=spec.timeout_s,
         max_retries=spec.max_retries,
         max_output_tokens=spec.max_output_tokens,
+        max_input_tokens=spec.max_input_tokens,
         request_logprobs=True,
+        # vllm serve enforces its own structured-outputs field natively (and response_format as well)
+        extra_body={"structured_outputs": {"json": answer_schema(task)}} if spec.server == "vllm" else None,
         name_prefix=spec.engine,
         role="small model",
     )

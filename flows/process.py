@@ -20,6 +20,7 @@ from docroute.schemas.rows import ResultRow, rows_to_table
 from docroute.schemas.spec import JobSpec
 from docroute.tasks.budget import release_run_budget
 from docroute.tasks.discover import Shard, discover_documents
+from docroute.tasks.frontier_batches import collect_frontier_batches, submit_frontier_batches
 from docroute.tasks.ledger import merge_entries, run_record, summarise_part
 from docroute.tasks.read import document_id
 from docroute.tasks.report import start_progress, update_progress, write_ledger
@@ -64,6 +65,10 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     logger.info("job %s: %d files in %d shards (run %s)", spec.name, total_files, len(shards), run.run_id)
     progress = start_progress(spec, len(shards))
     results: list[ShardResult] = []
+    batch_mode = spec.frontier is not None and spec.frontier.mode == "batch"
+    if batch_mode:  # answers that arrived since the last run first: their rows leave `deferred`
+        for number, batch in enumerate(collect_frontier_batches(spec, run.run_id, run.run_date)):
+            results.append(ShardResult(-1 - number, batch.part_url, batch.rows, batch.routes, batch.entries))
     pending = list(reversed(shards))
     running: dict[PrefectFuture[ShardResult], Shard] = {}
     try:
@@ -81,6 +86,11 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
             update_progress(progress, len(results), len(shards))
     finally:
         release_run_budget(run.run_id)
+    if batch_mode:
+        try:
+            submit_frontier_batches(spec, run.run_id)
+        except Exception as exc:  # the queued requests stay staged; the next run submits them
+            logger.warning("could not submit the frontier batch, the next run will: %s", exc)
     results.sort(key=lambda r: r.shard_index)
     entries = merge_entries([e for r in results for e in r.entries])
     record = run_record(

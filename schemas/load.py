@@ -103,7 +103,9 @@ def parse_job(
     except ValidationError as exc:
         problems = []
         for error in exc.errors(include_url=False):
-            loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p in {"llamacpp", "openai_compatible"}))
+            loc = tuple(
+                p for p in error["loc"] if not (isinstance(p, str) and p in {"llamacpp", "vllm", "openai_compatible"})
+            )
             line = _line_of(tree, loc)
             prefix = f"line {line}: " if line is not None else ""
             message = error["msg"].removeprefix("Value error, ")

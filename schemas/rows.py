@@ -189,6 +189,43 @@ class ResultRow:
         return record
 
 
+def row_from_record(record: dict[str, Any], spec: JobSpec) -> ResultRow:
+    """Rebuild a row from its written record (a frontier batch's answer updates rows written by an earlier run)."""
+    extract = spec.task.extract.fields if spec.task.extract else []
+    small_answer = record.get("small_answer")
+    return ResultRow(
+        doc_id=record["doc_id"],
+        source_uri=record["source_uri"],
+        run_id=record["run_id"],
+        spec_hash=record["spec_hash"],
+        processed_at=record["processed_at"],
+        route=record["route"],
+        route_reason=record["route_reason"] or "",
+        record_key=record.get("record_key"),
+        content_sha256=record.get("content_sha256"),
+        doc_format=record.get("doc_format"),
+        label=record.get("label"),
+        label_confidence=record.get("label_confidence"),
+        fields={item.name: record.get(item.name) for item in extract},
+        field_confidences={item.name: record.get(field_confidence_column(item.name)) for item in extract},
+        confidence=record.get("confidence"),
+        small_model=record.get("small_model"),
+        final_model=record.get("final_model"),
+        small_answer=json.loads(small_answer) if small_answer else None,
+        small_input_tokens=record.get("small_input_tokens") or 0,
+        small_output_tokens=record.get("small_output_tokens") or 0,
+        frontier_input_tokens=record.get("frontier_input_tokens") or 0,
+        frontier_output_tokens=record.get("frontier_output_tokens") or 0,
+        small_cost_usd=record.get("small_cost_usd") or 0.0,
+        frontier_cost_usd=record.get("frontier_cost_usd") or 0.0,
+        engine_seconds=record.get("engine_seconds") or 0.0,
+        error=record.get("error"),
+        truncated=bool(record.get("truncated")),
+        input_chars=record.get("input_chars"),
+        router_version=record.get("router_version"),
+    )
+
+
 def rows_to_table(rows: list[ResultRow], spec: JobSpec, schema: pa.Schema | None = None) -> pa.Table:
     """Convert rows to an Arrow table of the job's schema (an empty table keeps the schema)."""
     schema = schema or result_schema(spec)

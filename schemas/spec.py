@@ -255,6 +255,34 @@ class LlamaCppSpec(StrictModel):
         return Path(self.model_path).name if self.model_path else "gemma-3-270m-q4_k_m.gguf"
 
 
+class VllmSpec(StrictModel):
+    """In-process vLLM on a GPU worker: one offline `vllm.LLM` per worker process, one batched call per shard."""
+
+    engine: Literal["vllm"] = "vllm"
+    model: str = Field(min_length=1, description="Hugging Face id or local path of the model")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_model_len: int | None = Field(default=None, ge=256)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    quantization: str | None = Field(default=None, description="e.g. awq, gptq, fp8")
+    lora_path: str | None = Field(default=None, description="a LoRA adapter served on top of the model")
+    seed: int = 0
+    max_input_tokens: int = Field(default=4096, ge=32)
+    max_output_tokens: int = Field(default=256, ge=1)
+    max_candidates: int = Field(default=48, ge=1, le=256)
+    enable_prefix_caching: bool = True
+    usd_per_hour: float = Field(default=0.0, ge=0, description="GPU-hour price for the cost ledger")
+
+    @field_validator("lora_path")
+    @classmethod
+    def _resolve(cls, path: str | None, info: ValidationInfo) -> str | None:
+        return None if path is None else _resolve_path(path, info)
+
+    @property
+    def model_name(self) -> str:
+        return self.model
+
+
 class OpenAICompatibleSmallSpec(StrictModel):
     """A small model served behind an OpenAI-compatible endpoint (vllm serve, llama.cpp server)."""
 
@@ -262,9 +290,14 @@ class OpenAICompatibleSmallSpec(StrictModel):
     model: str = Field(min_length=1)
     base_url: str = Field(min_length=1)
     api_key: SecretStr | None = Field(default=None, repr=False)
+    server: Literal["generic", "vllm"] = Field(
+        default="generic",
+        description="vllm also sends vLLM's structured_outputs extra body, which vllm serve enforces natively",
+    )
     max_concurrency: int = Field(default=8, ge=1, le=512)
     timeout_s: float = Field(default=60.0, gt=0)
     max_retries: int = Field(default=4, ge=0, le=20)
+    max_input_tokens: int = Field(default=4096, ge=32, description="document tokens sent; the rest is truncated")
     max_output_tokens: int = Field(default=512, ge=1)
     usd_per_hour: float = Field(default=0.0, ge=0)
 
@@ -273,7 +306,7 @@ class OpenAICompatibleSmallSpec(StrictModel):
         return self.model
 
 
-SmallModelSpec = Annotated[LlamaCppSpec | OpenAICompatibleSmallSpec, Field(discriminator="engine")]
+SmallModelSpec = Annotated[LlamaCppSpec | VllmSpec | OpenAICompatibleSmallSpec, Field(discriminator="engine")]
 
 _DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY", "openai_compatible": None}
 
@@ -295,9 +328,19 @@ class FrontierSpec(StrictModel):
     max_retries: int = Field(default=4, ge=0, le=20)
     max_output_tokens: int = Field(default=512, ge=16)
     max_input_tokens: int = Field(default=32000, ge=256, description="document tokens sent; the rest is truncated")
+    mode: Literal["sync", "batch"] = Field(
+        default="sync",
+        description="batch: escalations go through the provider's batch API (50% cheaper, answers within 24 h); "
+        "rows wait as deferred and a later run collects them",
+    )
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict, description="provider-specific request fields, e.g. reasoning_effort"
+    )
 
     @model_validator(mode="after")
     def _key_and_price(self, info: ValidationInfo) -> Self:
+        if self.mode == "batch" and self.provider == "openai_compatible":
+            raise ValueError("batch mode needs a provider with a batch API: openai or anthropic")
         try:
             lookup_price(self.model, self.price)  # an unpriced model is an error: never a silent $0
         except UnknownModelPriceError as exc:

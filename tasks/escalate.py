@@ -23,6 +23,7 @@ class Escalation:
     prediction: Prediction | None
     cost_usd: float
     deferred_reason: str | None = None
+    queued: bool = False  # waiting in a frontier batch: the row is deferred even without a small-model answer
 
 
 def escalate(

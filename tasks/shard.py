@@ -22,6 +22,7 @@ from docroute.schemas.spec import JobSpec
 from docroute.tasks.budget import run_budget
 from docroute.tasks.discover import Shard
 from docroute.tasks.escalate import Escalation, escalate
+from docroute.tasks.frontier_batches import StagedRequest, queue_requests, write_staging
 from docroute.tasks.infer import frontier_engine, run_engine, small_engine
 from docroute.tasks.ledger import LedgerEntry, summarise_part
 from docroute.tasks.read import SourceDocument, read_documents
@@ -79,7 +80,7 @@ def _apply_small(row: ResultRow, small: Prediction, spec: JobSpec) -> None:
     row.truncated = small.truncated
 
 
-def _finish_escalated(row: ResultRow, outcome: Escalation | None, decision_reason: str, has_small: bool) -> None:
+def finish_escalated(row: ResultRow, outcome: Escalation | None, decision_reason: str, has_small: bool) -> None:
     """Fill a row the small model did not settle, from the frontier's outcome."""
     if outcome is None:  # no frontier configured
         if has_small:
@@ -120,8 +121,13 @@ def _finish_escalated(row: ResultRow, outcome: Escalation | None, decision_reaso
     row.label, row.fields = None, {}
 
 
-def answer_documents(spec: JobSpec, run: RunContext, documents: Sequence[SourceDocument]) -> list[ResultRow]:
-    """Turn parsed documents into result rows, one per document, in document order."""
+def answer_documents(
+    spec: JobSpec, run: RunContext, documents: Sequence[SourceDocument], part_url: str = ""
+) -> tuple[list[ResultRow], list[StagedRequest]]:
+    """Turn parsed documents into result rows, one per document, in document order.
+
+    Also returns the escalations queued for a frontier batch (batch mode), which the caller persists.
+    """
     rows: dict[str, ResultRow] = {}
     readable = [d for d in documents if d.ok]
     for doc in documents:
@@ -149,26 +155,28 @@ def answer_documents(spec: JobSpec, run: RunContext, documents: Sequence[SourceD
             escalated.append((doc, decision))
         else:
             row.final_model = prediction.model
+    staged: list[StagedRequest] = []
     if escalated:
-        engine = frontier_engine(spec)
         outcomes: dict[str, Escalation] = {}
-        if engine is not None and spec.frontier is not None:
+        requests = [Request(d.doc_id, d.text or "") for d, _ in escalated]
+        has_frontier = spec.frontier is not None
+        if spec.frontier is not None:
             budget = run_budget(run.run_id, spec.routing.max_frontier_usd)
-            outcomes = escalate(
-                engine,
-                [Request(d.doc_id, d.text or "") for d, _ in escalated],
-                budget,
-                spec.frontier.unit_price,
-            )
+            if spec.frontier.mode == "batch":
+                outcomes, staged = queue_requests(spec, requests, budget, part_url)
+            else:
+                engine = frontier_engine(spec)
+                assert engine is not None
+                outcomes = escalate(engine, requests, budget, spec.frontier.unit_price)
         for doc, decision in escalated:
             row = rows[doc.doc_id]
             has_small = row.small_answer is not None
-            if not has_small and engine is None:
+            if not has_small and not has_frontier:
                 continue  # an error row already says what went wrong
             if not has_small:
                 row.error = None
-            _finish_escalated(row, outcomes.get(doc.doc_id), decision.reason, has_small)
-    return [rows[d.doc_id] for d in documents]
+            finish_escalated(row, outcomes.get(doc.doc_id), decision.reason, has_small)
+    return [rows[d.doc_id] for d in documents], staged
 
 
 @task(name="process-shard", retries=2, retry_delay_seconds=[2, 15], cache_policy=NO_CACHE)
@@ -176,9 +184,10 @@ def process_shard(spec: JobSpec, shard: Shard, run: RunContext) -> ShardResult:
     """Process one shard end to end and write its Parquet part; retried as a whole on storage errors."""
     started = time.perf_counter()
     documents = read_documents(spec.source, shard.refs)
-    rows = answer_documents(spec, run, documents)
-    table = rows_to_table(rows, spec)
     url = results_part_url(spec.output, run.run_date, run.run_id, shard.index)
+    rows, staged = answer_documents(spec, run, documents, url)
+    table = rows_to_table(rows, spec)
+    write_staging(spec, run.run_id, shard.index, staged)  # before the part: a committed row is never orphaned
     write_parquet(spec.output, url, table)
     result = ShardResult(
         shard_index=shard.index,

@@ -23,6 +23,12 @@ def results_part_url(output: OutputSpec, run_date: date, run_id: str, shard_inde
     return f"{output.url}/results/run_date={run_date.isoformat()}/part-{run_id}-{shard_index:05d}.parquet"
 
 
+def batch_part_url(output: OutputSpec, run_date: date, run_id: str, batch_id: str) -> str:
+    """Where a run writes the rows a collected frontier batch answered."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in batch_id)
+    return f"{output.url}/results/run_date={run_date.isoformat()}/part-{run_id}-batch-{safe}.parquet"
+
+
 def _atomic_write(output: OutputSpec, url: str, payload: bytes) -> None:
     fs, path = url_to_fs(url, **output.storage_options)
     fs.makedirs(posixpath.dirname(path), exist_ok=True)

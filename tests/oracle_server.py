@@ -77,6 +77,10 @@ class OracleServer:
         self.model = model
         self.requests: list[dict[str, Any]] = []
         self.max_in_flight = 0
+        self.files: dict[str, dict[str, Any]] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.hold_batches = False
+        self.batch_faults: list[str] = []
         self._faults: list[str] = list(faults)
         self._in_flight = 0
         self._served = 0
@@ -142,6 +146,87 @@ class OracleServer:
     def chat_requests(self) -> list[dict[str, Any]]:
         with self._lock:
             return [r for r in self.requests if r["path"].endswith("/chat/completions")]
+
+    # -- the Files and Batch APIs --------------------------------------------------------------------------
+
+    def _store_file(self, content: bytes, filename: str, purpose: str) -> dict[str, Any]:
+        with self._lock:
+            file_id = f"file-{len(self.files) + 1}"
+            meta = {
+                "id": file_id,
+                "object": "file",
+                "bytes": len(content),
+                "created_at": 0,
+                "filename": filename,
+                "purpose": purpose,
+                "status": "processed",
+            }
+            self.files[file_id] = {"meta": meta, "content": content}
+        return meta
+
+    def _create_batch(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            batch_id = f"batch_{len(self.batches) + 1}"
+            batch = {
+                "id": batch_id,
+                "object": "batch",
+                "endpoint": body.get("endpoint"),
+                "input_file_id": body.get("input_file_id"),
+                "completion_window": body.get("completion_window"),
+                "status": "in_progress",
+                "output_file_id": None,
+                "error_file_id": None,
+                "created_at": 0,
+                "metadata": body.get("metadata"),
+                "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            }
+            self.batches[batch_id] = batch
+        if not self.hold_batches:
+            self.complete_batches()
+        return batch
+
+    def complete_batches(self) -> None:
+        """Answer every pending batch: each line as the chat endpoint would, faults from `batch_faults`."""
+        for batch in list(self.batches.values()):
+            if batch["status"] != "in_progress":
+                continue
+            lines = self.files[batch["input_file_id"]]["content"].decode("utf-8").splitlines()
+            outputs, errors = [], []
+            for number, line in enumerate(lines):
+                item = json.loads(line)
+                with self._lock:
+                    fault = self.batch_faults.pop(0) if self.batch_faults else "ok"
+                if _STATUS_FAULT.match(fault):
+                    errors.append(
+                        {
+                            "id": f"batch_req_{number}",
+                            "custom_id": item["custom_id"],
+                            "response": {
+                                "status_code": int(fault),
+                                "request_id": "r",
+                                "body": _error_body(int(fault), "x"),
+                            },
+                            "error": None,
+                        }
+                    )
+                    continue
+                outputs.append(
+                    {
+                        "id": f"batch_req_{number}",
+                        "custom_id": item["custom_id"],
+                        "response": {"status_code": 200, "request_id": "r", "body": self._answer(item["body"], fault)},
+                        "error": None,
+                    }
+                )
+            output = self._store_file("\n".join(json.dumps(o) for o in outputs).encode(), "out.jsonl", "batch_output")
+            batch["output_file_id"] = output["id"]
+            if errors:
+                failed = self._store_file(
+                    "\n".join(json.dumps(e) for e in errors).encode(), "err.jsonl", "batch_output"
+                )
+                batch["error_file_id"] = failed["id"]
+            batch["status"] = "completed"
+            batch["request_counts"] = {"total": len(lines), "completed": len(outputs), "failed": len(errors)}
 
     # -- request handling (called from handler threads) ------------------------------------------------------
 
@@ -241,6 +326,21 @@ def _text_of(content: Any) -> str:
     return ""
 
 
+def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
+    """Parse a multipart/form-data body: text fields as str, file fields as (bytes, filename)."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+    fields: dict[str, Any] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        filename = part.get_filename()
+        payload = part.get_payload(decode=True) or b""
+        fields[str(name)] = (payload, filename or "upload") if filename else payload.decode("utf-8")
+    return fields
+
+
 def _error_body(status: int, message: str) -> dict[str, Any]:
     kinds = {400: "invalid_request_error", 401: "invalid_request_error", 429: "rate_limit_exceeded"}
     return {"error": {"message": message, "type": kinds.get(status, "server_error"), "param": None, "code": None}}
@@ -275,17 +375,32 @@ class _Handler(BaseHTTPRequestHandler):
     def _read_body(self) -> Any:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
+        if self.headers.get("Content-Type", "").startswith("multipart/form-data"):
+            return _multipart(self.headers.get("Content-Type", ""), raw)
         try:
             return json.loads(raw or b"null")
         except json.JSONDecodeError:
             return raw.decode("utf-8", "replace")
 
+    def _send_bytes(self, data: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def do_GET(self) -> None:
         oracle = self.server_oracle
         self._entry = oracle._record("GET", self.path, {k.lower(): v for k, v in self.headers.items()}, None)
-        if self.path.rstrip("/").endswith("/models"):
+        path = self.path.split("?", 1)[0].rstrip("/")
+        parts = path.split("/")
+        if path.endswith("/models"):
             model = {"id": oracle.model, "object": "model", "created": 0, "owned_by": "oracle"}
             self._send_json(200, {"object": "list", "data": [model]})
+        elif len(parts) >= 2 and parts[-2] == "batches" and parts[-1] in oracle.batches:
+            self._send_json(200, oracle.batches[parts[-1]])
+        elif path.endswith("/content") and parts[-2] in oracle.files:
+            self._send_bytes(oracle.files[parts[-2]]["content"])
         else:
             self._send_json(404, _error_body(404, f"no route {self.path}"))
 
@@ -294,7 +409,15 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         headers = {k.lower(): v for k, v in self.headers.items()}
         self._entry = oracle._record("POST", self.path, headers, body)
-        if not self.path.rstrip("/").endswith("/chat/completions"):
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path.endswith("/files") and isinstance(body, dict) and "file" in body:
+            content, filename = body["file"]
+            self._send_json(200, oracle._store_file(content, filename, str(body.get("purpose", ""))))
+            return
+        if path.endswith("/batches") and isinstance(body, dict):
+            self._send_json(200, oracle._create_batch(body))
+            return
+        if not path.endswith("/chat/completions"):
             self._send_json(404, _error_body(404, f"no route {self.path}"))
             return
         oracle._enter()

@@ -245,3 +245,59 @@ def test_run_publishes_keyed_artifacts(tmp_path: Path) -> None:
             return {a.key for a in artifacts}
 
     assert asyncio.run(read()) == {"topics-summary", "topics-costs", "topics-progress"}
+
+
+def test_batch_mode_defers_then_a_later_run_collects(tmp_path: Path) -> None:
+    source, empty, output = tmp_path / "docs", tmp_path / "nothing-new", tmp_path / "out"
+    gold = build_topic_corpus(source)
+    empty.mkdir()
+    readable = {k for k, v in gold.items() if v}
+
+    def job(src: Path, server: OracleServer) -> str:
+        path = tmp_path / f"batch-{src.name}.yaml"
+        block = f"""frontier:
+  provider: openai
+  model: gpt-4o-mini
+  base_url: {server.base_url}
+  api_key: sk-test
+  mode: batch
+  max_retries: 0
+routing:
+  threshold: 1.0
+"""
+        path.write_text(topic_job_yaml(src, output, extra=block), encoding="utf-8")
+        return str(path)
+
+    with OracleServer(ORACLE) as server:
+        server.hold_batches = True
+        first = process_documents(job(source, server))
+        assert first["deferred"] == len(readable) and first["frontier"] == 0
+        assert len(server.batches) == 1 and not server.chat_requests  # nothing sent synchronously
+        (batch,) = server.batches.values()
+        assert batch["endpoint"] == "/v1/chat/completions" and batch["completion_window"] == "24h"
+        lines = server.files[batch["input_file_id"]]["content"].decode().splitlines()
+        assert len(lines) == len(readable)
+        assert all(json.loads(line)["body"]["response_format"]["type"] == "json_schema" for line in lines)
+        state = json.loads(next((output / "state" / "frontier_batches").glob("*.json")).read_text())
+        assert state["status"] == "submitted" and len(state["requests"]) == len(readable)
+        assert not list((output / "state" / "frontier_batches" / "staging").rglob("*.jsonl"))
+
+        waiting = process_documents(job(empty, server))  # still in progress: nothing changes
+        assert waiting["documents"] == 0
+
+        server.complete_batches()
+        collected = process_documents(job(empty, server))
+        price = load_job(Path(job(empty, server))).frontier.unit_price
+    assert collected["frontier"] == len(readable) and collected["documents"] == len(readable)
+    rows = pl.read_parquet(f"{output}/results/**/*.parquet")
+    latest = rows.sort("processed_at").group_by("doc_id").last()
+    assert latest.height == len(gold)
+    by_key = {_key(r): r for r in latest.to_dicts()}
+    for key in readable:
+        row = by_key[key]
+        assert row["route"] == "frontier" and row["label"] == gold[key]
+        assert row["final_model"] == "openai:gpt-4o-mini" and "frontier batch batch_1" in row["route_reason"]
+        expected = price.cost_usd(row["frontier_input_tokens"], row["frontier_output_tokens"], batch=True)
+        assert row["frontier_cost_usd"] == pytest.approx(expected)
+    state = json.loads(next((output / "state" / "frontier_batches").glob("*.json")).read_text())
+    assert state["status"] == "collected" and state["batch_status"] == "completed"
