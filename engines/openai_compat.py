@@ -155,9 +155,12 @@ class OpenAICompatibleEngine:
         token_limit_param: TokenLimitParam = "max_tokens",
         send_temperature: bool = True,
         role: str = "frontier",
+        schema_style: Literal["json_schema", "json_object"] = "json_schema",
     ) -> None:
         """Configure the engine; nothing connects until the first `predict`.
 
+        `schema_style`: `json_schema` is OpenAI's strict structured output; `json_object` sends
+        `{"type": "json_object", "schema": ...}`, the form llama-cpp-python's server enforces with a grammar.
         `token_limit_param`: OpenAI's own API wants `max_completion_tokens` (reasoning models reject
         `max_tokens`), while older vLLM and llama.cpp servers only read `max_tokens`. `send_temperature=False`
         omits temperature for models that reject 0 (OpenAI reasoning models). `role` names the model in error
@@ -184,10 +187,11 @@ class OpenAICompatibleEngine:
         self.role = role
         self.name = f"{name_prefix}:{model}"
         self._api_key = api_key
-        self._response_format: dict[str, Any] = {
-            "type": "json_schema",
-            "json_schema": {"name": "answer", "schema": answer_schema(task), "strict": True},
-        }
+        self._response_format: dict[str, Any] = (
+            {"type": "json_schema", "json_schema": {"name": "answer", "schema": answer_schema(task), "strict": True}}
+            if schema_style == "json_schema"
+            else {"type": "json_object", "schema": answer_schema(task)}
+        )
         self._schema_bytes = len(json.dumps(self._response_format).encode("utf-8"))
         self._field_names: list[str] = [f.name for f in task.extract.fields] if task.extract else []
         self._keys: list[str] = (["label"] if task.classify else []) + self._field_names
@@ -352,6 +356,7 @@ class OpenAICompatibleEngine:
             kwargs["temperature"] = 0
         if self.request_logprobs:
             kwargs["logprobs"] = True
+            kwargs["top_logprobs"] = 1  # llama-cpp-python's server returns no logprobs without it
         return kwargs
 
     def request_body(self, request: Request) -> dict[str, Any]:
@@ -478,4 +483,5 @@ def engine_from_small_spec(spec: OpenAICompatibleSmallSpec, task: TaskSpec) -> O
         extra_body={"structured_outputs": {"json": answer_schema(task)}} if spec.server == "vllm" else None,
         name_prefix=spec.engine,
         role="small model",
+        schema_style="json_object" if spec.server == "llamacpp" else "json_schema",
     )

@@ -290,9 +290,10 @@ class OpenAICompatibleSmallSpec(StrictModel):
     model: str = Field(min_length=1)
     base_url: str = Field(min_length=1)
     api_key: SecretStr | None = Field(default=None, repr=False)
-    server: Literal["generic", "vllm"] = Field(
+    server: Literal["generic", "vllm", "llamacpp"] = Field(
         default="generic",
-        description="vllm also sends vLLM's structured_outputs extra body, which vllm serve enforces natively",
+        description="vllm also sends vLLM's structured_outputs extra body; llamacpp sends the JSON schema in the "
+        "json_object form llama-cpp-python's server enforces",
     )
     max_concurrency: int = Field(default=8, ge=1, le=512)
     timeout_s: float = Field(default=60.0, gt=0)
@@ -330,7 +331,7 @@ class FrontierSpec(StrictModel):
     max_input_tokens: int = Field(default=32000, ge=256, description="document tokens sent; the rest is truncated")
     mode: Literal["sync", "batch"] = Field(
         default="sync",
-        description="batch: escalations go through the provider's batch API (50% cheaper, answers within 24 h); "
+        description="batch: escalations go through the OpenAI Batch API (50% cheaper, answers within 24 h); "
         "rows wait as deferred and a later run collects them",
     )
     extra_body: dict[str, Any] = Field(
@@ -339,8 +340,8 @@ class FrontierSpec(StrictModel):
 
     @model_validator(mode="after")
     def _key_and_price(self, info: ValidationInfo) -> Self:
-        if self.mode == "batch" and self.provider == "openai_compatible":
-            raise ValueError("batch mode needs a provider with a batch API: openai or anthropic")
+        if self.mode == "batch" and self.provider != "openai":
+            raise ValueError("batch mode is implemented for the OpenAI Batch API: use provider openai")
         try:
             lookup_price(self.model, self.price)  # an unpriced model is an error: never a silent $0
         except UnknownModelPriceError as exc:

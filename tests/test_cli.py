@@ -55,3 +55,15 @@ def test_demo_runs_on_the_embedded_model(tmp_path: Path) -> None:
     assert rows.height == 32  # 28 files, one of them a 5-record jsonl (see examples/build_demo_corpus.py)
     assert rows.filter(pl.col("route") == "error").height == 2  # the binary and the empty file
     assert (tmp_path / "classify" / "manifests").is_dir()
+
+
+@pytest.mark.parametrize("name", ["vllm_offline", "vllm_serve", "openai", "anthropic"])
+def test_engine_example_jobs_are_valid(name: str) -> None:
+    from importlib.resources import files
+
+    from docroute.schemas.load import load_job
+
+    path = Path(str(files("docroute.examples") / "engines" / f"{name}.yaml"))
+    spec = load_job(path, env={"OPENAI_API_KEY": "sk-test", "ANTHROPIC_API_KEY": "sk-ant-test"})
+    assert spec.frontier is not None and spec.frontier.api_key is not None
+    assert spec.small_model.engine in ("llamacpp", "vllm", "openai_compatible")

@@ -1,0 +1,510 @@
+"""Anthropic's Messages API as a docroute Engine, through the official `anthropic` SDK.
+
+Structured output comes from a forced tool call: the request declares one tool whose `input_schema` is the
+answer schema and sets `tool_choice` to that tool, so the answer arrives as the `input` object of a `tool_use`
+block rather than as free text to be fished out of prose. The system prompt (the task, identical for every
+document) is sent as a text block marked `cache_control: ephemeral`, so the tools and instructions form a
+cached prefix billed at the cache-read rate after the first call of a run.
+
+The SDK does the transport work. Its retry loop (`anthropic/_base_client.py`, `AsyncAPIClient._request`)
+retries connection errors and timeouts, and responses `_should_retry` accepts: 408, 409, 429 and every status
+>= 500, which includes 529 `overloaded_error`; it waits what `retry-after-ms` / `retry-after` say
+(`_parse_retry_after_header`) or else backs off exponentially from 0.5 s to at most 8 s with jitter
+(`_calculate_retry_timeout`). This module adds what a batch needs on top, as engines/openai_compat.py does for
+OpenAI: a bound on requests in flight across every thread using the engine, one repair round for an answer
+that does not fit the schema, error rows instead of exceptions, and token usage per row.
+
+The SDK sends API version 2026-10-21, which rejects `temperature`, `top_p` and `top_k` outright (HTTP 400,
+even at their defaults), and the SDK itself has no such parameters; so unlike the OpenAI engine no
+temperature is sent. A forced tool call on a fixed prompt is what keeps answers stable.
+
+`predict` is synchronous and is called from worker threads. An AsyncAnthropic client belongs to the event loop
+it first ran on, so the engine owns one private loop on a daemon thread: every `predict`, from any thread,
+with or without a running loop of its own, submits its batch there. One loop means one client (one connection
+pool) and one semaphore, so `max_concurrency` bounds the engine as a whole, not each calling thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import anthropic
+from anthropic import AsyncAnthropic
+
+from docroute.engines.base import (
+    EngineError,
+    EngineUnavailableError,
+    Prediction,
+    Request,
+    Usage,
+    check_complete,
+)
+from docroute.engines.openai_compat import redact
+from docroute.engines.prompts import (
+    INVALID_ANSWER_FEEDBACK,
+    AnswerError,
+    answer_schema,
+    chat_messages,
+    estimate_prompt_tokens,
+    parse_answer,
+    truncate_text_to_tokens,
+)
+from docroute.schemas.spec import FrontierSpec, TaskSpec
+
+log = logging.getLogger(__name__)
+
+TOOL_NAME = "record_answer"
+"""The one tool every request declares and forces; its input is the answer object."""
+
+_TOOL_DESCRIPTION = (
+    "Record your answer for the document: one object with exactly the keys the system prompt lists, "
+    "null for a field the document does not state."
+)
+_CACHE_CONTROL: dict[str, str] = {"type": "ephemeral"}
+
+_ERROR_CHARS = 300
+_TOKENS_PER_MESSAGE = 8
+_TOOL_USE_SYSTEM_TOKENS = 1024
+"""Input tokens the API adds for a request with tools (Anthropic documents 313-346 for current models)."""
+_REPAIR_OVERHEAD_TOKENS = 64
+"""Tokens the repair round's block structure can add: the tool_use id and name, the tool_result wrapper."""
+_ECHO_BYTES_PER_OUTPUT_TOKEN = 6
+"""Bytes of a bad answer the repair round may send back, per token of max_output_tokens.
+
+The answer is sent back as an object the API re-renders, so its input size is bounded by its UTF-8 bytes,
+not by the tokens generated. Six bytes a token covers English (about 4) and CJK (3 bytes a character); a
+larger answer is not sent back, which keeps `usage_bound` an actual bound.
+"""
+
+
+class _FinalAnswerError(Exception):
+    """An answer that asking again will not fix: a refusal, output cut at the limit, an oversized prompt."""
+
+
+def _short(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= _ERROR_CHARS else flat[: _ERROR_CHARS - 1] + "…"
+
+
+def _usage_of(message: Any) -> Usage:
+    """Token usage of one Messages response.
+
+    Anthropic reports fresh input, cache writes and cache reads separately; together they are the prompt
+    (docroute's input_tokens), and cache reads are the discounted subset (cached_tokens). Cache writes are
+    billed at 1.25x the input rate but counted here as plain input: Usage has no field for them.
+    """
+    usage = getattr(message, "usage", None)
+    if usage is None:
+        return Usage()
+    fresh = int(getattr(usage, "input_tokens", 0) or 0)
+    written = int(getattr(usage, "cache_creation_input_tokens", 0) or 0)
+    read = int(getattr(usage, "cache_read_input_tokens", 0) or 0)
+    return Usage(fresh + written + read, int(getattr(usage, "output_tokens", 0) or 0), read)
+
+
+def _tool_call(message: Any) -> Any | None:
+    """Return the first `record_answer` tool_use block of a response, or None."""
+    for block in getattr(message, "content", None) or []:
+        if getattr(block, "type", None) == "tool_use" and getattr(block, "name", None) == TOOL_NAME:
+            return block
+    return None
+
+
+def _text_of(message: Any) -> str:
+    """Join the text blocks of a response (what a model wrote instead of, or before, calling the tool)."""
+    blocks = getattr(message, "content", None) or []
+    parts = [str(getattr(b, "text", "")) for b in blocks if getattr(b, "type", None) == "text"]
+    return "".join(parts).strip()
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Ask a loop thread to finish; used when an engine is garbage-collected without close()."""
+    if not loop.is_closed():
+        loop.call_soon_threadsafe(loop.stop)
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Body of the engine's loop thread: serve until stopped, then cancel leftovers and close the loop."""
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+class AnthropicEngine:
+    """Answer a task with a Claude model through the Messages API: one forced tool call a document.
+
+    Errors never raise out of `predict` for a single document: transport failures that outlive the SDK's
+    retries (408/409/429/5xx/529, timeouts, connection errors) become rows with `retryable=True`; other 4xx
+    (bad request, auth), refusals, answers cut off at `max_output_tokens` and answers that stay invalid after
+    one repair round become rows with `retryable=False`. Confidences are None: the API has no logprobs.
+    """
+
+    def __init__(
+        self,
+        *,
+        task: TaskSpec,
+        model: str,
+        api_key: str,
+        base_url: str | None = None,
+        max_concurrency: int = 8,
+        timeout_s: float = 60.0,
+        max_retries: int = 4,
+        max_output_tokens: int = 512,
+        max_input_tokens: int = 32000,
+        extra_body: dict[str, Any] | None = None,
+        name_prefix: str = "anthropic",
+    ) -> None:
+        """Configure the engine; nothing connects until the first `predict`.
+
+        `api_key` is required: without one the SDK would fall back to environment variables and profile files
+        on disk, and which credential a job spends should be decided by its spec alone. `base_url` is the API
+        root without `/v1` (the SDK appends `/v1/messages`); None means the SDK's default.
+        """
+        if not api_key:
+            raise EngineUnavailableError("the Anthropic engine needs an API key")
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        if max_retries < 0:
+            raise ValueError("max_retries cannot be negative")
+        if max_output_tokens < 1:
+            raise ValueError("max_output_tokens must be at least 1")
+        self.task = task
+        self.model = model
+        self.base_url = base_url
+        self.max_concurrency = max_concurrency
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.max_output_tokens = max_output_tokens
+        self.max_input_tokens = max_input_tokens
+        self.extra_body = dict(extra_body) if extra_body else None
+        self.role = "frontier"
+        self.name = f"{name_prefix}:{model}"
+        self._api_key = api_key
+        self._tool: dict[str, Any] = {
+            "name": TOOL_NAME,
+            "description": _TOOL_DESCRIPTION,
+            "input_schema": answer_schema(task),
+        }
+        # one call, exactly one tool_use: a parallel second call would need a tool_result of its own in repair
+        self._tool_choice: dict[str, Any] = {"type": "tool", "name": TOOL_NAME, "disable_parallel_tool_use": True}
+        self._tool_bytes = len(json.dumps([self._tool, self._tool_choice]).encode("utf-8"))
+        self._echo_limit_bytes = _ECHO_BYTES_PER_OUTPUT_TOKEN * max_output_tokens
+        self._field_names: list[str] = [f.name for f in task.extract.fields] if task.extract else []
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._finalizer: weakref.finalize[..., None] | None = None
+        # touched only on the loop thread
+        self._client: AsyncAnthropic | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+
+    def __repr__(self) -> str:
+        return f"AnthropicEngine(name={self.name!r}, base_url={self.base_url!r})"
+
+    def __enter__(self) -> AnthropicEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- public API ------------------------------------------------------------------------------------------
+
+    def predict(self, batch: Sequence[Request]) -> list[Prediction]:
+        """Answer every request; exactly one prediction per request, in request order."""
+        requests = list(batch)
+        if not requests:
+            return []
+        if len({request.id for request in requests}) != len(requests):
+            raise EngineError("a batch holds the same request id twice")  # refuse before spending money
+        loop = self._ensure_loop()
+        if threading.current_thread() is self._thread:
+            raise EngineError(f"{self.name}: predict was called from the engine's own event loop")
+        future = asyncio.run_coroutine_threadsafe(self._predict_all(requests), loop)
+        return check_complete(requests, future.result(), self.name)
+
+    def usage_bound(self, request: Request) -> Usage:
+        """Return an upper bound on the tokens one request can be billed for, to reserve budget beforehand.
+
+        Two calls at most (the answer and one repair round), each producing at most `max_output_tokens`. Input
+        is bounded by UTF-8 bytes (a token spells at least one byte): the messages, the tool definition and the
+        tokens the API adds for tool use. The repair round resends the prompt plus the bad answer (sent back
+        only when it fits `_ECHO_BYTES_PER_OUTPUT_TOKEN` bytes a token) and a reason of bounded length. Calls
+        the SDK retries after 429/5xx/connection errors return no usage and are not counted; cache writes,
+        billed at 1.25x, are counted as plain input (see `_usage_of`).
+        """
+        text, _ = truncate_text_to_tokens(request.text, self.max_input_tokens)
+        first = estimate_prompt_tokens(chat_messages(self.task, text)) + self._tool_bytes + _TOOL_USE_SYSTEM_TOKENS
+        feedback = len(INVALID_ANSWER_FEEDBACK.encode("utf-8")) + 4 * _ERROR_CHARS
+        echo = self._echo_limit_bytes + _REPAIR_OVERHEAD_TOKENS
+        repair = first + echo + feedback + 2 * _TOKENS_PER_MESSAGE
+        return Usage(input_tokens=first + repair, output_tokens=2 * self.max_output_tokens)
+
+    def request_body(self, request: Request) -> dict[str, Any]:
+        """The Messages request answering `request` (first attempt), as sent; a batch API's `params` reuse it."""
+        text, _ = truncate_text_to_tokens(request.text, self.max_input_tokens)
+        system, messages = self._prompt(text)
+        return {**self._create_kwargs(system, messages), **(self.extra_body or {})}
+
+    def read_message(self, request_id: str, message: Any) -> Prediction:
+        """Turn one Messages response (an SDK `Message`) into a prediction, without a repair round."""
+        prediction = Prediction(id=request_id, model=self.name, usage=_usage_of(message))
+        try:
+            self._read(message, prediction)
+        except AnswerError as exc:
+            prediction.error, prediction.retryable = f"invalid answer from {self.role}: {_short(str(exc))}", False
+        except _FinalAnswerError as exc:
+            prediction.error, prediction.retryable = str(exc), False
+        if prediction.error is not None:
+            prediction.label, prediction.fields = None, {}
+            prediction.field_confidences = {}
+        return prediction
+
+    def close(self) -> None:
+        """Close the HTTP client and stop the loop thread; a later `predict` starts afresh."""
+        with self._lock:
+            loop, thread, finalizer = self._loop, self._thread, self._finalizer
+            self._loop = self._thread = self._finalizer = None
+        if loop is None or thread is None:
+            return
+        if finalizer is not None:
+            finalizer.detach()
+        try:
+            asyncio.run_coroutine_threadsafe(self._aclose(), loop).result(timeout=30)
+        except Exception as exc:  # closing must not mask the caller's own error
+            log.debug("%s: closing the client failed: %s", self.name, type(exc).__name__)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+
+    # -- event loop plumbing ---------------------------------------------------------------------------------
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=_run_loop, args=(loop,), name=f"docroute-{self.name}", daemon=True)
+                thread.start()
+                self._loop, self._thread = loop, thread
+                self._finalizer = weakref.finalize(self, _stop_loop, loop)
+            return self._loop
+
+    async def _aclose(self) -> None:
+        client, self._client, self._semaphore = self._client, None, None
+        if client is not None:
+            await client.close()
+
+    def _make_client(self) -> AsyncAnthropic:
+        return AsyncAnthropic(
+            api_key=self._api_key,
+            base_url=self.base_url,
+            timeout=self.timeout_s,
+            max_retries=self.max_retries,
+        )
+
+    async def _predict_all(self, requests: list[Request]) -> list[Prediction]:
+        if self._client is None:
+            self._client = self._make_client()
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.max_concurrency)
+        client, semaphore = self._client, self._semaphore
+        results = await asyncio.gather(
+            *(self._answer(client, semaphore, request) for request in requests), return_exceptions=True
+        )
+        predictions: list[Prediction] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result  # a bug, not a model or transport failure: fail the batch loudly
+            predictions.append(result)
+        return predictions
+
+    # -- one document ----------------------------------------------------------------------------------------
+
+    def _prompt(self, text: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Split the shared chat prompt into Anthropic's cached `system` blocks and the user turn."""
+        system, user = chat_messages(self.task, text)
+        blocks = [{"type": "text", "text": system["content"], "cache_control": dict(_CACHE_CONTROL)}]
+        return blocks, [{"role": "user", "content": user["content"]}]
+
+    async def _answer(self, client: AsyncAnthropic, semaphore: asyncio.Semaphore, request: Request) -> Prediction:
+        text, truncated = truncate_text_to_tokens(request.text, self.max_input_tokens)
+        system, messages = self._prompt(text)
+        prediction = Prediction(id=request.id, model=self.name, truncated=truncated)
+        async with semaphore:
+            started = time.perf_counter()
+            try:
+                await self._ask(client, system, messages, prediction)
+            except anthropic.AnthropicError as exc:
+                prediction.error, prediction.retryable = self._transport_error(exc)
+            except _FinalAnswerError as exc:
+                prediction.error, prediction.retryable = str(exc), False
+            finally:
+                prediction.engine_seconds = time.perf_counter() - started
+        if prediction.error is not None:
+            prediction.label, prediction.fields = None, {}
+            prediction.label_confidence, prediction.field_confidences = None, {}
+            # the reason may quote the answer, i.e. document content: keep it out of warning-level logs
+            log.warning("%s: request %s failed (retryable=%s)", self.name, request.id, prediction.retryable)
+            log.debug("%s: request %s: %s", self.name, request.id, prediction.error)
+        return prediction
+
+    async def _ask(
+        self,
+        client: AsyncAnthropic,
+        system: list[dict[str, Any]],
+        messages: list[dict[str, Any]],
+        prediction: Prediction,
+    ) -> None:
+        """Ask once; if the answer does not fit the schema, show the model its answer and the reason, once."""
+        message = await self._create(client, system, messages)
+        prediction.usage += _usage_of(message)
+        try:
+            self._read(message, prediction)
+            return
+        except AnswerError as exc:
+            reason = _short(str(exc))
+        turns = self._repair_turns(message, reason)
+        if turns is None:
+            raise _FinalAnswerError(
+                f"invalid answer from {self.role}: {reason} (too long to send back for a repair round)"
+            )
+        log.debug("%s: invalid answer, asking again: %s", self.name, reason)
+        message = await self._create(client, system, [*messages, *turns])
+        prediction.usage += _usage_of(message)
+        try:
+            self._read(message, prediction)
+        except AnswerError as exc:
+            prediction.error = f"invalid answer from {self.role}: {_short(str(exc))}"
+            prediction.retryable = False
+
+    def _repair_turns(self, message: Any, reason: str) -> list[dict[str, Any]] | None:
+        """The assistant turn as answered plus the feedback, or None when the answer is too big to send back.
+
+        A tool call must be answered by a `tool_result` for the same id: the reason goes there, flagged
+        `is_error`, which is how the API tells a model its call failed. An answer without a tool call is sent
+        back as text, followed by the reason as a plain user turn.
+        """
+        feedback = INVALID_ANSWER_FEEDBACK.format(reason=reason)
+        call = _tool_call(message)
+        if call is not None:
+            echoed = json.dumps(call.input, ensure_ascii=False, default=str)
+            if len(echoed.encode("utf-8")) > self._echo_limit_bytes:
+                return None
+            return [
+                {
+                    "role": "assistant",
+                    "content": [{"type": "tool_use", "id": call.id, "name": call.name, "input": call.input}],
+                },
+                {
+                    "role": "user",
+                    "content": [{"type": "tool_result", "tool_use_id": call.id, "is_error": True, "content": feedback}],
+                },
+            ]
+        text = _text_of(message)
+        if len(text.encode("utf-8")) > self._echo_limit_bytes:
+            return None
+        turns: list[dict[str, Any]] = [{"role": "assistant", "content": text}] if text else []
+        return [*turns, {"role": "user", "content": feedback}]
+
+    def _create_kwargs(self, system: list[dict[str, Any]], messages: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "max_tokens": self.max_output_tokens,
+            "system": system,
+            "messages": messages,
+            "tools": [self._tool],
+            "tool_choice": self._tool_choice,
+        }
+
+    async def _create(
+        self, client: AsyncAnthropic, system: list[dict[str, Any]], messages: list[dict[str, Any]]
+    ) -> Any:
+        kwargs = self._create_kwargs(system, messages)
+        if self.extra_body:
+            kwargs["extra_body"] = self.extra_body
+        return await client.messages.create(**kwargs)
+
+    def _read(self, message: Any, prediction: Prediction) -> None:
+        """Fill label and fields from a response, or raise AnswerError (ask again) / _FinalAnswerError (don't)."""
+        stop = getattr(message, "stop_reason", None)
+        if stop == "refusal":
+            details = getattr(message, "stop_details", None)
+            explanation = getattr(details, "explanation", None) if details is not None else None
+            category = getattr(details, "category", None) if details is not None else None
+            said = f" ({category}): {_short(str(explanation))}" if explanation else f" ({category})" if category else ""
+            raise _FinalAnswerError(f"{self.role} refused to answer{said}")
+        if stop == "max_tokens":
+            # a tool input cut short can still parse, minus the fields it never reached: never accept it
+            raise _FinalAnswerError(
+                f"invalid answer from {self.role}: cut off at max_output_tokens={self.max_output_tokens}"
+            )
+        if stop == "model_context_window_exceeded":
+            raise _FinalAnswerError(
+                f"{self.role} context window exceeded: lower max_input_tokens (now {self.max_input_tokens})"
+            )
+        call = _tool_call(message)
+        if call is None:
+            raise AnswerError(f"the response holds no {TOOL_NAME} tool call")
+        payload = call.input
+        if not isinstance(payload, dict):
+            raise AnswerError(f"the {TOOL_NAME} input is a JSON {type(payload).__name__}, not an object")
+        label, fields = parse_answer(self.task, payload)
+        prediction.label, prediction.fields = label, fields
+        prediction.label_confidence = None
+        prediction.field_confidences = dict.fromkeys(self._field_names)
+
+    def _transport_error(self, exc: anthropic.AnthropicError) -> tuple[str, bool]:
+        """Describe a failure the SDK gave up on, without secrets, and say whether a later try may succeed."""
+        if isinstance(exc, anthropic.APIStatusError):
+            status = exc.status_code
+            retryable = status in (408, 409, 429) or status >= 500  # 529 overloaded included
+            detail = exc.message
+        elif isinstance(exc, anthropic.APIConnectionError):  # includes APITimeoutError
+            retryable = True
+            detail = exc.message
+            cause = exc.__cause__
+            if cause is not None and str(cause):
+                detail = f"{detail} ({type(cause).__name__}: {cause})"
+        else:
+            retryable = False
+            detail = str(exc)
+        return f"{type(exc).__name__}: {_short(redact(detail, self._api_key))}", retryable
+
+
+def engine_from_frontier_spec(spec: FrontierSpec, task: TaskSpec) -> AnthropicEngine:
+    """Build the frontier engine for provider `anthropic` from the job spec."""
+    if spec.provider != "anthropic":
+        raise ValueError(f"provider {spec.provider!r} is not served by the Anthropic engine")
+    api_key = spec.api_key.get_secret_value() if spec.api_key is not None else None
+    if not api_key:
+        raise EngineUnavailableError(
+            "no Anthropic API key: set frontier.api_key, or the environment variable named by "
+            "frontier.api_key_env (default ANTHROPIC_API_KEY)"
+        )
+    return AnthropicEngine(
+        task=task,
+        model=spec.model,
+        api_key=api_key,
+        base_url=spec.base_url,
+        max_concurrency=spec.max_concurrency,
+        timeout_s=spec.timeout_s,
+        max_retries=spec.max_retries,
+        max_output_tokens=spec.max_output_tokens,
+        max_input_tokens=spec.max_input_tokens,
+        extra_body=getattr(spec, "extra_body", None) or None,
+    )
