@@ -98,7 +98,7 @@ def _usage_of(message: Any) -> Usage:
 
     Anthropic reports fresh input, cache writes and cache reads separately; together they are the prompt
     (docroute's input_tokens), and cache reads are the discounted subset (cached_tokens). Cache writes are
-    billed at 1.25x the input rate but counted here as plain input: Usage has no field for them.
+    the subset billed at the cache-write rate (cache_write_tokens).
     """
     usage = getattr(message, "usage", None)
     if usage is None:
@@ -106,7 +106,7 @@ def _usage_of(message: Any) -> Usage:
     fresh = int(getattr(usage, "input_tokens", 0) or 0)
     written = int(getattr(usage, "cache_creation_input_tokens", 0) or 0)
     read = int(getattr(usage, "cache_read_input_tokens", 0) or 0)
-    return Usage(fresh + written + read, int(getattr(usage, "output_tokens", 0) or 0), read)
+    return Usage(fresh + written + read, int(getattr(usage, "output_tokens", 0) or 0), read, written)
 
 
 def _tool_call(message: Any) -> Any | None:

@@ -22,17 +22,20 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Tokens one call consumed; cached input tokens are a subset of input tokens."""
+    """Tokens one call consumed. Cache reads (`cached_tokens`) and cache writes (`cache_write_tokens`) are subsets
+    of `input_tokens`, billed at their own rates where the provider has them."""
 
     input_tokens: int = 0
     output_tokens: int = 0
     cached_tokens: int = 0
+    cache_write_tokens: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
             self.input_tokens + other.input_tokens,
             self.output_tokens + other.output_tokens,
             self.cached_tokens + other.cached_tokens,
+            self.cache_write_tokens + other.cache_write_tokens,
         )
 
 

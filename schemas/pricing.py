@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import date
 from decimal import Decimal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,27 +24,64 @@ class ModelPrice(BaseModel):
     input_per_million: float = Field(ge=0)
     output_per_million: float = Field(ge=0)
     cached_input_per_million: float | None = Field(default=None, ge=0)
+    cache_write_per_million: float | None = Field(default=None, ge=0, description="e.g. Anthropic: 1.25 x input")
     batch_discount: float = Field(default=0.5, ge=0, le=1, description="fraction taken off by the batch API")
     as_of: date = PRICES_AS_OF
 
-    def cost_usd(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0, *, batch: bool = False) -> float:
-        """Price one call; cached input tokens are billed at the cached rate where the provider has one."""
-        cached = min(max(cached_tokens, 0), max(input_tokens, 0))
-        cached_rate = self.cached_input_per_million if self.cached_input_per_million is not None else None
-        fresh = input_tokens - cached if cached_rate is not None else input_tokens
-        usd = Decimal(fresh) * Decimal(str(self.input_per_million)) + Decimal(output_tokens) * Decimal(
-            str(self.output_per_million)
-        )
-        if cached_rate is not None:
-            usd += Decimal(cached) * Decimal(str(cached_rate))
+    def cost_usd(
+        self,
+        input_tokens: int,
+        output_tokens: int,
+        cached_tokens: int = 0,
+        *,
+        cache_write_tokens: int = 0,
+        batch: bool = False,
+    ) -> float:
+        """Price one call; cache reads and writes are billed at their own rates where the provider has them."""
+        inputs = max(input_tokens, 0)
+        cached = min(max(cached_tokens, 0), inputs) if self.cached_input_per_million is not None else 0
+        written = min(max(cache_write_tokens, 0), inputs - cached) if self.cache_write_per_million is not None else 0
+        usd = Decimal(inputs - cached - written) * Decimal(str(self.input_per_million)) + Decimal(
+            max(output_tokens, 0)
+        ) * Decimal(str(self.output_per_million))
+        if cached:
+            usd += Decimal(cached) * Decimal(str(self.cached_input_per_million))
+        if written:
+            usd += Decimal(written) * Decimal(str(self.cache_write_per_million))
         usd /= Decimal(1_000_000)
         if batch:
             usd *= Decimal(1) - Decimal(str(self.batch_discount))
         return float(usd)
 
+    def cost_of(self, usage: Any, *, batch: bool = False) -> float:
+        """Price an engine's `Usage` (tokens of every kind)."""
+        return self.cost_usd(
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cached_tokens,
+            cache_write_tokens=getattr(usage, "cache_write_tokens", 0),
+            batch=batch,
+        )
 
-def _price(inp: float, out: float, cached: float | None = None) -> ModelPrice:
-    return ModelPrice(input_per_million=inp, output_per_million=out, cached_input_per_million=cached)
+    def worst_case_usd(self, input_tokens: int, output_tokens: int, *, batch: bool = False) -> float:
+        """The most a call of this many tokens can cost: every input token at the dearest input rate."""
+        dearest = max(self.input_per_million, self.cache_write_per_million or 0.0)
+        usd = (
+            Decimal(max(input_tokens, 0)) * Decimal(str(dearest))
+            + Decimal(max(output_tokens, 0)) * Decimal(str(self.output_per_million))
+        ) / Decimal(1_000_000)
+        if batch:
+            usd *= Decimal(1) - Decimal(str(self.batch_discount))
+        return float(usd)
+
+
+def _price(inp: float, out: float, cached: float | None = None, cache_write: float | None = None) -> ModelPrice:
+    return ModelPrice(
+        input_per_million=inp,
+        output_per_million=out,
+        cached_input_per_million=cached,
+        cache_write_per_million=cache_write,
+    )
 
 
 DEFAULT_PRICES: dict[str, ModelPrice] = {
@@ -58,15 +96,15 @@ DEFAULT_PRICES: dict[str, ModelPrice] = {
     "gpt-4o-mini": _price(0.15, 0.60, 0.075),
     "o3": _price(2.00, 8.00, 0.50),
     "o4-mini": _price(1.10, 4.40, 0.275),
-    # Anthropic (docs.anthropic.com pricing); cached = cache-read rate
-    "claude-opus-4-5": _price(5.00, 25.00, 0.50),
-    "claude-opus-4-1": _price(15.00, 75.00, 1.50),
-    "claude-sonnet-4-5": _price(3.00, 15.00, 0.30),
-    "claude-sonnet-4-0": _price(3.00, 15.00, 0.30),
-    "claude-sonnet-4": _price(3.00, 15.00, 0.30),  # claude-sonnet-4-20250514
-    "claude-opus-4": _price(15.00, 75.00, 1.50),  # claude-opus-4-20250514
-    "claude-haiku-4-5": _price(1.00, 5.00, 0.10),
-    "claude-3-5-haiku-latest": _price(0.80, 4.00, 0.08),
+    # Anthropic (docs.anthropic.com pricing); cached = cache-read rate, then the 5-minute cache-write rate
+    "claude-opus-4-5": _price(5.00, 25.00, 0.50, 6.25),
+    "claude-opus-4-1": _price(15.00, 75.00, 1.50, 18.75),
+    "claude-sonnet-4-5": _price(3.00, 15.00, 0.30, 3.75),
+    "claude-sonnet-4-0": _price(3.00, 15.00, 0.30, 3.75),
+    "claude-sonnet-4": _price(3.00, 15.00, 0.30, 3.75),  # claude-sonnet-4-20250514
+    "claude-opus-4": _price(15.00, 75.00, 1.50, 18.75),  # claude-opus-4-20250514
+    "claude-haiku-4-5": _price(1.00, 5.00, 0.10, 1.25),
+    "claude-3-5-haiku-latest": _price(0.80, 4.00, 0.08, 1.00),
     # Mistral (mistral.ai/pricing)
     "mistral-large-latest": _price(2.00, 6.00),
     "mistral-medium-latest": _price(0.40, 2.00),

@@ -36,7 +36,7 @@ def escalate(
     reserved: list[tuple[Request, float]] = []
     for request in requests:
         bound = engine.usage_bound(request)
-        worst = price.cost_usd(bound.input_tokens, bound.output_tokens)
+        worst = price.worst_case_usd(bound.input_tokens, bound.output_tokens)
         if budget.try_reserve(worst):
             reserved.append((request, worst))
         else:
@@ -48,8 +48,7 @@ def escalate(
             )
     predictions = run_engine(engine, [request for request, _ in reserved])
     for (request, worst), prediction in zip(reserved, predictions, strict=True):
-        usage = prediction.usage
-        cost = price.cost_usd(usage.input_tokens, usage.output_tokens, usage.cached_tokens)
+        cost = price.cost_of(prediction.usage)
         budget.settle(worst, cost)
         outcomes[request.id] = Escalation(prediction, cost)
     return outcomes

@@ -73,7 +73,7 @@ def queue_requests(
     queued: list[Request] = []
     for request in requests:
         bound = frontier.usage_bound(request)
-        worst = price.cost_usd(bound.input_tokens, bound.output_tokens, batch=True)
+        worst = price.worst_case_usd(bound.input_tokens, bound.output_tokens, batch=True)
         if budget.try_reserve(worst):
             budget.settle(worst, worst)  # the answer arrives in a later run: count the worst case as spent here
             queued.append(request)
@@ -193,8 +193,7 @@ def collect_frontier_batches(spec: JobSpec, run_id: str, run_date: Any) -> list[
         for part, doc_ids in sorted(by_part.items()):
             for row in _rows_of(spec, part, doc_ids):
                 prediction = predictions[row.doc_id]
-                usage = prediction.usage
-                cost = price.cost_usd(usage.input_tokens, usage.output_tokens, usage.cached_tokens, batch=True)
+                cost = price.cost_of(prediction.usage, batch=True)
                 reason = row.route_reason.split("; " + QUEUED)[0]
                 row.run_id, row.processed_at = run_id, datetime.now(UTC)
                 finish_escalated(

@@ -185,3 +185,27 @@ def test_override_wins_even_for_known_and_unknown_models() -> None:
 )
 def test_self_hosted_cost(seconds: float, usd_per_hour: float, expected: float) -> None:
     assert self_hosted_cost_usd(seconds, usd_per_hour) == pytest.approx(expected, rel=1e-12, abs=0.0)
+
+
+def test_cache_writes_are_billed_at_their_own_rate() -> None:
+    price = lookup_price("claude-haiku-4-5")
+    # 1,000 input tokens of which 200 cache reads and 300 cache writes; 100 output tokens
+    expected = (500 * 1.00 + 200 * 0.10 + 300 * 1.25 + 100 * 5.00) / 1_000_000
+    assert price.cost_usd(1000, 100, 200, cache_write_tokens=300) == pytest.approx(expected)
+
+
+def test_worst_case_covers_any_mix_of_cache_reads_and_writes() -> None:
+    price = lookup_price("claude-sonnet-4-5")
+    worst = price.worst_case_usd(1000, 100)
+    for cached, written in [(0, 0), (0, 1000), (500, 500), (1000, 0)]:
+        assert price.cost_usd(1000, 100, cached, cache_write_tokens=written) <= worst + 1e-15
+    assert price.worst_case_usd(1000, 100, batch=True) == pytest.approx(worst / 2)
+
+
+def test_cost_of_reads_every_kind_of_token() -> None:
+    from docroute.engines.base import Usage
+
+    price = lookup_price("claude-haiku-4-5")
+    usage = Usage(input_tokens=1000, output_tokens=100, cached_tokens=200, cache_write_tokens=300)
+    assert price.cost_of(usage) == price.cost_usd(1000, 100, 200, cache_write_tokens=300)
+    assert price.cost_of(usage, batch=True) == pytest.approx(price.cost_of(usage) / 2)
