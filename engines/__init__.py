@@ -19,6 +19,10 @@ def build_small_engine(spec: SmallModelSpec, task: TaskSpec, examples: Sequence[
             from docroute.engines.llamacpp import LlamaCppEngine
 
             return LlamaCppEngine(spec, task, examples=examples)
+        case "vllm":
+            from docroute.engines.vllm import VllmEngine
+
+            return VllmEngine(spec, task, examples=examples)
         case "openai_compatible":
             from docroute.engines.openai_compat import engine_from_small_spec
 

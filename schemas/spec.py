@@ -270,6 +270,21 @@ class VllmSpec(StrictModel):
     max_input_tokens: int = Field(default=4096, ge=32)
     max_output_tokens: int = Field(default=256, ge=1)
     max_candidates: int = Field(default=48, ge=1, le=256)
+    few_shot: int = Field(
+        default=24, ge=0, le=128, description="label scoring: most labeled examples shown in the prompt (fewer if long)"
+    )
+    calibration: Literal["content_free", "batch", "none"] = Field(
+        default="content_free",
+        description="label and enum/bool priors: content-free input, the shard itself (>= 8 docs), or none",
+    )
+    candidate_scoring: Literal["sum", "mean"] = Field(
+        default="sum", description="extraction: rank candidates by likelihood or likelihood per token"
+    )
+    extract_strategy: Literal["candidates", "generate"] = Field(
+        default="candidates",
+        description="candidates: choose among values found in the document, JSON only for fields with none; "
+        "generate: JSON for every field",
+    )
     enable_prefix_caching: bool = True
     usd_per_hour: float = Field(default=0.0, ge=0, description="GPU-hour price for the cost ledger")
 
