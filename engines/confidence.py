@@ -6,8 +6,14 @@ No I/O and no model imports, so routing and evaluation can test and reuse them d
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from typing import Any
 
 import numpy as np
+
+from docroute.schemas.spec import FieldSpec
+
+LIST_SHARE = 0.2
+"""A list[str] field keeps every candidate holding at least this share of the candidate set's probability."""
 
 
 def softmax(log_scores: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -43,3 +49,40 @@ def merge_by_value(probs: np.ndarray, values: Sequence[Hashable]) -> dict[Hashab
     for prob, value in zip(probs, values, strict=True):
         merged[value] = merged.get(value, 0.0) + float(prob)
     return merged
+
+
+def choice_probabilities(
+    scores: np.ndarray, *, prior: np.ndarray | None = None, lengths: Sequence[int] | None = None
+) -> np.ndarray:
+    """Softmax over the whole choice set (optionally per-token mean scores), divided by the prior when given."""
+    values = np.asarray(scores, dtype=np.float64)
+    if lengths is not None:
+        values = values / np.asarray(lengths, dtype=np.float64)
+    probs = softmax(values)
+    return contextual_calibration(probs, prior) if prior is not None else probs
+
+
+def _hashable(value: Any) -> Hashable:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def choose_value(
+    field: FieldSpec, probs: np.ndarray, values: Sequence[Any], starts: Sequence[int]
+) -> tuple[Any, float]:
+    """Pick the value with the most probability, summed over candidates that mean the same value.
+
+    A list[str] field takes every candidate holding at least LIST_SHARE,
+    in document order; other fields take the value (not the spelling) with the largest summed probability.
+    """
+    if field.type == "list[str]":
+        chosen = [i for i, p in enumerate(probs) if p >= LIST_SHARE and values[i] is not None]
+        if not chosen:
+            return [], float(sum(p for p, v in zip(probs, values, strict=True) if v is None))
+        items: list[str] = []
+        for i in sorted(chosen, key=lambda i: starts[i]):
+            items.extend(v for v in values[i] if v not in items)
+        return items, min(1.0, float(sum(probs[i] for i in chosen)))
+    keys = [_hashable(v) for v in values]
+    merged = merge_by_value(probs, keys)
+    best = max(merged, key=lambda k: (merged[k], -keys.index(k)))
+    return values[keys.index(best)], merged[best]

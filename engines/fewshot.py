@@ -16,6 +16,9 @@ from docroute.schemas.values import to_json_value
 EXAMPLE_CHARS = 400
 """Few-shot example texts are cut to this many characters: the prompt is for format, not for long reading."""
 
+TRUNCATION_MARKER = "\n[…]\n"
+"""Stands where the middle of a document too long for the token budget was cut out."""
+
 NO_VALUE = "n/a"
 """What examples show for an absent optional field, and the candidate the model can choose for it."""
 
@@ -124,3 +127,16 @@ def extract_question(field: FieldSpec) -> str:
 
 def value_continuation(surface: str) -> str:
     return f" {one_line(surface)}\n"
+
+
+def truncate_tokens(tokens: Sequence[int], budget: int, marker: Sequence[int]) -> tuple[list[int], bool]:
+    """Keep a document's head (two thirds) and tail (one third) around `marker` when it exceeds `budget` tokens.
+
+    Openings name the parties; endings hold totals and signatures.
+    """
+    tokens = list(tokens)
+    if len(tokens) <= budget:
+        return tokens, False
+    keep = max(budget - len(marker), 2)
+    head = keep * 2 // 3
+    return tokens[:head] + list(marker) + tokens[len(tokens) - (keep - head) :], True

@@ -22,7 +22,7 @@ import numpy as np
 from docroute.engines import fewshot
 from docroute.engines.base import EngineUnavailableError, Prediction, Request, Usage, check_complete
 from docroute.engines.candidates import candidates_for
-from docroute.engines.confidence import contextual_calibration, merge_by_value, pick, softmax
+from docroute.engines.confidence import choose_value, contextual_calibration, pick, softmax
 from docroute.engines.head import LabelHead, examples_fingerprint, train_head
 from docroute.engines.llama_runtime import LlamaRuntime, packaged_model_path, shared_runtime
 from docroute.schemas.spec import ExtractSpec, FieldSpec, LlamaCppSpec, TaskSpec
@@ -30,8 +30,6 @@ from docroute.schemas.spec import ExtractSpec, FieldSpec, LlamaCppSpec, TaskSpec
 CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
 """Inputs that say nothing, used to estimate the label bias of the prompt (Zhao et al. 2021)."""
 
-LIST_SHARE = 0.2
-"""A list[str] field keeps every candidate holding at least this share of the candidate set's probability."""
 
 _QUESTION_RESERVE = 32
 
@@ -170,12 +168,8 @@ class LlamaCppEngine:
         """Tokenize a wrapped document, keeping its head and tail when it exceeds the token budget."""
         tokens = self._runtime.tokenize(wrapped)
         budget = min(self.spec.max_input_tokens, self._runtime.n_ctx - fixed - _QUESTION_RESERVE - reserve)
-        if len(tokens) <= budget:
-            return _DocTokens(tokens, truncated=False)
-        marker = self._runtime.tokenize("\n[…]\n")
-        keep = max(budget - len(marker), 2)
-        head = keep * 2 // 3  # openings name the parties; endings hold totals and signatures
-        return _DocTokens(tokens[:head] + marker + tokens[len(tokens) - (keep - head) :], truncated=True)
+        kept, truncated = fewshot.truncate_tokens(tokens, budget, self._runtime.tokenize(fewshot.TRUNCATION_MARKER))
+        return _DocTokens(kept, truncated)
 
     # ------------------------------------------------------------------ classification
     def _score_labels(self, text: str, doc: list[int] | None = None) -> np.ndarray:
@@ -238,21 +232,6 @@ class LlamaCppEngine:
             self._choice_priors[key] = np.mean(priors, axis=0)
         return self._choice_priors[key]
 
-    def _choose(self, field: FieldSpec, probs: np.ndarray, values: list[Any], starts: list[int]) -> tuple[Any, float]:
-        """Pick the value with the most probability, summed over candidates that mean the same value."""
-        if field.type == "list[str]":
-            chosen = [i for i, p in enumerate(probs) if p >= LIST_SHARE and values[i] is not None]
-            if not chosen:
-                return [], float(sum(p for p, v in zip(probs, values, strict=True) if v is None))
-            items: list[str] = []
-            for i in sorted(chosen, key=lambda i: starts[i]):
-                items.extend(v for v in values[i] if v not in items)
-            return items, min(1.0, float(sum(probs[i] for i in chosen)))
-        keys = [_hashable(v) for v in values]
-        merged = merge_by_value(probs, keys)
-        best = max(merged, key=lambda k: (merged[k], -keys.index(k)))
-        return values[keys.index(best)], merged[best]
-
     def _extract(self, text: str, extract: ExtractSpec) -> tuple[dict[str, Any], dict[str, float | None], Usage, bool]:
         """Choose each field's value among its candidates.
 
@@ -292,7 +271,7 @@ class LlamaCppEngine:
             prior = self._choice_prior(field, continuations)
             if prior is not None:
                 probs = contextual_calibration(probs, prior)
-            value, confidence = self._choose(field, probs, values, starts)
+            value, confidence = choose_value(field, probs, values, starts)
             fields[field.name], confidences[field.name] = value, confidence
         usage = Usage(input_tokens=len(self._extract_prefix) + evaluated, cached_tokens=len(self._extract_prefix))
         return fields, confidences, usage, doc.truncated
@@ -347,7 +326,3 @@ class LlamaCppEngine:
 
     def close(self) -> None:
         """Keep the shared runtime loaded: other shards in this worker process reuse it."""
-
-
-def _hashable(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value

@@ -37,13 +37,12 @@ import numpy as np
 from docroute.engines import fewshot
 from docroute.engines.base import EngineUnavailableError, Prediction, Request, check_complete
 from docroute.engines.candidates import candidates_for
-from docroute.engines.confidence import contextual_calibration, pick, softmax
+from docroute.engines.confidence import choice_probabilities, choose_value, contextual_calibration, pick, softmax
+from docroute.engines.fewshot import truncate_tokens
 from docroute.engines.prompts import AnswerError, answer_schema, chat_messages, parse_answer, value_confidences
 from docroute.engines.vllm_scoring import (
     TriePlan,
     apportion,
-    choice_probabilities,
-    choose_value,
     mean_softmax,
     prompt_logprob_score,
     read_ids,
@@ -52,7 +51,6 @@ from docroute.engines.vllm_scoring import (
     total_usage,
     trie_plan,
     trie_scores,
-    truncate_tokens,
 )
 from docroute.schemas.spec import ExtractSpec, FieldSpec, TaskSpec, VllmSpec
 
@@ -555,7 +553,7 @@ class VllmEngine:
         self._examples = list(examples)
         self._ctx = self._runtime.max_model_len
         self._bos = self._runtime.bos()
-        self._marker = self._runtime.encode("\n[…]\n")
+        self._marker = self._runtime.encode(fewshot.TRUNCATION_MARKER)
         self.few_shot_used = 0
         self.examples_used = 0
         self._label_prior: np.ndarray | None = None

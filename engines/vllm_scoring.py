@@ -14,21 +14,17 @@ defaults to True for it), so every such request recomputes the whole prompt.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from docroute.engines.base import Usage
-from docroute.engines.confidence import contextual_calibration, merge_by_value, softmax
-from docroute.schemas.spec import FieldSpec
+from docroute.engines.confidence import softmax
 
 MISSING_LOGPROB = -1e4
 """Log-probability used when vLLM did not report a requested token (should not happen; keeps the maths finite)."""
-
-LIST_SHARE = 0.2
-"""A list[str] field keeps every candidate holding at least this share of the candidate set's probability."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,58 +144,8 @@ def mean_softmax(
     return np.mean([softmax(row) for row in rows], axis=0)
 
 
-def choice_probabilities(
-    scores: np.ndarray, *, prior: np.ndarray | None = None, lengths: Sequence[int] | None = None
-) -> np.ndarray:
-    """Softmax over the whole choice set (optionally per-token mean scores), divided by the prior when given."""
-    values = np.asarray(scores, dtype=np.float64)
-    if lengths is not None:
-        values = values / np.asarray(lengths, dtype=np.float64)
-    probs = softmax(values)
-    return contextual_calibration(probs, prior) if prior is not None else probs
-
-
-def _hashable(value: Any) -> Hashable:
-    return tuple(value) if isinstance(value, list) else value
-
-
-def choose_value(
-    field: FieldSpec, probs: np.ndarray, values: Sequence[Any], starts: Sequence[int]
-) -> tuple[Any, float]:
-    """Pick the value with the most probability, summed over candidates that mean the same value.
-
-    The same rule as the llama.cpp engine: a list[str] field takes every candidate holding at least LIST_SHARE,
-    in document order; other fields take the value (not the spelling) with the largest summed probability.
-    """
-    if field.type == "list[str]":
-        chosen = [i for i, p in enumerate(probs) if p >= LIST_SHARE and values[i] is not None]
-        if not chosen:
-            return [], float(sum(p for p, v in zip(probs, values, strict=True) if v is None))
-        items: list[str] = []
-        for i in sorted(chosen, key=lambda i: starts[i]):
-            items.extend(v for v in values[i] if v not in items)
-        return items, min(1.0, float(sum(probs[i] for i in chosen)))
-    keys = [_hashable(v) for v in values]
-    merged = merge_by_value(probs, keys)
-    best = max(merged, key=lambda k: (merged[k], -keys.index(k)))
-    return values[keys.index(best)], merged[best]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # tokens and text
-
-
-def truncate_tokens(tokens: Sequence[int], budget: int, marker: Sequence[int]) -> tuple[list[int], bool]:
-    """Keep a document's head (two thirds) and tail (one third) around `marker` when it exceeds `budget` tokens.
-
-    Openings name the parties; endings hold totals and signatures. The same rule as the llama.cpp engine.
-    """
-    tokens = list(tokens)
-    if len(tokens) <= budget:
-        return tokens, False
-    keep = max(budget - len(marker), 2)
-    head = keep * 2 // 3
-    return tokens[:head] + list(marker) + tokens[len(tokens) - (keep - head) :], True
 
 
 def token_pieces(decode: Callable[[Sequence[int]], str], token_ids: Sequence[int]) -> list[str] | None:

@@ -27,7 +27,8 @@ import pytest
 
 from docroute.engines import fewshot
 from docroute.engines.base import EngineUnavailableError, Request
-from docroute.engines.confidence import contextual_calibration, softmax
+from docroute.engines.confidence import choice_probabilities, choose_value, contextual_calibration, softmax
+from docroute.engines.fewshot import truncate_tokens
 from docroute.engines.vllm import (
     INSTALL_HINT,
     NO_GPU_MESSAGE,
@@ -52,8 +53,6 @@ from docroute.engines.vllm import (
 from docroute.engines.vllm_scoring import (
     MISSING_LOGPROB,
     apportion,
-    choice_probabilities,
-    choose_value,
     mean_softmax,
     prompt_logprob_score,
     request_usage,
@@ -61,7 +60,6 @@ from docroute.engines.vllm_scoring import (
     total_usage,
     trie_plan,
     trie_scores,
-    truncate_tokens,
 )
 from docroute.schemas.spec import (
     ClassifySpec,
