@@ -19,9 +19,10 @@ even at their defaults), and the SDK itself has no such parameters; so unlike th
 temperature is sent. A forced tool call on a fixed prompt is what keeps answers stable.
 
 `predict` is synchronous and is called from worker threads. An AsyncAnthropic client belongs to the event loop
-it first ran on, so the engine owns one private loop on a daemon thread: every `predict`, from any thread,
-with or without a running loop of its own, submits its batch there. One loop means one client (one connection
-pool) and one semaphore, so `max_concurrency` bounds the engine as a whole, not each calling thread.
+it first ran on, so the engine owns one private loop on a daemon thread (engines/loop_thread.py): every
+`predict`, from any thread, with or without a running loop of its own, submits its batch there. One loop means
+one client (one connection pool) and one semaphore, so `max_concurrency` bounds the engine as a whole, not each
+calling thread.
 """
 
 from __future__ import annotations
@@ -29,24 +30,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import time
-import weakref
-from collections.abc import Sequence
 from typing import Any
 
 import anthropic
 from anthropic import AsyncAnthropic
 
 from docroute.engines.base import (
-    EngineError,
     EngineUnavailableError,
     Prediction,
     Request,
     Usage,
-    check_complete,
+    redact,
 )
-from docroute.engines.openai_compat import redact
+from docroute.engines.loop_thread import AsyncClientEngine
 from docroute.engines.prompts import (
     INVALID_ANSWER_FEEDBACK,
     AnswerError,
@@ -124,28 +121,7 @@ def _text_of(message: Any) -> str:
     return "".join(parts).strip()
 
 
-def _stop_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """Ask a loop thread to finish; used when an engine is garbage-collected without close()."""
-    if not loop.is_closed():
-        loop.call_soon_threadsafe(loop.stop)
-
-
-def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """Body of the engine's loop thread: serve until stopped, then cancel leftovers and close the loop."""
-    asyncio.set_event_loop(loop)
-    try:
-        loop.run_forever()
-    finally:
-        pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
-        for task in pending:
-            task.cancel()
-        if pending:
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
-
-
-class AnthropicEngine:
+class AnthropicEngine(AsyncClientEngine[AsyncAnthropic]):
     """Answer a task with a Claude model through the Messages API: one forced tool call a document.
 
     Errors never raise out of `predict` for a single document: transport failures that outlive the SDK's
@@ -177,25 +153,18 @@ class AnthropicEngine:
         """
         if not api_key:
             raise EngineUnavailableError("the Anthropic engine needs an API key")
-        if max_concurrency < 1:
-            raise ValueError("max_concurrency must be at least 1")
-        if timeout_s <= 0:
-            raise ValueError("timeout_s must be positive")
-        if max_retries < 0:
-            raise ValueError("max_retries cannot be negative")
+        super().__init__(
+            name=f"{name_prefix}:{model}", max_concurrency=max_concurrency, timeout_s=timeout_s, max_retries=max_retries
+        )
         if max_output_tokens < 1:
             raise ValueError("max_output_tokens must be at least 1")
         self.task = task
         self.model = model
         self.base_url = base_url
-        self.max_concurrency = max_concurrency
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
         self.max_output_tokens = max_output_tokens
         self.max_input_tokens = max_input_tokens
         self.extra_body = dict(extra_body) if extra_body else None
         self.role = "frontier"
-        self.name = f"{name_prefix}:{model}"
         self._api_key = api_key
         self._tool: dict[str, Any] = {
             "name": TOOL_NAME,
@@ -207,37 +176,11 @@ class AnthropicEngine:
         self._tool_bytes = len(json.dumps([self._tool, self._tool_choice]).encode("utf-8"))
         self._echo_limit_bytes = _ECHO_BYTES_PER_OUTPUT_TOKEN * max_output_tokens
         self._field_names: list[str] = [f.name for f in task.extract.fields] if task.extract else []
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._finalizer: weakref.finalize[..., None] | None = None
-        # touched only on the loop thread
-        self._client: AsyncAnthropic | None = None
-        self._semaphore: asyncio.Semaphore | None = None
 
     def __repr__(self) -> str:
         return f"AnthropicEngine(name={self.name!r}, base_url={self.base_url!r})"
 
-    def __enter__(self) -> AnthropicEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- public API ------------------------------------------------------------------------------------------
-
-    def predict(self, batch: Sequence[Request]) -> list[Prediction]:
-        """Answer every request; exactly one prediction per request, in request order."""
-        requests = list(batch)
-        if not requests:
-            return []
-        if len({request.id for request in requests}) != len(requests):
-            raise EngineError("a batch holds the same request id twice")  # refuse before spending money
-        loop = self._ensure_loop()
-        if threading.current_thread() is self._thread:
-            raise EngineError(f"{self.name}: predict was called from the engine's own event loop")
-        future = asyncio.run_coroutine_threadsafe(self._predict_all(requests), loop)
-        return check_complete(requests, future.result(), self.name)
+    # -- public API (predict, close and the context manager come from AsyncClientEngine) ---------------------
 
     def usage_bound(self, request: Request) -> Usage:
         """Return an upper bound on the tokens one request can be billed for, to reserve budget beforehand.
@@ -276,39 +219,6 @@ class AnthropicEngine:
             prediction.field_confidences = {}
         return prediction
 
-    def close(self) -> None:
-        """Close the HTTP client and stop the loop thread; a later `predict` starts afresh."""
-        with self._lock:
-            loop, thread, finalizer = self._loop, self._thread, self._finalizer
-            self._loop = self._thread = self._finalizer = None
-        if loop is None or thread is None:
-            return
-        if finalizer is not None:
-            finalizer.detach()
-        try:
-            asyncio.run_coroutine_threadsafe(self._aclose(), loop).result(timeout=30)
-        except Exception as exc:  # closing must not mask the caller's own error
-            log.debug("%s: closing the client failed: %s", self.name, type(exc).__name__)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=30)
-
-    # -- event loop plumbing ---------------------------------------------------------------------------------
-
-    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
-        with self._lock:
-            if self._loop is None:
-                loop = asyncio.new_event_loop()
-                thread = threading.Thread(target=_run_loop, args=(loop,), name=f"docroute-{self.name}", daemon=True)
-                thread.start()
-                self._loop, self._thread = loop, thread
-                self._finalizer = weakref.finalize(self, _stop_loop, loop)
-            return self._loop
-
-    async def _aclose(self) -> None:
-        client, self._client, self._semaphore = self._client, None, None
-        if client is not None:
-            await client.close()
-
     def _make_client(self) -> AsyncAnthropic:
         return AsyncAnthropic(
             api_key=self._api_key,
@@ -316,22 +226,6 @@ class AnthropicEngine:
             timeout=self.timeout_s,
             max_retries=self.max_retries,
         )
-
-    async def _predict_all(self, requests: list[Request]) -> list[Prediction]:
-        if self._client is None:
-            self._client = self._make_client()
-        if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self.max_concurrency)
-        client, semaphore = self._client, self._semaphore
-        results = await asyncio.gather(
-            *(self._answer(client, semaphore, request) for request in requests), return_exceptions=True
-        )
-        predictions: list[Prediction] = []
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result  # a bug, not a model or transport failure: fail the batch loudly
-            predictions.append(result)
-        return predictions
 
     # -- one document ----------------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ engine. Engines report tokens and seconds, never dollars (see schemas/pricing.py
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -91,6 +92,31 @@ class EngineError(Exception):
 
 class EngineUnavailableError(EngineError):
     """The back end cannot start here (a missing package, no GPU, an unreadable model file)."""
+
+
+PLACEHOLDER_API_KEY = "EMPTY"
+"""The key sent when none is configured: SDKs require one and keyless local servers ignore it. Not a secret."""
+
+_SECRET_LIKE = re.compile(r"\b(?:sk|rk|pk)-[A-Za-z0-9_\-*.]{4,}|Bearer\s+\S+")
+_WORDS = re.compile(r"[A-Za-z0-9_\-]{8,}")
+_KEY_OVERLAP = 8
+
+
+def redact(text: str, secret: str | None) -> str:
+    """Remove a secret, any 8+ character piece of it, and anything shaped like an API key or bearer token.
+
+    Providers echo part of a rejected key in 401 messages ("Incorrect API key provided: sk-...abcd"), and
+    error strings end up in Parquet rows and logs. It lives here, beside the errors, because every engine that
+    holds a key (OpenAI-compatible, Anthropic, the batch APIs) must scrub what it reports the same way.
+    """
+    out = text
+    if secret and secret != PLACEHOLDER_API_KEY:
+        out = out.replace(secret, "***")
+    out = _SECRET_LIKE.sub("***", out)
+    if secret and secret != PLACEHOLDER_API_KEY and len(secret) >= _KEY_OVERLAP:
+        pieces = {secret[i : i + _KEY_OVERLAP] for i in range(len(secret) - _KEY_OVERLAP + 1)}
+        out = _WORDS.sub(lambda m: "***" if any(p in m.group(0) for p in pieces) else m.group(0), out)
+    return out
 
 
 def check_complete(batch: Sequence[Request], predictions: Sequence[Prediction], engine: str) -> list[Prediction]:

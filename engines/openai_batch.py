@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from docroute.engines.base import EngineUnavailableError, Prediction, Request, Usage
-from docroute.engines.openai_compat import OpenAICompatibleEngine, engine_from_frontier_spec, redact
+from docroute.engines.base import EngineUnavailableError, Prediction, Request, Usage, redact
+from docroute.engines.openai_compat import OpenAICompatibleEngine, engine_from_frontier_spec
 from docroute.schemas.spec import FrontierSpec, TaskSpec
 
 MAX_REQUESTS_PER_BATCH = 50_000

@@ -8,9 +8,10 @@ answer that does not fit the schema, error rows instead of exceptions, token usa
 row.
 
 `predict` is synchronous and is called from worker threads. An AsyncOpenAI client belongs to the event loop it
-first ran on, so the engine owns one private loop on a daemon thread: every `predict`, from any thread, with
-or without a running loop of its own, submits its batch there. One loop means one client (a shared connection
-pool) and one semaphore, so `max_concurrency` bounds the engine as a whole, not each calling thread.
+first ran on, so the engine owns one private loop on a daemon thread (engines/loop_thread.py): every `predict`,
+from any thread, with or without a running loop of its own, submits its batch there. One loop means one client
+(a shared connection pool) and one semaphore, so `max_concurrency` bounds the engine as a whole, not each
+calling thread.
 """
 
 from __future__ import annotations
@@ -19,23 +20,21 @@ import asyncio
 import json
 import logging
 import re
-import threading
 import time
-import weakref
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import openai
 from openai import AsyncOpenAI
 
 from docroute.engines.base import (
-    EngineError,
+    PLACEHOLDER_API_KEY,
     EngineUnavailableError,
     Prediction,
     Request,
     Usage,
-    check_complete,
+    redact,  # lived here before engines/base.py; still importable from this module
 )
+from docroute.engines.loop_thread import AsyncClientEngine
 from docroute.engines.prompts import (
     INVALID_ANSWER_FEEDBACK,
     AnswerError,
@@ -52,13 +51,7 @@ log = logging.getLogger(__name__)
 
 TokenLimitParam = Literal["max_tokens", "max_completion_tokens"]
 
-_PLACEHOLDER_KEY = "EMPTY"
-"""Sent when no key is configured: the SDK requires one, and keyless local servers ignore it."""
-
 _ERROR_CHARS = 300
-_SECRET_LIKE = re.compile(r"\b(?:sk|rk|pk)-[A-Za-z0-9_\-*.]{4,}|Bearer\s+\S+")
-_WORDS = re.compile(r"[A-Za-z0-9_\-]{8,}")
-_KEY_OVERLAP = 8
 _RETOKENIZE_MARGIN = 16
 """Tokens a generated answer may gain when sent back as input (generation need not split text canonically)."""
 _OPENAI_REASONING = re.compile(r"^(?:o[1-9]|gpt-5)(?!.*-chat)")
@@ -71,22 +64,6 @@ class _FinalAnswerError(Exception):
 def is_openai_reasoning_model(model: str) -> bool:
     """Say whether an OpenAI model is a reasoning model (o-series, gpt-5), which rejects temperature != 1."""
     return bool(_OPENAI_REASONING.match(model))
-
-
-def redact(text: str, secret: str | None) -> str:
-    """Remove a secret, any 8+ character piece of it, and anything shaped like an API key or bearer token.
-
-    Providers echo part of a rejected key in 401 messages ("Incorrect API key provided: sk-...abcd"), and
-    error strings end up in Parquet rows and logs.
-    """
-    out = text
-    if secret and secret != _PLACEHOLDER_KEY:
-        out = out.replace(secret, "***")
-    out = _SECRET_LIKE.sub("***", out)
-    if secret and secret != _PLACEHOLDER_KEY and len(secret) >= _KEY_OVERLAP:
-        pieces = {secret[i : i + _KEY_OVERLAP] for i in range(len(secret) - _KEY_OVERLAP + 1)}
-        out = _WORDS.sub(lambda m: "***" if any(p in m.group(0) for p in pieces) else m.group(0), out)
-    return out
 
 
 def _short(text: str) -> str:
@@ -108,28 +85,7 @@ def _content_of(completion: Any) -> str:
     return (choices[0].message.content or "") if choices else ""
 
 
-def _stop_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """Ask a loop thread to finish; used when an engine is garbage-collected without close()."""
-    if not loop.is_closed():
-        loop.call_soon_threadsafe(loop.stop)
-
-
-def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """Body of the engine's loop thread: serve until stopped, then cancel leftovers and close the loop."""
-    asyncio.set_event_loop(loop)
-    try:
-        loop.run_forever()
-    finally:
-        pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
-        for task in pending:
-            task.cancel()
-        if pending:
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
-
-
-class OpenAICompatibleEngine:
+class OpenAICompatibleEngine(AsyncClientEngine[AsyncOpenAI]):
     """Answer a task with a chat model behind an OpenAI-compatible API: one structured-output call a document.
 
     Errors never raise out of `predict` for a single document: transport failures that outlive the SDK's
@@ -166,18 +122,12 @@ class OpenAICompatibleEngine:
         omits temperature for models that reject 0 (OpenAI reasoning models). `role` names the model in error
         rows.
         """
-        if max_concurrency < 1:
-            raise ValueError("max_concurrency must be at least 1")
-        if timeout_s <= 0:
-            raise ValueError("timeout_s must be positive")
-        if max_retries < 0:
-            raise ValueError("max_retries cannot be negative")
+        super().__init__(
+            name=f"{name_prefix}:{model}", max_concurrency=max_concurrency, timeout_s=timeout_s, max_retries=max_retries
+        )
         self.task = task
         self.model = model
         self.base_url = base_url
-        self.max_concurrency = max_concurrency
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
         self.max_output_tokens = max_output_tokens
         self.max_input_tokens = max_input_tokens
         self.request_logprobs = request_logprobs
@@ -185,7 +135,6 @@ class OpenAICompatibleEngine:
         self.token_limit_param: TokenLimitParam = token_limit_param
         self.send_temperature = send_temperature
         self.role = role
-        self.name = f"{name_prefix}:{model}"
         self._api_key = api_key
         self._response_format: dict[str, Any] = (
             {"type": "json_schema", "json_schema": {"name": "answer", "schema": answer_schema(task), "strict": True}}
@@ -195,37 +144,11 @@ class OpenAICompatibleEngine:
         self._schema_bytes = len(json.dumps(self._response_format).encode("utf-8"))
         self._field_names: list[str] = [f.name for f in task.extract.fields] if task.extract else []
         self._keys: list[str] = (["label"] if task.classify else []) + self._field_names
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._finalizer: weakref.finalize[..., None] | None = None
-        # touched only on the loop thread
-        self._client: AsyncOpenAI | None = None
-        self._semaphore: asyncio.Semaphore | None = None
 
     def __repr__(self) -> str:
         return f"OpenAICompatibleEngine(name={self.name!r}, base_url={self.base_url!r})"
 
-    def __enter__(self) -> OpenAICompatibleEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- public API ------------------------------------------------------------------------------------------
-
-    def predict(self, batch: Sequence[Request]) -> list[Prediction]:
-        """Answer every request; exactly one prediction per request, in request order."""
-        requests = list(batch)
-        if not requests:
-            return []
-        if len({request.id for request in requests}) != len(requests):
-            raise EngineError("a batch holds the same request id twice")  # refuse before spending money
-        loop = self._ensure_loop()
-        if threading.current_thread() is self._thread:
-            raise EngineError(f"{self.name}: predict was called from the engine's own event loop")
-        future = asyncio.run_coroutine_threadsafe(self._predict_all(requests), loop)
-        return check_complete(requests, future.result(), self.name)
+    # -- public API (predict, close and the context manager come from AsyncClientEngine) ---------------------
 
     def usage_bound(self, request: Request) -> Usage:
         """Return an upper bound on the tokens one request can be billed for, to reserve budget beforehand.
@@ -241,62 +164,13 @@ class OpenAICompatibleEngine:
         repair = first + (self.max_output_tokens + _RETOKENIZE_MARGIN) + feedback + 2 * 8
         return Usage(input_tokens=first + repair, output_tokens=2 * self.max_output_tokens)
 
-    def close(self) -> None:
-        """Close the HTTP client and stop the loop thread; a later `predict` starts afresh."""
-        with self._lock:
-            loop, thread, finalizer = self._loop, self._thread, self._finalizer
-            self._loop = self._thread = self._finalizer = None
-        if loop is None or thread is None:
-            return
-        if finalizer is not None:
-            finalizer.detach()
-        try:
-            asyncio.run_coroutine_threadsafe(self._aclose(), loop).result(timeout=30)
-        except Exception as exc:  # closing must not mask the caller's own error
-            log.debug("%s: closing the client failed: %s", self.name, type(exc).__name__)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=30)
-
-    # -- event loop plumbing ---------------------------------------------------------------------------------
-
-    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
-        with self._lock:
-            if self._loop is None:
-                loop = asyncio.new_event_loop()
-                thread = threading.Thread(target=_run_loop, args=(loop,), name=f"docroute-{self.name}", daemon=True)
-                thread.start()
-                self._loop, self._thread = loop, thread
-                self._finalizer = weakref.finalize(self, _stop_loop, loop)
-            return self._loop
-
-    async def _aclose(self) -> None:
-        client, self._client, self._semaphore = self._client, None, None
-        if client is not None:
-            await client.close()
-
     def _make_client(self) -> AsyncOpenAI:
         return AsyncOpenAI(
-            api_key=self._api_key or _PLACEHOLDER_KEY,
+            api_key=self._api_key or PLACEHOLDER_API_KEY,
             base_url=self.base_url,
             timeout=self.timeout_s,
             max_retries=self.max_retries,
         )
-
-    async def _predict_all(self, requests: list[Request]) -> list[Prediction]:
-        if self._client is None:
-            self._client = self._make_client()
-        if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self.max_concurrency)
-        client, semaphore = self._client, self._semaphore
-        results = await asyncio.gather(
-            *(self._answer(client, semaphore, request) for request in requests), return_exceptions=True
-        )
-        predictions: list[Prediction] = []
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result  # a bug, not a model or transport failure: fail the batch loudly
-            predictions.append(result)
-        return predictions
 
     # -- one document ----------------------------------------------------------------------------------------
 

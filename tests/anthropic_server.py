@@ -14,13 +14,10 @@ parameters, a `tool_choice` naming an undeclared tool, a `tool_use` without its 
 from __future__ import annotations
 
 import json
-import re
-import threading
-import time
 from collections.abc import Iterable, Mapping, Sequence
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
+
+from fake_server import FakeHandler, FakeServer
 
 AnswerEntry = tuple[str, Any]
 """(needle, answer): the answer is the tool input (a dict) sent when the needle is in the user's text."""
@@ -29,7 +26,6 @@ TOOL_USE_SYSTEM_TOKENS = 313
 """Input tokens the real API adds for tool_choice `tool` (Anthropic's documented figure), billed here too."""
 TOKENS_PER_MESSAGE = 8
 
-_STATUS_FAULT = re.compile(r"^[1-5][0-9]{2}$")
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -47,7 +43,7 @@ def prompt_bytes(text: str) -> int:
     return len(text.encode("utf-8"))
 
 
-class AnthropicServer:
+class AnthropicServer(FakeServer):
     """An Anthropic Messages server answering from `answers` with a forced tool call, as a context manager.
 
     The answer is chosen from the user turns, newest first: the first needle found in the newest user turn
@@ -76,7 +72,12 @@ class AnthropicServer:
       "ok"          a normal answer
     With `api_key` set, a request whose `x-api-key` or `Authorization: Bearer` is not that key gets 401 whose
     message quotes the key it was given, the worst case a client must redact.
+
+    Lifecycle, request records, the fault queue and the transport faults come from FakeServer (fake_server.py);
+    `base_url` is the API root, as the SDK wants it: it appends /v1/messages itself.
     """
+
+    thread_name = "anthropic-server"
 
     def __init__(
         self,
@@ -90,77 +91,20 @@ class AnthropicServer:
         api_key: str | None = None,
         model: str = "claude-oracle-1",
     ) -> None:
+        super().__init__(
+            _Handler,
+            faults=faults,
+            hang_s=hang_s,
+            delay_s=delay_s,
+            retry_after=retry_after,
+            api_key=api_key,
+            model=model,
+        )
         self.answers: list[AnswerEntry] = list(answers)
         self.default: Any = {} if default is None else default
-        self.hang_s = hang_s
-        self.delay_s = delay_s
-        self.retry_after = retry_after
-        self.api_key = api_key
-        self.model = model
-        self.requests: list[dict[str, Any]] = []
-        self.max_in_flight = 0
-        self._faults: list[str] = list(faults)
         self._cache: set[str] = set()
-        self._in_flight = 0
-        self._served = 0
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle -------------------------------------------------------------------------------------------
-
-    def start(self) -> AnthropicServer:
-        """Bind a free port on 127.0.0.1 and serve on a daemon thread."""
-        if self._httpd is not None:
-            return self
-        server = self
-
-        class Handler(_Handler):
-            server_fake = server
-
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        httpd.daemon_threads = True
-        self._httpd = httpd
-        self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, name="anthropic-server", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving; hanging handlers are released at once."""
-        self._stopping.set()
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._httpd = None
-        self._thread = None
-
-    def __enter__(self) -> AnthropicServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        if self._httpd is None:
-            raise RuntimeError("the Anthropic test server is not running")
-        return int(self._httpd.server_address[1])
-
-    @property
-    def base_url(self) -> str:
-        """The API root, as the SDK wants it: it appends /v1/messages itself."""
-        return f"http://127.0.0.1:{self.port}"
 
     # -- test helpers ----------------------------------------------------------------------------------------
-
-    def add_faults(self, *faults: str) -> None:
-        with self._lock:
-            self._faults.extend(faults)
 
     @property
     def message_requests(self) -> list[dict[str, Any]]:
@@ -180,30 +124,7 @@ class AnthropicServer:
             sum(u["cache_read_input_tokens"] for u in usages),
         )
 
-    # -- request handling (called from handler threads) ------------------------------------------------------
-
-    def _record(self, method: str, path: str, headers: Mapping[str, str], body: Any) -> dict[str, Any]:
-        entry: dict[str, Any] = {"method": method, "path": path, "headers": dict(headers), "body": body}
-        with self._lock:
-            self.requests.append(entry)
-        return entry
-
-    def _reply(self, entry: dict[str, Any], status: int, payload: Any) -> None:
-        with self._lock:
-            entry["status"], entry["response"] = status, payload
-
-    def _next_fault(self) -> str:
-        with self._lock:
-            return self._faults.pop(0) if self._faults else "ok"
-
-    def _enter(self) -> None:
-        with self._lock:
-            self._in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self._in_flight)
-
-    def _leave(self) -> None:
-        with self._lock:
-            self._in_flight -= 1
+    # -- answers (called from handler threads) ---------------------------------------------------------------
 
     def _pick(self, messages: Sequence[Mapping[str, Any]]) -> Any:
         user_texts = [_user_text(m.get("content")) for m in messages if m.get("role") == "user"]
@@ -241,9 +162,7 @@ class AnthropicServer:
         tools = body.get("tools") or [{}]
         tool_name = tool_choice.get("name") or tools[0].get("name") or "record_answer"
         max_tokens = int(body.get("max_tokens") or 0)
-        with self._lock:
-            self._served += 1
-            serial = self._served
+        serial = self._next_serial()
         stop_reason = "tool_use"
         stop_details: dict[str, Any] | None = None
         tool_input: Any = answer
@@ -356,86 +275,41 @@ def error_body(status: int, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": message}, "request_id": "req_oracle"}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    """HTTP/1.1 with keep-alive, as the SDK's connection pool expects."""
+class _Handler(FakeHandler):
+    """POST /v1/messages, with the API's auth check and error bodies; every other route is a 404."""
 
-    protocol_version = "HTTP/1.1"
-    timeout = 10  # idle keep-alive connections end instead of holding a thread forever
-    server_fake: AnthropicServer
-    _entry: dict[str, Any] | None = None
+    fake: AnthropicServer
+    response_headers: ClassVar[Mapping[str, str]] = {"request-id": "req_oracle"}
+    rate_limit_message = "Number of request tokens has exceeded your per-minute rate limit"
+    retry_after_header = "retry-after"
 
-    def log_message(self, format: str, *args: Any) -> None:
-        """Keep test output quiet."""
+    def error_body(self, status: int, message: str) -> dict[str, Any]:
+        return error_body(status, message)
 
-    def _send_json(self, status: int, payload: Any, headers: Mapping[str, str] | None = None) -> None:
-        data = json.dumps(payload).encode("utf-8")
-        if self._entry is not None:
-            self.server_fake._reply(self._entry, status, payload)
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("request-id", "req_oracle")
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout test)
-            self.close_connection = True
+    def fault_message(self, status: int) -> str:
+        return "Overloaded" if status == 529 else super().fault_message(status)
 
-    def _read_body(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        try:
-            return json.loads(raw or b"null")
-        except json.JSONDecodeError:
-            return raw.decode("utf-8", "replace")
-
-    def do_GET(self) -> None:
-        self._entry = self.server_fake._record("GET", self.path, {k.lower(): v for k, v in self.headers.items()}, None)
-        self._send_json(404, error_body(404, f"no route {self.path}"))
-
-    def do_POST(self) -> None:
-        fake = self.server_fake
-        body = self._read_body()
-        headers = {k.lower(): v for k, v in self.headers.items()}
-        self._entry = fake._record("POST", self.path, headers, body)
-        if not self.path.split("?")[0].rstrip("/").endswith("/v1/messages"):
-            self._send_json(404, error_body(404, f"no route {self.path}"))
+    def _post(self, path: str, body: Any, headers: Mapping[str, str]) -> None:
+        if not path.endswith("/v1/messages"):
+            self._not_found()
             return
-        fake._enter()
-        try:
-            self._messages(fake, body if isinstance(body, dict) else {}, headers)
-        finally:
-            fake._leave()
+        with self.fake.in_flight():
+            self._messages(body if isinstance(body, dict) else {}, headers)
 
-    def _messages(self, fake: AnthropicServer, body: dict[str, Any], headers: Mapping[str, str]) -> None:
+    def _messages(self, body: dict[str, Any], headers: Mapping[str, str]) -> None:
+        fake = self.fake
         given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
         if fake.api_key is not None and given != fake.api_key:
-            self._send_json(401, error_body(401, f"invalid x-api-key: {given}"))
+            self._send_error(401, f"invalid x-api-key: {given}")
             return
-        fault = fake._next_fault()
-        if fake.delay_s:
-            time.sleep(fake.delay_s)
-        if fault == "hang":
-            if fake._stopping.wait(fake.hang_s):
-                return
-        elif fault == "429":
-            message = "Number of request tokens has exceeded your per-minute rate limit"
-            self._send_json(429, error_body(429, message), {"retry-after": fake.retry_after})
+        fault = self._take_fault()
+        if fault == "401":
+            self._send_error(401, f"invalid x-api-key: {given}")
             return
-        elif fault == "529":
-            self._send_json(529, error_body(529, "Overloaded"))
-            return
-        elif fault == "401":
-            self._send_json(401, error_body(401, f"invalid x-api-key: {given}"))
-            return
-        elif _STATUS_FAULT.match(fault):
-            status = int(fault)
-            self._send_json(status, error_body(status, f"injected {HTTPStatus(status).phrase}"))
+        if self._serve_transport_fault(fault):
             return
         problem = _problem(body)
         if problem is not None:
-            self._send_json(400, error_body(400, problem))
+            self._send_error(400, problem)
             return
         self._send_json(200, fake._message(body, fault))

@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-import time
 from collections.abc import Iterable, Mapping, Sequence
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from fake_server import STATUS_FAULT, FakeHandler, FakeServer
 
 AnswerEntry = tuple[str, Any] | tuple[str, Any, float]
 """(needle, answer) or (needle, answer, logprob per token); the answer is a dict (sent as JSON) or text."""
 
 _TOKEN = re.compile(r"\w+|\s+|[^\w\s]")
-_STATUS_FAULT = re.compile(r"^[1-5][0-9]{2}$")
 
 
 def fake_tokens(content: str) -> list[str]:
@@ -32,7 +29,7 @@ def fake_tokens(content: str) -> list[str]:
     return _TOKEN.findall(content)
 
 
-class OracleServer:
+class OracleServer(FakeServer):
     """An OpenAI-compatible chat server answering from `answers`, usable as a context manager.
 
     The answer is chosen from the user messages, newest first: the first needle found in the newest user
@@ -52,7 +49,12 @@ class OracleServer:
       "ok"         a normal answer
     With `api_key` set, a request without `Authorization: Bearer <api_key>` gets 401 whose message quotes the
     key it was given, the worst case a client must redact.
+
+    Lifecycle, request records, the fault queue and the transport faults come from FakeServer (fake_server.py).
     """
+
+    thread_name = "oracle-server"
+    api_root = "/v1"
 
     def __init__(
         self,
@@ -67,80 +69,24 @@ class OracleServer:
         cached_tokens: int = 0,
         model: str = "oracle-1",
     ) -> None:
+        super().__init__(
+            _Handler,
+            faults=faults,
+            hang_s=hang_s,
+            delay_s=delay_s,
+            retry_after=retry_after,
+            api_key=api_key,
+            model=model,
+        )
         self.answers: list[AnswerEntry] = list(answers)
         self.default: Any = {} if default is None else default
-        self.hang_s = hang_s
-        self.delay_s = delay_s
-        self.retry_after = retry_after
-        self.api_key = api_key
         self.cached_tokens = cached_tokens
-        self.model = model
-        self.requests: list[dict[str, Any]] = []
-        self.max_in_flight = 0
         self.files: dict[str, dict[str, Any]] = {}
         self.batches: dict[str, dict[str, Any]] = {}
         self.hold_batches = False
         self.batch_faults: list[str] = []
-        self._faults: list[str] = list(faults)
-        self._in_flight = 0
-        self._served = 0
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle -------------------------------------------------------------------------------------------
-
-    def start(self) -> OracleServer:
-        """Bind a free port on 127.0.0.1 and serve on a daemon thread."""
-        if self._httpd is not None:
-            return self
-        oracle = self
-
-        class Handler(_Handler):
-            server_oracle = oracle
-
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        httpd.daemon_threads = True
-        self._httpd = httpd
-        self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, name="oracle-server", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving; hanging handlers are released at once."""
-        self._stopping.set()
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._httpd = None
-        self._thread = None
-
-    def __enter__(self) -> OracleServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        if self._httpd is None:
-            raise RuntimeError("the oracle server is not running")
-        return int(self._httpd.server_address[1])
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
 
     # -- test helpers ----------------------------------------------------------------------------------------
-
-    def add_faults(self, *faults: str) -> None:
-        with self._lock:
-            self._faults.extend(faults)
 
     @property
     def chat_requests(self) -> list[dict[str, Any]]:
@@ -196,7 +142,7 @@ class OracleServer:
                 item = json.loads(line)
                 with self._lock:
                     fault = self.batch_faults.pop(0) if self.batch_faults else "ok"
-                if _STATUS_FAULT.match(fault):
+                if STATUS_FAULT.match(fault):
                     errors.append(
                         {
                             "id": f"batch_req_{number}",
@@ -228,30 +174,7 @@ class OracleServer:
             batch["status"] = "completed"
             batch["request_counts"] = {"total": len(lines), "completed": len(outputs), "failed": len(errors)}
 
-    # -- request handling (called from handler threads) ------------------------------------------------------
-
-    def _record(self, method: str, path: str, headers: Mapping[str, str], body: Any) -> dict[str, Any]:
-        entry: dict[str, Any] = {"method": method, "path": path, "headers": dict(headers), "body": body}
-        with self._lock:
-            self.requests.append(entry)
-        return entry
-
-    def _reply(self, entry: dict[str, Any], status: int, payload: Any) -> None:
-        with self._lock:
-            entry["status"], entry["response"] = status, payload
-
-    def _next_fault(self) -> str:
-        with self._lock:
-            return self._faults.pop(0) if self._faults else "ok"
-
-    def _enter(self) -> None:
-        with self._lock:
-            self._in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self._in_flight)
-
-    def _leave(self) -> None:
-        with self._lock:
-            self._in_flight -= 1
+    # -- answers (called from handler threads) ---------------------------------------------------------------
 
     def _pick(self, messages: Sequence[Mapping[str, Any]]) -> tuple[Any, float]:
         user_texts = [_text_of(m.get("content")) for m in messages if m.get("role") == "user"]
@@ -281,9 +204,7 @@ class OracleServer:
             finish_reason = "length"
         elif fault == "refusal":
             content, refusal = None, "I cannot help with that."
-        with self._lock:
-            self._served += 1
-            serial = self._served
+        serial = self._next_serial()
         prompt_chars = sum(len(_text_of(m.get("content"))) for m in messages)
         completion_text = content if content is not None else (refusal or "")
         choice: dict[str, Any] = {
@@ -346,41 +267,18 @@ def _error_body(status: int, message: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": kinds.get(status, "server_error"), "param": None, "code": None}}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    """HTTP/1.1 with keep-alive, as the SDK's connection pool expects."""
+class _Handler(FakeHandler):
+    """The OpenAI routes: chat completions, models, and the Files and Batch APIs."""
 
-    protocol_version = "HTTP/1.1"
-    timeout = 10  # idle keep-alive connections end instead of holding a thread forever
-    server_oracle: OracleServer
-    _entry: dict[str, Any] | None = None
+    fake: OracleServer
 
-    def log_message(self, format: str, *args: Any) -> None:
-        """Keep test output quiet."""
+    def error_body(self, status: int, message: str) -> dict[str, Any]:
+        return _error_body(status, message)
 
-    def _send_json(self, status: int, payload: Any, headers: Mapping[str, str] | None = None) -> None:
-        data = json.dumps(payload).encode("utf-8")
-        if self._entry is not None:
-            self.server_oracle._reply(self._entry, status, payload)
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout test)
-            self.close_connection = True
-
-    def _read_body(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
+    def _parse_body(self, raw: bytes) -> Any:
         if self.headers.get("Content-Type", "").startswith("multipart/form-data"):
             return _multipart(self.headers.get("Content-Type", ""), raw)
-        try:
-            return json.loads(raw or b"null")
-        except json.JSONDecodeError:
-            return raw.decode("utf-8", "replace")
+        return super()._parse_body(raw)
 
     def _send_bytes(self, data: bytes) -> None:
         self.send_response(200)
@@ -389,10 +287,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_GET(self) -> None:
-        oracle = self.server_oracle
-        self._entry = oracle._record("GET", self.path, {k.lower(): v for k, v in self.headers.items()}, None)
-        path = self.path.split("?", 1)[0].rstrip("/")
+    def _get(self, path: str) -> None:
+        oracle = self.fake
         parts = path.split("/")
         if path.endswith("/models"):
             model = {"id": oracle.model, "object": "model", "created": 0, "owned_by": "oracle"}
@@ -402,50 +298,30 @@ class _Handler(BaseHTTPRequestHandler):
         elif path.endswith("/content") and parts[-2] in oracle.files:
             self._send_bytes(oracle.files[parts[-2]]["content"])
         else:
-            self._send_json(404, _error_body(404, f"no route {self.path}"))
+            self._not_found()
 
-    def do_POST(self) -> None:
-        oracle = self.server_oracle
-        body = self._read_body()
-        headers = {k.lower(): v for k, v in self.headers.items()}
-        self._entry = oracle._record("POST", self.path, headers, body)
-        path = self.path.split("?", 1)[0].rstrip("/")
+    def _post(self, path: str, body: Any, headers: Mapping[str, str]) -> None:
+        oracle = self.fake
         if path.endswith("/files") and isinstance(body, dict) and "file" in body:
             content, filename = body["file"]
             self._send_json(200, oracle._store_file(content, filename, str(body.get("purpose", ""))))
-            return
-        if path.endswith("/batches") and isinstance(body, dict):
+        elif path.endswith("/batches") and isinstance(body, dict):
             self._send_json(200, oracle._create_batch(body))
-            return
-        if not path.endswith("/chat/completions"):
-            self._send_json(404, _error_body(404, f"no route {self.path}"))
-            return
-        oracle._enter()
-        try:
-            self._chat(oracle, body if isinstance(body, dict) else {}, headers)
-        finally:
-            oracle._leave()
+        elif path.endswith("/chat/completions"):
+            with oracle.in_flight():
+                self._chat(body if isinstance(body, dict) else {}, headers)
+        else:
+            self._not_found()
 
-    def _chat(self, oracle: OracleServer, body: dict[str, Any], headers: Mapping[str, str]) -> None:
+    def _chat(self, body: dict[str, Any], headers: Mapping[str, str]) -> None:
+        oracle = self.fake
         if oracle.api_key is not None:
             given = headers.get("authorization", "").removeprefix("Bearer ").strip()
             if given != oracle.api_key:
                 message = f"Incorrect API key provided: {given}. You can find your API key at https://example.test."
-                self._send_json(401, _error_body(401, message))
+                self._send_error(401, message)
                 return
-        fault = oracle._next_fault()
-        if oracle.delay_s:
-            time.sleep(oracle.delay_s)
-        if fault == "hang":
-            if oracle._stopping.wait(oracle.hang_s):
-                return
-        elif fault == "429":
-            self._send_json(
-                429, _error_body(429, "Rate limit reached. Slow down."), {"Retry-After": oracle.retry_after}
-            )
-            return
-        elif _STATUS_FAULT.match(fault):
-            status = int(fault)
-            self._send_json(status, _error_body(status, f"injected {HTTPStatus(status).phrase}"))
+        fault = self._take_fault()
+        if self._serve_transport_fault(fault):
             return
         self._send_json(200, oracle._answer(body, fault))

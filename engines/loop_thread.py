@@ -1,0 +1,206 @@
+"""A private asyncio event loop on a daemon thread, and the engine base that answers batches through one.
+
+`predict` is synchronous and is called from Prefect task worker threads, some of which run an event loop of
+their own. An async SDK client (AsyncOpenAI, AsyncAnthropic) belongs to the event loop it first ran on, and so
+does an asyncio.Semaphore; a client and semaphore per calling thread would multiply the connections a job opens
+by its worker count. So each engine owns exactly one loop, on its own thread, and every `predict`, from any
+thread, with or without a running loop of its own, submits its batch there. One loop means one client (one
+connection pool) and one semaphore, so `max_concurrency` bounds the engine as a whole, not each calling thread.
+
+`LoopThread` is that loop; `AsyncClientEngine` is the batch plumbing both HTTP engines (engines/openai_compat.py,
+engines/anthropic.py) share on top of it, leaving them only what is provider-specific: the client and how one
+document is answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Generic, Protocol, Self, TypeVar
+
+from docroute.engines.base import EngineError, Prediction, Request, check_complete
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_CLOSE_TIMEOUT_S = 30.0
+"""How long `close` waits for the cleanup, then for the thread to end: a wedged server must not hang a flow."""
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Ask a loop thread to finish; the finalizer of a LoopThread dropped without close()."""
+    if not loop.is_closed():
+        loop.call_soon_threadsafe(loop.stop)
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Body of the loop thread: serve until stopped, then cancel leftovers and close the loop."""
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+class LoopThread:
+    """One asyncio event loop on a daemon thread, started on first use; safe to share between threads.
+
+    `run` blocks the calling thread until a coroutine finishes on the loop. `close` stops the loop and joins the
+    thread; a later `run` starts a fresh one. A LoopThread dropped without `close` (an engine nobody closed)
+    stops its thread from a `weakref.finalize`, so abandoned engines do not pile up threads. The thread and its
+    loop hold no reference back to the LoopThread, which is what lets that finalizer run.
+    """
+
+    def __init__(self, name: str) -> None:
+        """`name` names the thread (`docroute-<name>`) and prefixes errors and log lines."""
+        self.name = name
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._finalizer: weakref.finalize[[asyncio.AbstractEventLoop], LoopThread] | None = None
+
+    def __repr__(self) -> str:
+        return f"LoopThread(name={self.name!r}, running={self._loop is not None})"
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run `coroutine` on the loop and return its result (or raise its exception) in the calling thread.
+
+        Called from the loop's own thread it would wait on itself forever, so that raises EngineError instead.
+        """
+        loop, thread = self._ensure_started()
+        if threading.current_thread() is thread:
+            coroutine.close()  # never awaited: close it, so no "coroutine was never awaited" warning follows
+            raise EngineError(f"{self.name}: run() was called from its own event loop thread, waiting on itself")
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+
+    def close(self, async_cleanup: Callable[[], Awaitable[object]] | None = None) -> None:
+        """Run `async_cleanup()` on the loop (closing clients that belong to it), then stop the loop and join it.
+
+        A no-op when the loop never started. A failing cleanup is logged at debug level, never raised: close()
+        runs in `finally` blocks and `__exit__`, where it must not mask the caller's own error.
+        """
+        with self._lock:
+            loop, thread, finalizer = self._loop, self._thread, self._finalizer
+            self._loop = self._thread = self._finalizer = None
+        if loop is None or thread is None:
+            return
+        if finalizer is not None:
+            finalizer.detach()
+        if async_cleanup is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(_awaited(async_cleanup), loop).result(timeout=_CLOSE_TIMEOUT_S)
+            except Exception as exc:
+                log.debug("%s: closing the client failed: %s", self.name, type(exc).__name__)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=_CLOSE_TIMEOUT_S)
+
+    def _ensure_started(self) -> tuple[asyncio.AbstractEventLoop, threading.Thread]:
+        with self._lock:
+            if self._loop is None or self._thread is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=_run_loop, args=(loop,), name=f"docroute-{self.name}", daemon=True)
+                thread.start()
+                self._loop, self._thread = loop, thread
+                self._finalizer = weakref.finalize(self, _stop_loop, loop)
+            return self._loop, self._thread
+
+
+async def _awaited(make: Callable[[], Awaitable[T]]) -> T:
+    """Call and await `make` on the loop, so the awaitable is created where it runs (and only if it runs)."""
+    return await make()
+
+
+class _AsyncClosable(Protocol):
+    async def close(self) -> None: ...
+
+
+ClientT = TypeVar("ClientT", bound=_AsyncClosable)
+
+
+class AsyncClientEngine(ABC, Generic[ClientT]):
+    """An engine answering each request of a batch through one async SDK client, at most `max_concurrency` at once.
+
+    The client and the semaphore are created on the engine's LoopThread on first use and live there until
+    `close`, so every thread calling `predict` shares them (see the module docstring). Subclasses say how to
+    make the client and how to answer one document; `_answer` turns every model or transport failure into an
+    error row, so an exception out of it is a bug and fails the whole batch.
+    """
+
+    def __init__(self, *, name: str, max_concurrency: int, timeout_s: float, max_retries: int) -> None:
+        """Name the engine and check the client's limits; nothing connects until the first `predict`.
+
+        `timeout_s` and `max_retries` are handed to the SDK client, whose retry loop does the transport work.
+        """
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        if max_retries < 0:
+            raise ValueError("max_retries cannot be negative")
+        self.name = name
+        self.max_concurrency = max_concurrency
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self._loop_thread = LoopThread(name)
+        # touched only on the loop thread
+        self._client: ClientT | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def predict(self, batch: Sequence[Request]) -> list[Prediction]:
+        """Answer every request; exactly one prediction per request, in request order."""
+        requests = list(batch)
+        if not requests:
+            return []
+        if len({request.id for request in requests}) != len(requests):
+            raise EngineError("a batch holds the same request id twice")  # refuse before spending money
+        return check_complete(requests, self._loop_thread.run(self._predict_all(requests)), self.name)
+
+    def close(self) -> None:
+        """Close the HTTP client and stop the loop thread; a later `predict` starts afresh."""
+        self._loop_thread.close(self._aclose)
+
+    @abstractmethod
+    def _make_client(self) -> ClientT:
+        """Build the SDK client; called on the loop thread, which the client then belongs to."""
+
+    @abstractmethod
+    async def _answer(self, client: ClientT, semaphore: asyncio.Semaphore, request: Request) -> Prediction:
+        """Answer one request, holding `semaphore` while it talks to the provider; failures become error rows."""
+
+    async def _aclose(self) -> None:
+        client, self._client, self._semaphore = self._client, None, None
+        if client is not None:
+            await client.close()
+
+    async def _predict_all(self, requests: list[Request]) -> list[Prediction]:
+        if self._client is None:
+            self._client = self._make_client()
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.max_concurrency)
+        client, semaphore = self._client, self._semaphore
+        results = await asyncio.gather(
+            *(self._answer(client, semaphore, request) for request in requests), return_exceptions=True
+        )
+        predictions: list[Prediction] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result  # a bug, not a model or transport failure: fail the batch loudly
+            predictions.append(result)
+        return predictions
