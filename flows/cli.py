@@ -54,15 +54,21 @@ def _print_summary(summary: dict[str, Any], seconds: float) -> None:
     console.print(f"manifest: {summary['manifest']}")
 
 
-def _run(job: Path, output: str | None = None) -> dict[str, Any]:
-    from docroute.flows.process import process_documents
+def _check_job(job: Path) -> None:
+    """Fail fast, before Prefect starts, with the spec's own error message."""
     from docroute.schemas.load import JobSpecError, load_job
 
     try:
-        load_job(job)  # fail fast, before Prefect starts, with the spec's own error message
+        load_job(job)
     except JobSpecError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
+
+
+def _run(job: Path, output: str | None = None) -> dict[str, Any]:
+    from docroute.flows.process import process_documents
+
+    _check_job(job)
     return process_documents(str(job), output=output)
 
 
@@ -76,6 +82,63 @@ def run(
     started = time.perf_counter()
     summary = _run(job, output)
     _print_summary(summary, time.perf_counter() - started)
+
+
+@app.command()
+def calibrate(
+    job: Annotated[Path, typer.Argument(help="the job's YAML file")],
+    labels: Annotated[str | None, typer.Option(help="gold answers: csv/jsonl/parquet with a path column")] = None,
+    oracle: Annotated[str | None, typer.Option(help="'frontier': label a random sample with the frontier")] = None,
+    sample: Annotated[int, typer.Option(help="documents the oracle labels")] = 200,
+    output: Annotated[str | None, typer.Option(help="write the router here instead of the job's output.url")] = None,
+) -> None:
+    """Certify routing thresholds (accuracy >= target with probability >= 1 - delta) and write router.json."""
+    _quiet_prefect()
+    _check_job(job)
+    from rich.console import Console
+
+    from docroute.flows.calibrate import calibrate as calibrate_flow
+
+    result = calibrate_flow(str(job), labels=labels, oracle=oracle, sample=sample, output=output)
+    router = result["router"]
+    console = Console(soft_wrap=True)
+    console.print(
+        f"router {router.version}: {router.sample_size} labeled documents, target {router.target_accuracy} "
+        f"with probability >= {1 - router.delta:.3f}"
+    )
+    for part, cert in router.certificates.items():
+        threshold = "none: always escalate" if cert.threshold is None else f"{cert.threshold:.3f}"
+        console.print(
+            f"  {part}: threshold {threshold}, kept {cert.kept}/{cert.n}, escalation {cert.escalation_rate:.1%}"
+        )
+    console.print(f"written to {result['url']}")
+
+
+@app.command()
+def evaluate(
+    job: Annotated[Path, typer.Argument(help="the job's YAML file")],
+    labels: Annotated[str, typer.Option(help="gold answers: csv/jsonl/parquet with a path column")],
+    report: Annotated[Path, typer.Option(help="folder for report.md, metrics.json and the plot")],
+    frontier: Annotated[
+        str, typer.Option(help="gold: the labels play the frontier; call: real frontier calls")
+    ] = "gold",
+    frontier_model: Annotated[str | None, typer.Option(help="price escalations as this model")] = None,
+    output: Annotated[str | None, typer.Option(help="read the router from here instead of output.url")] = None,
+) -> None:
+    """Accuracy of small-only, frontier-only and routed answers, escalation rate, cost per 1,000 documents."""
+    _quiet_prefect()
+    _check_job(job)
+    from docroute.flows.evaluate import evaluate_job
+
+    result = evaluate_job(
+        str(job), labels=labels, report=str(report), frontier=frontier, frontier_model=frontier_model, output=output
+    )
+    metrics = result["metrics"]
+    routed = metrics["routed"]
+    typer.echo(
+        f"{metrics['n_documents']} documents · small-only accuracy {metrics['small_only']['accuracy']:.3f} · routed "
+        f"{routed['accuracy']:.3f} at {routed['escalation_rate']:.1%} escalation · report: {result['files']['report']}"
+    )
 
 
 @app.command()

@@ -24,6 +24,7 @@ from docroute.tasks.frontier_batches import collect_frontier_batches, submit_fro
 from docroute.tasks.ledger import merge_entries, run_record, summarise_part
 from docroute.tasks.read import document_id
 from docroute.tasks.report import start_progress, update_progress, write_ledger
+from docroute.tasks.router import usable_router
 from docroute.tasks.shard import RunContext, ShardResult, process_shard
 from docroute.tasks.write import results_part_url, write_parquet
 
@@ -59,7 +60,14 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     """Process every document of the job; must run inside a Prefect flow (it submits tasks)."""
     logger = get_run_logger()
     started = datetime.now(UTC)
-    run = RunContext(run_id=_run_id(), run_date=started.date())
+    router, why = usable_router(spec)
+    logger.info("routing: %s", why)
+    run = RunContext(
+        run_id=_run_id(),
+        run_date=started.date(),
+        router_version=router.version if router else None,
+        thresholds=router.thresholds() if router else None,
+    )
     shards: list[Shard] = discover_documents(spec)
     total_files = sum(s.size for s in shards)
     logger.info("job %s: %d files in %d shards (run %s)", spec.name, total_files, len(shards), run.run_id)

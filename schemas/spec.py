@@ -383,6 +383,18 @@ class RoutingSpec(StrictModel):
     max_frontier_usd: float | None = Field(
         default=5.0, ge=0, description="hard cap on frontier spend per run; null means no cap"
     )
+    target_accuracy: float = Field(
+        default=0.95, gt=0, lt=1, description="docroute calibrate: accuracy the kept rows must reach"
+    )
+    delta: float = Field(
+        default=0.05, gt=0, lt=1, description="docroute calibrate: allowed probability that the guarantee fails"
+    )
+    use_router: bool = Field(
+        default=True, description="use the calibrated <output>/router.json when it matches this job's spec hash"
+    )
+    audit_fraction: float = Field(
+        default=0.0, ge=0, le=1, description="share of kept rows also sent to the frontier to check agreement"
+    )
 
     @field_validator("field_thresholds")
     @classmethod

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from docroute.engines.prompts import chat_messages
+from docroute.schemas.pricing import ModelPrice
 from docroute.schemas.spec import JobSpec
 
 CHARS_PER_TOKEN = 4.0
@@ -180,6 +181,22 @@ def cost_table(entries: list[LedgerEntry], spec: JobSpec, *, run_id: str, run_da
     return pa.Table.from_pylist(records, schema=COST_SCHEMA)
 
 
+def prompt_overhead_tokens(spec: JobSpec) -> float:
+    """Tokens every frontier call spends before the document: instructions, labels, fields, examples."""
+    return sum(len(m["content"]) for m in chat_messages(spec.task, "")) / CHARS_PER_TOKEN
+
+
+def default_output_tokens(spec: JobSpec) -> int:
+    """A frontier answer's length when no call measured it: a label, and a short value per field."""
+    return 12 + 16 * (len(spec.task.extract.fields) if spec.task.extract else 0)
+
+
+def estimated_frontier_cost_usd(spec: JobSpec, price: ModelPrice, input_chars: int) -> float:
+    """What one document of this many characters would cost at the frontier (list price, no measurements)."""
+    tokens = prompt_overhead_tokens(spec) + input_chars / CHARS_PER_TOKEN
+    return price.cost_usd(round(tokens), default_output_tokens(spec))
+
+
 def all_frontier_by_route(entries: list[LedgerEntry], spec: JobSpec) -> dict[str, float]:
     """What each route's documents would have cost had they all gone to the frontier (empty without a frontier).
 
@@ -191,12 +208,12 @@ def all_frontier_by_route(entries: list[LedgerEntry], spec: JobSpec) -> dict[str
     if spec.frontier is None:
         return {}
     price = spec.frontier.unit_price
-    overhead = sum(len(m["content"]) for m in chat_messages(spec.task, "")) / CHARS_PER_TOKEN
+    overhead = prompt_overhead_tokens(spec)
     sent = [e for e in entries if e.role == "frontier" and e.route == "frontier"]
     sent_docs = sum(e.documents for e in sent)
     sent_chars = sum(e.input_chars for e in sent)
     tokens_per_char = 1 / CHARS_PER_TOKEN
-    output_per_doc = 12 + 16 * (len(spec.task.extract.fields) if spec.task.extract else 0)
+    output_per_doc: float = default_output_tokens(spec)
     if sent_docs:
         sent_in = sum(e.input_tokens for e in sent)
         output_per_doc = sum(e.output_tokens for e in sent) / sent_docs

@@ -26,29 +26,37 @@ def _fmt(value: float) -> str:
     return f"{value:.3f}"
 
 
-def decide(prediction: Prediction, spec: JobSpec) -> RouteDecision:
-    """Compare each required part's confidence with its threshold."""
-    parts: list[tuple[str, float | None, float]] = []
-    if spec.task.classify is not None:
-        parts.append(("label", prediction.label_confidence, spec.routing.threshold))
+def required_parts(spec: JobSpec) -> list[str]:
+    """The parts whose confidence decides a row's route: the label, and every required field."""
+    parts = ["label"] if spec.task.classify is not None else []
     if spec.task.extract is not None:
-        for field in spec.task.extract.fields:
-            if field.required:
-                parts.append(
-                    (
-                        field.name,
-                        prediction.field_confidences.get(field.name),
-                        spec.field_threshold(field.name),
-                    )
-                )
-    parts = [(name, None if c is None or math.isnan(c) else c, t) for name, c, t in parts]  # NaN is unknown
+        parts += [f.name for f in spec.task.extract.fields if f.required]
+    return parts
+
+
+def spec_thresholds(spec: JobSpec) -> dict[str, float | None]:
+    """The thresholds the job file states (a calibrated router may replace them)."""
+    return {
+        part: spec.routing.threshold if part == "label" else spec.field_threshold(part) for part in required_parts(spec)
+    }
+
+
+def part_confidence(prediction: Prediction, part: str) -> float | None:
+    value = prediction.label_confidence if part == "label" else prediction.field_confidences.get(part)
+    return None if value is None or math.isnan(value) else value  # NaN is unknown
+
+
+def decide(prediction: Prediction, thresholds: dict[str, float | None]) -> RouteDecision:
+    """Compare each required part's confidence with its threshold (None: no threshold is safe, escalate)."""
+    parts = [(name, part_confidence(prediction, name), t) for name, t in thresholds.items()]
     known = [c for _, c, _ in parts if c is not None]
     confidence = min(known) if known else None
-    below = [
-        f"{name} {'has no confidence' if c is None else _fmt(c)} < {_fmt(t)}"
-        for name, c, t in parts
-        if c is None or c < t
-    ]
+    below = []
+    for name, c, t in parts:
+        if t is None:
+            below.append(f"{name} has no certified threshold")
+        elif c is None or c < t:
+            below.append(f"{name} {'has no confidence' if c is None else _fmt(c)} < {_fmt(t)}")
     if below:
         return RouteDecision(True, confidence, "low confidence: " + "; ".join(below))
     if not parts:  # nothing required: keep the small answer

@@ -26,7 +26,7 @@ from docroute.tasks.frontier_batches import StagedRequest, queue_requests, write
 from docroute.tasks.infer import frontier_engine, run_engine, small_engine
 from docroute.tasks.ledger import LedgerEntry, summarise_part
 from docroute.tasks.read import SourceDocument, read_documents
-from docroute.tasks.route import RouteDecision, decide
+from docroute.tasks.route import RouteDecision, decide, spec_thresholds
 from docroute.tasks.write import results_part_url, write_parquet
 
 
@@ -37,6 +37,7 @@ class RunContext:
     run_id: str
     run_date: date
     router_version: str | None = None
+    thresholds: dict[str, float | None] | None = None  # from a calibrated router; None: the job file's
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def answer_documents(
             rows[doc.doc_id] = row
             escalated.append((doc, RouteDecision(True, None, row.route_reason)))
             continue
-        decision = decide(prediction, spec)
+        decision = decide(prediction, run.thresholds or spec_thresholds(spec))
         row = _base_row(doc, spec, run, "small", decision.reason)
         _apply_small(row, prediction, spec)
         row.confidence = decision.confidence

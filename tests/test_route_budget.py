@@ -15,7 +15,7 @@ import pytest
 from docroute.engines.base import Prediction
 from docroute.schemas.spec import JobSpec
 from docroute.tasks.budget import FrontierBudget, release_run_budget, run_budget
-from docroute.tasks.route import RouteDecision, decide
+from docroute.tasks.route import RouteDecision, decide, spec_thresholds
 
 # --------------------------------------------------------------------------------------------------------------------
 # decide()
@@ -65,47 +65,47 @@ _CONFIDENT = "confident: every required part at or above its threshold"
 
 
 def test_confident_classification_is_kept() -> None:
-    decision = decide(_prediction(0.93), _spec(extract=False))
+    decision = decide(_prediction(0.93), spec_thresholds(_spec(extract=False)))
     assert decision == RouteDecision(False, 0.93, _CONFIDENT)
 
 
 def test_low_label_confidence_escalates_with_numbers_in_the_reason() -> None:
-    decision = decide(_prediction(0.5), _spec(extract=False))
+    decision = decide(_prediction(0.5), spec_thresholds(_spec(extract=False)))
     assert decision == RouteDecision(True, 0.5, "low confidence: label 0.500 < 0.800")
 
 
 def test_confidence_exactly_at_the_threshold_is_kept() -> None:
-    assert decide(_prediction(0.8), _spec(extract=False)).escalate is False
-    assert decide(_prediction(0.7999), _spec(extract=False)).escalate is True
+    assert decide(_prediction(0.8), spec_thresholds(_spec(extract=False))).escalate is False
+    assert decide(_prediction(0.7999), spec_thresholds(_spec(extract=False))).escalate is True
 
 
 def test_threshold_zero_keeps_everything_with_a_confidence_and_one_keeps_only_certainty() -> None:
-    assert decide(_prediction(0.0), _spec(extract=False, threshold=0.0)).escalate is False
-    assert decide(_prediction(0.999), _spec(extract=False, threshold=1.0)).escalate is True
-    assert decide(_prediction(1.0), _spec(extract=False, threshold=1.0)).escalate is False
+    assert decide(_prediction(0.0), spec_thresholds(_spec(extract=False, threshold=0.0))).escalate is False
+    assert decide(_prediction(0.999), spec_thresholds(_spec(extract=False, threshold=1.0))).escalate is True
+    assert decide(_prediction(1.0), spec_thresholds(_spec(extract=False, threshold=1.0))).escalate is False
 
 
 def test_missing_label_confidence_escalates() -> None:
-    decision = decide(_prediction(None), _spec(extract=False))
+    decision = decide(_prediction(None), spec_thresholds(_spec(extract=False)))
     assert decision == RouteDecision(True, None, "low confidence: label has no confidence < 0.800")
 
 
 def test_field_thresholds_override_the_global_threshold() -> None:
     spec = _spec(threshold=0.8, field_thresholds={"total": 0.6})
-    kept = decide(_prediction(0.9, total=0.65, vendor=0.85), spec)
+    kept = decide(_prediction(0.9, total=0.65, vendor=0.85), spec_thresholds(spec))
     assert kept == RouteDecision(False, 0.65, _CONFIDENT)
-    escalated = decide(_prediction(0.9, total=0.55, vendor=0.85), spec)
+    escalated = decide(_prediction(0.9, total=0.55, vendor=0.85), spec_thresholds(spec))
     assert escalated == RouteDecision(True, 0.55, "low confidence: total 0.550 < 0.600")
     # a stricter per-field threshold escalates what the global one would keep
     strict = _spec(threshold=0.5, field_thresholds={"vendor": 0.95})
-    assert decide(_prediction(0.9, total=0.9, vendor=0.9), strict) == RouteDecision(
+    assert decide(_prediction(0.9, total=0.9, vendor=0.9), spec_thresholds(strict)) == RouteDecision(
         True, 0.9, "low confidence: vendor 0.900 < 0.950"
     )
 
 
 def test_every_low_part_is_named_in_order() -> None:
     spec = _spec(field_thresholds={"total": 0.6})
-    decision = decide(_prediction(0.5, total=0.55), spec)
+    decision = decide(_prediction(0.5, total=0.55), spec_thresholds(spec))
     assert decision == RouteDecision(
         True,
         0.5,
@@ -115,24 +115,26 @@ def test_every_low_part_is_named_in_order() -> None:
 
 def test_optional_fields_never_escalate_nor_lower_the_row_confidence() -> None:
     spec = _spec(classify=False)
-    decision = decide(_prediction(None, total=0.9, vendor=0.85, note=0.01), spec)
+    decision = decide(_prediction(None, total=0.9, vendor=0.85, note=0.01), spec_thresholds(spec))
     assert decision == RouteDecision(False, 0.85, _CONFIDENT)
     # an optional field with no confidence at all is fine too
-    assert decide(_prediction(None, total=0.9, vendor=0.85), spec) == RouteDecision(False, 0.85, _CONFIDENT)
+    assert decide(_prediction(None, total=0.9, vendor=0.85), spec_thresholds(spec)) == RouteDecision(
+        False, 0.85, _CONFIDENT
+    )
 
 
 def test_row_confidence_is_the_least_confident_required_part() -> None:
     spec = _spec()
-    assert decide(_prediction(0.97, total=0.91, vendor=0.88, note=0.1), spec).confidence == 0.88
-    assert decide(_prediction(0.82, total=0.91, vendor=0.88), spec).confidence == 0.82
+    assert decide(_prediction(0.97, total=0.91, vendor=0.88, note=0.1), spec_thresholds(spec)).confidence == 0.88
+    assert decide(_prediction(0.82, total=0.91, vendor=0.88), spec_thresholds(spec)).confidence == 0.82
     # a part without confidence escalates but the row still reports the known minimum
-    decision = decide(_prediction(0.97, total=0.91), spec)
+    decision = decide(_prediction(0.97, total=0.91), spec_thresholds(spec))
     assert decision.escalate is True
     assert decision.confidence == 0.91
 
 
 def test_reason_rounds_to_three_decimals() -> None:
-    decision = decide(_prediction(0.123456), _spec(extract=False, threshold=0.75))
+    decision = decide(_prediction(0.123456), spec_thresholds(_spec(extract=False, threshold=0.75)))
     assert decision.reason == "low confidence: label 0.123 < 0.750"
     assert decision.confidence == 0.123456
 
@@ -146,11 +148,13 @@ def test_no_required_parts_keeps_the_small_answer() -> None:
             "task": {"extract": {"fields": [{"name": "note", "type": "str", "required": False}]}},
         }
     )
-    assert decide(_prediction(None, note=0.05), spec) == RouteDecision(False, None, "no required parts")
+    assert decide(_prediction(None, note=0.05), spec_thresholds(spec)) == RouteDecision(
+        False, None, "no required parts"
+    )
 
 
 def test_nan_confidence_escalates() -> None:
-    decision = decide(_prediction(float("nan")), _spec(extract=False))
+    decision = decide(_prediction(float("nan")), spec_thresholds(_spec(extract=False)))
     assert decision.escalate is True
 
 
@@ -356,3 +360,8 @@ def test_threads_of_one_run_get_one_budget(run_id: str) -> None:
         budgets = list(pool.map(fetch, range(16)))
     assert len({id(b) for b in budgets}) == 1
     assert budgets[0] is run_budget(run_id, 1.0)
+
+
+def test_a_part_without_a_certified_threshold_always_escalates() -> None:
+    decision = decide(_prediction(1.0), {"label": None})
+    assert decision.escalate and "label has no certified threshold" in decision.reason
