@@ -109,6 +109,9 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         started_at=started,
         finished_at=datetime.now(UTC),
         parts=len(results),
+        router_version=run.router_version,
+        audited=sum(r.audited for r in results),
+        audit_agreed=sum(r.audit_agreed for r in results),
     )
     parts = [{"url": r.part_url, "rows": r.rows, "shard": r.shard_index} for r in results]
     files = write_ledger(spec, record, entries, parts)

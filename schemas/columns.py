@@ -35,6 +35,8 @@ PROVENANCE_COLUMNS: tuple[str, ...] = (
     "engine_seconds",
     "error",
     "truncated",
+    "audited",
+    "audit_agrees",
     "input_chars",
     "router_version",
 )

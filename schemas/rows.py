@@ -81,6 +81,8 @@ _TRAILING: list[tuple[str, pa.DataType, str]] = [
     ("engine_seconds", pa.float64(), "small-model compute time spent on the row"),
     ("error", pa.string(), "what went wrong, for error rows"),
     ("truncated", pa.bool_(), "the document was cut to the model's token budget"),
+    ("audited", pa.bool_(), "a kept small-model answer was also sent to the frontier to check it"),
+    ("audit_agrees", pa.bool_(), "for audited rows: whether the frontier gave the same answer"),
     ("input_chars", pa.int64(), "characters of parsed text"),
     ("router_version", pa.string(), "the calibrated router the thresholds came from, if any"),
 ]
@@ -141,6 +143,8 @@ class ResultRow:
     engine_seconds: float = 0.0
     error: str | None = None
     truncated: bool = False
+    audited: bool = False
+    audit_agrees: bool | None = None
     input_chars: int | None = None
     router_version: str | None = None
 
@@ -176,6 +180,8 @@ class ResultRow:
             "engine_seconds": self.engine_seconds,
             "error": self.error,
             "truncated": self.truncated,
+            "audited": self.audited,
+            "audit_agrees": self.audit_agrees,
             "input_chars": self.input_chars,
             "router_version": self.router_version,
         }
@@ -221,6 +227,8 @@ def row_from_record(record: dict[str, Any], spec: JobSpec) -> ResultRow:
         engine_seconds=record.get("engine_seconds") or 0.0,
         error=record.get("error"),
         truncated=bool(record.get("truncated")),
+        audited=bool(record.get("audited")),
+        audit_agrees=record.get("audit_agrees"),
         input_chars=record.get("input_chars"),
         router_version=record.get("router_version"),
     )

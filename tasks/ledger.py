@@ -259,6 +259,9 @@ RUN_SCHEMA = pa.schema(
         pa.field("engine_seconds", pa.float64()),
         pa.field("wall_seconds", pa.float64()),
         pa.field("parts", pa.int64()),
+        pa.field("router_version", pa.string()),
+        pa.field("audited", pa.int64()),
+        pa.field("audit_agreement", pa.float64()),
     ]
 )
 
@@ -272,6 +275,9 @@ def run_record(
     started_at: datetime,
     finished_at: datetime,
     parts: int,
+    router_version: str | None = None,
+    audited: int = 0,
+    audit_agreed: int = 0,
 ) -> dict[str, Any]:
     """One row describing the whole run: counts by route, spend, and the counterfactual."""
     small_entries = [e for e in entries if e.role == "small"]
@@ -306,4 +312,7 @@ def run_record(
         "engine_seconds": sum(e.engine_seconds for e in entries),
         "wall_seconds": (finished_at - started_at).total_seconds(),
         "parts": parts,
+        "router_version": router_version,
+        "audited": audited,
+        "audit_agreement": audit_agreed / audited if audited else None,
     }

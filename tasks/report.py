@@ -135,4 +135,16 @@ def write_ledger(
             key=f"{spec.name}-costs",
             description=f"docroute cost ledger for {spec.name} (run {run_id})",
         )
+        agreement = record.get("audit_agreement")
+        if agreement is not None and agreement < spec.routing.target_accuracy:
+            create_markdown_artifact(
+                markdown=(
+                    f"# Audit warning · {spec.name}\n\nRun `{run_id}`: the frontier agreed with "
+                    f"{agreement:.1%} of {record['audited']} audited answers the small model kept, below the target "
+                    f"accuracy of {spec.routing.target_accuracy:.1%}. The documents may have drifted from the "
+                    "calibration set: run `docroute calibrate` again."
+                ),
+                key=f"{spec.name}-audit-warning",
+                description="audit agreement below target",
+            )
     return {"manifest": manifest, "costs": costs, "runs": runs}

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -26,7 +27,8 @@ from docroute.tasks.frontier_batches import StagedRequest, queue_requests, write
 from docroute.tasks.infer import frontier_engine, run_engine, small_engine
 from docroute.tasks.ledger import LedgerEntry, summarise_part
 from docroute.tasks.read import SourceDocument, read_documents
-from docroute.tasks.route import RouteDecision, decide, spec_thresholds
+from docroute.tasks.route import RouteDecision, decide, required_parts, spec_thresholds
+from docroute.tasks.score import answers_of, part_correct
 from docroute.tasks.write import results_part_url, write_parquet
 
 
@@ -50,6 +52,8 @@ class ShardResult:
     routes: dict[str, int]
     entries: list[LedgerEntry] = field(default_factory=list)
     seconds: float = 0.0
+    audited: int = 0
+    audit_agreed: int = 0
 
 
 def _base_row(doc: SourceDocument, spec: JobSpec, run: RunContext, route: str, reason: str) -> ResultRow:
@@ -122,6 +126,33 @@ def finish_escalated(row: ResultRow, outcome: Escalation | None, decision_reason
     row.label, row.fields = None, {}
 
 
+def is_audited(spec: JobSpec, doc_id: str) -> bool:
+    """Pick a stable `audit_fraction` of documents: the same ones on every run and in every shard."""
+    fraction = spec.routing.audit_fraction
+    if fraction <= 0 or spec.frontier is None or spec.frontier.mode == "batch":
+        return False
+    return int(doc_id[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def apply_audit(spec: JobSpec, row: ResultRow, outcome: Escalation | None, small: Prediction) -> None:
+    """Record whether the frontier agrees with a kept answer; where it disagrees, the row takes its answer."""
+    if outcome is None or outcome.prediction is None or not outcome.prediction.ok:
+        return  # no budget, or the frontier failed: the kept answer stands, unaudited
+    frontier = outcome.prediction
+    row.audited = True
+    row.frontier_input_tokens = frontier.usage.input_tokens
+    row.frontier_output_tokens = frontier.usage.output_tokens
+    row.frontier_cost_usd = outcome.cost_usd
+    agrees = all(part_correct(spec, part, small, answers_of(frontier)) for part in required_parts(spec))
+    row.audit_agrees = agrees
+    if not agrees:
+        row.route, row.final_model = "frontier", frontier.model
+        row.route_reason = f"{row.route_reason}; audit: the frontier disagreed and its answer was taken"
+        row.label, row.fields = frontier.label, dict(frontier.fields)
+    else:
+        row.route_reason = f"{row.route_reason}; audit: the frontier agreed"
+
+
 def answer_documents(
     spec: JobSpec, run: RunContext, documents: Sequence[SourceDocument], part_url: str = ""
 ) -> tuple[list[ResultRow], list[StagedRequest]]:
@@ -156,10 +187,13 @@ def answer_documents(
             escalated.append((doc, decision))
         else:
             row.final_model = prediction.model
+    audits = [d for d in readable if rows[d.doc_id].route == "small" and is_audited(spec, d.doc_id)]
     staged: list[StagedRequest] = []
-    if escalated:
+    if escalated or audits:
         outcomes: dict[str, Escalation] = {}
+        # escalations come first: when the budget runs short it goes to rows that need an answer, not to audits
         requests = [Request(d.doc_id, d.text or "") for d, _ in escalated]
+        audit_requests = [Request(d.doc_id, d.text or "") for d in audits]
         has_frontier = spec.frontier is not None
         if spec.frontier is not None:
             budget = run_budget(run.run_id, spec.routing.max_frontier_usd)
@@ -168,7 +202,9 @@ def answer_documents(
             else:
                 engine = frontier_engine(spec)
                 assert engine is not None
-                outcomes = escalate(engine, requests, budget, spec.frontier.unit_price)
+                outcomes = escalate(engine, requests + audit_requests, budget, spec.frontier.unit_price)
+        for doc in audits:
+            apply_audit(spec, rows[doc.doc_id], outcomes.get(doc.doc_id), small[doc.doc_id])
         for doc, decision in escalated:
             row = rows[doc.doc_id]
             has_small = row.small_answer is not None
@@ -197,6 +233,8 @@ def process_shard(spec: JobSpec, shard: Shard, run: RunContext) -> ShardResult:
         routes=_route_counts(table),
         entries=summarise_part(table, spec),
         seconds=time.perf_counter() - started,
+        audited=int(pc.sum(table["audited"]).as_py() or 0),
+        audit_agreed=int(pc.sum(pc.fill_null(table["audit_agrees"], False)).as_py() or 0),
     )
     get_run_logger().info(
         "shard %d: %d files → %d rows %s in %.1f s",

@@ -301,3 +301,35 @@ routing:
         assert row["frontier_cost_usd"] == pytest.approx(expected)
     state = json.loads(next((output / "state" / "frontier_batches").glob("*.json")).read_text())
     assert state["status"] == "collected" and state["batch_status"] == "completed"
+
+
+def test_audits_check_kept_rows_and_warn_when_agreement_is_low(tmp_path: Path) -> None:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    everything_is_cooking = [(text, {"label": "cooking"}) for text in (SPORTS, WEATHER, COOKING)]
+    with OracleServer(everything_is_cooking) as server:
+        extra = _frontier_block(server, threshold=0.0).replace("routing:\n", "routing:\n  audit_fraction: 1.0\n")
+        summary, rows, gold = _run(tmp_path, extra, name="audit")
+    readable = {k for k, v in gold.items() if v}
+    by_key = {_key(r): r for r in rows.to_dicts()}
+    assert summary["audited"] == len(readable) == rows["audited"].sum()
+    for key in readable:
+        row = by_key[key]
+        small_label = json.loads(row["small_answer"])["label"]
+        assert row["audit_agrees"] == (small_label == "cooking")
+        assert row["route"] == ("small" if small_label == "cooking" else "frontier")
+        assert row["label"] == "cooking" and row["frontier_cost_usd"] > 0
+    assert summary["audit_agreement"] == pytest.approx(rows["audit_agrees"].sum() / len(readable))
+    assert summary["audit_agreement"] < 0.95
+
+    async def keys() -> set[str]:
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["topics-audit-warning"]))
+            )
+            return {a.key for a in found}
+
+    assert asyncio.run(keys()) == {"topics-audit-warning"}
