@@ -60,6 +60,8 @@ _TRAILING = [
     "engine_seconds",
     "error",
     "truncated",
+    "audited",
+    "audit_agrees",
     "input_chars",
     "router_version",
 ]
@@ -213,6 +215,8 @@ def test_schema_types() -> None:
         "input_tokens": pa.int64(),
         "cost_usd": pa.float64(),
         "truncated": pa.bool_(),
+        "audited": pa.bool_(),
+        "audit_agrees": pa.bool_(),
         "input_chars": pa.int64(),
         "small_answer": pa.string(),
     }
