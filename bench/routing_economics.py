@@ -1,0 +1,193 @@
+"""Certified routing on real labeled data: calibrate on one split, evaluate on another, frontier played by the gold.
+
+    python bench/routing_economics.py banking77 [--train 1500 --calibrate 1000 --evaluate 1000]
+    python bench/routing_economics.py sroie [--calibrate 150 --evaluate 150]
+
+Reads `../shared/datasets` (never copied into the repository): writes each split's documents and labels to a
+scratch folder, runs `docroute calibrate` and `docroute evaluate` with the embedded model, prints a table, appends
+a dated row to BENCHMARKS.md and copies the report (plot included) to bench/results/<dataset>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "datasets"
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
+    )
+
+
+def banking77(scratch: Path, train: int, calibrate: int, evaluate: int, seed: int) -> tuple[Path, Path, Path]:
+    rows = list(csv.DictReader((SHARED / "banking77" / "train.csv").open(encoding="utf-8")))
+    labels = json.loads((SHARED / "banking77" / "categories.json").read_text())
+    random.Random(seed).shuffle(rows)
+    parts = {
+        "train": rows[:train],
+        "cal": rows[train : train + calibrate],
+        "eval": rows[train + calibrate :][:evaluate],
+    }
+    with (scratch / "examples.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows((r["text"], r["category"]) for r in parts["train"])
+    for split in ("cal", "eval"):
+        folder = scratch / split
+        folder.mkdir()
+        with (scratch / f"{split}_labels.csv").open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "label"])
+            for i, row in enumerate(parts[split]):
+                (folder / f"q{i:05d}.txt").write_text(row["text"] + "\n", encoding="utf-8")
+                writer.writerow([f"q{i:05d}.txt", row["category"]])
+    label_lines = "\n".join(f"      - {{name: {json.dumps(name)}}}" for name in labels)
+    job = f"""name: bench-banking77
+source: {{url: {{SPLIT}}}}
+task:
+  instructions: Messages sent by customers of an online bank.
+  classify:
+    examples_file: {scratch / "examples.csv"}
+    labels:
+{label_lines}
+small_model: {{engine: llamacpp, classify_strategy: embedding_head}}
+frontier: {{provider: openai, model: gpt-4o-mini, api_key: not-used-the-gold-plays-the-frontier}}
+routing: {{target_accuracy: 0.9, delta: 0.05}}
+output: {{url: {scratch / "out"}}}
+shard_size: 256
+"""
+    return _write_jobs(scratch, job)
+
+
+def _sroie_text(box: Path) -> str:
+    lines = []
+    for raw in box.read_text(encoding="utf-8", errors="replace").splitlines():
+        parts = raw.split(",", 8)
+        if len(parts) == 9 and parts[8].strip():
+            lines.append(parts[8].strip())
+    return "\n".join(lines)
+
+
+def sroie(scratch: Path, _train: int, calibrate: int, evaluate: int, seed: int) -> tuple[Path, Path, Path]:
+    keys = sorted((SHARED / "sroie" / "train" / "key").glob("*.json"))
+    random.Random(seed).shuffle(keys)
+    shots, cal, ev = keys[:2], keys[2 : 2 + calibrate], keys[2 + calibrate : 2 + calibrate + evaluate]
+    fields = ("company", "date", "address", "total")
+    for split, chosen in (("cal", cal), ("eval", ev)):
+        folder = scratch / split
+        folder.mkdir()
+        with (scratch / f"{split}_labels.csv").open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", *fields])
+            for key in chosen:
+                gold = json.loads(key.read_text(encoding="utf-8"))
+                text = _sroie_text(SHARED / "sroie" / "train" / "box" / f"{key.stem}.csv")
+                (folder / f"{key.stem}.txt").write_text(text + "\n", encoding="utf-8")
+                writer.writerow([f"{key.stem}.txt", *(gold.get(f, "") for f in fields)])
+    examples = []
+    for key in shots:
+        gold = json.loads(key.read_text(encoding="utf-8"))
+        text = _sroie_text(SHARED / "sroie" / "train" / "box" / f"{key.stem}.csv")
+        examples.append({"text": text, "values": {f: gold.get(f) for f in fields}})
+    job = {
+        "name": "bench-sroie",
+        "source": {"url": "{SPLIT}"},
+        "task": {
+            "instructions": "Scanned shop receipts.",
+            "extract": {
+                "fields": [
+                    {"name": "company", "type": "str", "description": "the shop or company that issued the receipt"},
+                    {"name": "date", "type": "date"},
+                    {"name": "address", "type": "str", "description": "the shop's address"},
+                    {"name": "total", "type": "decimal", "description": "the total amount paid"},
+                ],
+                "examples": examples,
+            },
+        },
+        "small_model": {"engine": "llamacpp"},
+        "frontier": {"provider": "openai", "model": "gpt-4o-mini", "api_key": "not-used-the-gold-plays-the-frontier"},
+        "routing": {"target_accuracy": 0.9, "delta": 0.05},
+        "output": {"url": str(scratch / "out")},
+        "shard_size": 25,
+    }
+    return _write_jobs(scratch, json.dumps(job))
+
+
+def _write_jobs(scratch: Path, template: str) -> tuple[Path, Path, Path]:
+    cal, ev = scratch / "job_cal.yaml", scratch / "job_eval.yaml"
+    cal.write_text(template.replace("{SPLIT}", str(scratch / "cal")), encoding="utf-8")
+    ev.write_text(template.replace("{SPLIT}", str(scratch / "eval")), encoding="utf-8")
+    return cal, ev, scratch / "report"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", choices=["banking77", "sroie"])
+    parser.add_argument("--train", type=int, default=1500)
+    parser.add_argument("--calibrate", type=int, default=1000)
+    parser.add_argument("--evaluate", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix=f"docroute-bench-{args.dataset}-"))
+    build = banking77 if args.dataset == "banking77" else sroie
+    cal_job, eval_job, report = build(scratch, args.train, args.calibrate, args.evaluate, args.seed)
+    docroute = str(Path(sys.executable).parent / "docroute")
+    env = {**os.environ, "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    started = time.perf_counter()
+    subprocess.run(
+        [docroute, "calibrate", str(cal_job), "--labels", str(scratch / "cal_labels.csv")], check=True, env=env
+    )
+    calibrated = time.perf_counter()
+    subprocess.run(
+        [docroute, "evaluate", str(eval_job), "--labels", str(scratch / "eval_labels.csv"), "--report", str(report)],
+        check=True,
+        env=env,
+    )
+    finished = time.perf_counter()
+    metrics = json.loads((report / "metrics.json").read_text())
+    router = json.loads((scratch / "out" / "router.json").read_text())
+    results = ROOT / "bench" / "results" / args.dataset
+    if results.exists():
+        shutil.rmtree(results)
+    shutil.copytree(report, results)
+    (results / "router.json").write_text(json.dumps(router, indent=2), encoding="utf-8")
+    thresholds = ", ".join(
+        f"{part} {'none' if c['threshold'] is None else round(c['threshold'], 3)}"
+        for part, c in router["certificates"].items()
+    )
+    routed, small, frontier = metrics["routed"], metrics["small_only"], metrics["frontier_only"]
+    row = (
+        f"| {datetime.now(UTC).date()} | {args.dataset} | {router['sample_size']} / {metrics['n_documents']} | "
+        f"{thresholds} | {small['accuracy']:.3f} | {routed['accuracy']:.3f} | {routed['escalation_rate']:.1%} | "
+        f"${routed['cost_per_1000']:.4f} | ${frontier['cost_per_1000']:.4f} | "
+        f"{routed['savings_pct'] if routed['savings_pct'] is None else round(routed['savings_pct'], 1)}% | "
+        f"{calibrated - started:.0f} s + {finished - calibrated:.0f} s |"
+    )
+    print(row)
+    with (ROOT / "BENCHMARKS.md").open("a", encoding="utf-8") as handle:
+        handle.write(
+            f"\n<!-- routing {args.dataset}: {_machine()}; python bench/routing_economics.py {args.dataset} "
+            f"--train {args.train} --calibrate {args.calibrate} --evaluate {args.evaluate} --seed {args.seed} -->\n"
+            + row
+            + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
