@@ -172,20 +172,30 @@ def main() -> None:
         for part, c in router["certificates"].items()
     )
     routed, small, frontier = metrics["routed"], metrics["small_only"], metrics["frontier_only"]
+    header = (
+        "| calibration / evaluation docs | certified thresholds | small-only accuracy | routed accuracy | escalation "
+        "| routed $ / 1k docs | all-frontier $ / 1k docs | savings | calibrate + evaluate |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---|"
+    )
+    savings = "—" if routed["savings_pct"] is None else f"{routed['savings_pct']:.1f}%"
     row = (
-        f"| {datetime.now(UTC).date()} | {args.dataset} | {router['sample_size']} / {metrics['n_documents']} | "
-        f"{thresholds} | {small['accuracy']:.3f} | {routed['accuracy']:.3f} | {routed['escalation_rate']:.1%} | "
-        f"${routed['cost_per_1000']:.4f} | ${frontier['cost_per_1000']:.4f} | "
-        f"{routed['savings_pct'] if routed['savings_pct'] is None else round(routed['savings_pct'], 1)}% | "
+        f"| {router['sample_size']} / {metrics['n_documents']} | {thresholds} | {small['accuracy']:.3f} | "
+        f"{routed['accuracy']:.3f} | {routed['escalation_rate']:.1%} | ${routed['cost_per_1000']:.4f} | "
+        f"${frontier['cost_per_1000']:.4f} | "
+        f"{savings} | "
         f"{calibrated - started:.0f} s + {finished - calibrated:.0f} s |"
     )
+    print(header)
     print(row)
+    command = (
+        f"python bench/routing_economics.py {args.dataset} --train {args.train} --calibrate {args.calibrate} "
+        f"--evaluate {args.evaluate} --seed {args.seed}"
+    )
     with (ROOT / "BENCHMARKS.md").open("a", encoding="utf-8") as handle:
         handle.write(
-            f"\n<!-- routing {args.dataset}: {_machine()}; python bench/routing_economics.py {args.dataset} "
-            f"--train {args.train} --calibrate {args.calibrate} --evaluate {args.evaluate} --seed {args.seed} -->\n"
-            + row
-            + "\n"
+            f"\n### Routing economics · {args.dataset} · {datetime.now(UTC).date()}\n\n"
+            f"Machine: {_machine()}. Command: `{command}`. Report and plot: `bench/results/{args.dataset}/`.\n\n"
+            f"{header}\n{row}\n"
         )
 
 
