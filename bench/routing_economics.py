@@ -35,7 +35,8 @@ def _machine() -> str:
     )
 
 
-def banking77(scratch: Path, train: int, calibrate: int, evaluate: int, seed: int) -> tuple[Path, Path, Path]:
+def banking77(scratch: Path, options: argparse.Namespace) -> tuple[Path, Path, Path]:
+    train, calibrate, evaluate, seed = options.train, options.calibrate, options.evaluate, options.seed
     rows = list(csv.DictReader((SHARED / "banking77" / "train.csv").open(encoding="utf-8")))
     labels = json.loads((SHARED / "banking77" / "categories.json").read_text())
     random.Random(seed).shuffle(rows)
@@ -68,7 +69,7 @@ task:
 {label_lines}
 small_model: {{engine: llamacpp, classify_strategy: embedding_head}}
 frontier: {{provider: openai, model: gpt-4o-mini, api_key: not-used-the-gold-plays-the-frontier}}
-routing: {{target_accuracy: 0.9, delta: 0.05}}
+routing: {{target_accuracy: 0.9, delta: 0.05, certification: {options.certification}}}
 output: {{url: {scratch / "out"}}}
 shard_size: 256
 """
@@ -84,11 +85,13 @@ def _sroie_text(box: Path) -> str:
     return "\n".join(lines)
 
 
-def sroie(scratch: Path, _train: int, calibrate: int, evaluate: int, seed: int) -> tuple[Path, Path, Path]:
+def sroie(scratch: Path, options: argparse.Namespace) -> tuple[Path, Path, Path]:
+    calibrate, evaluate, seed = options.calibrate, options.evaluate, options.seed
     keys = sorted((SHARED / "sroie" / "train" / "key").glob("*.json"))
     random.Random(seed).shuffle(keys)
     shots, cal, ev = keys[:2], keys[2 : 2 + calibrate], keys[2 + calibrate : 2 + calibrate + evaluate]
     fields = ("company", "date", "address", "total")
+    required = set(options.required.split(",")) if options.required else set(fields)
     for split, chosen in (("cal", cal), ("eval", ev)):
         folder = scratch / split
         folder.mkdir()
@@ -105,24 +108,27 @@ def sroie(scratch: Path, _train: int, calibrate: int, evaluate: int, seed: int) 
         gold = json.loads(key.read_text(encoding="utf-8"))
         text = _sroie_text(SHARED / "sroie" / "train" / "box" / f"{key.stem}.csv")
         examples.append({"text": text, "values": {f: gold.get(f) for f in fields}})
+    field_specs = [
+        {"name": "company", "type": "str", "description": "the shop or company that issued the receipt"},
+        {"name": "date", "type": "date"},
+        {"name": "address", "type": "str", "description": "the shop's address"},
+        {"name": "total", "type": "decimal", "description": "the total amount paid"},
+    ]
+    for field in field_specs:
+        field["required"] = field["name"] in required
     job = {
         "name": "bench-sroie",
         "source": {"url": "{SPLIT}"},
         "task": {
             "instructions": "Scanned shop receipts.",
             "extract": {
-                "fields": [
-                    {"name": "company", "type": "str", "description": "the shop or company that issued the receipt"},
-                    {"name": "date", "type": "date"},
-                    {"name": "address", "type": "str", "description": "the shop's address"},
-                    {"name": "total", "type": "decimal", "description": "the total amount paid"},
-                ],
+                "fields": field_specs,
                 "examples": examples,
             },
         },
         "small_model": {"engine": "llamacpp"},
         "frontier": {"provider": "openai", "model": "gpt-4o-mini", "api_key": "not-used-the-gold-plays-the-frontier"},
-        "routing": {"target_accuracy": 0.9, "delta": 0.05},
+        "routing": {"target_accuracy": 0.9, "delta": 0.05, "certification": options.certification},
         "output": {"url": str(scratch / "out")},
         "shard_size": 25,
     }
@@ -143,10 +149,12 @@ def main() -> None:
     parser.add_argument("--calibrate", type=int, default=1000)
     parser.add_argument("--evaluate", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--certification", choices=["bonferroni", "fixed-sequence"], default="bonferroni")
+    parser.add_argument("--required", default="", help="sroie: comma-separated required fields (default: all four)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix=f"docroute-bench-{args.dataset}-"))
     build = banking77 if args.dataset == "banking77" else sroie
-    cal_job, eval_job, report = build(scratch, args.train, args.calibrate, args.evaluate, args.seed)
+    cal_job, eval_job, report = build(scratch, args)
     docroute = str(Path(sys.executable).parent / "docroute")
     env = {**os.environ, "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     started = time.perf_counter()
@@ -162,7 +170,8 @@ def main() -> None:
     finished = time.perf_counter()
     metrics = json.loads((report / "metrics.json").read_text())
     router = json.loads((scratch / "out" / "router.json").read_text())
-    results = ROOT / "bench" / "results" / args.dataset
+    variant = args.dataset + (f"-{args.required.replace(',', '-')}" if args.required else "")
+    results = ROOT / "bench" / "results" / variant
     if results.exists():
         shutil.rmtree(results)
     shutil.copytree(report, results)
@@ -189,12 +198,13 @@ def main() -> None:
     print(row)
     command = (
         f"python bench/routing_economics.py {args.dataset} --train {args.train} --calibrate {args.calibrate} "
-        f"--evaluate {args.evaluate} --seed {args.seed}"
+        f"--evaluate {args.evaluate} --seed {args.seed} --certification {args.certification}"
+        + (f" --required {args.required}" if args.required else "")
     )
     with (ROOT / "BENCHMARKS.md").open("a", encoding="utf-8") as handle:
         handle.write(
-            f"\n### Routing economics · {args.dataset} · {datetime.now(UTC).date()}\n\n"
-            f"Machine: {_machine()}. Command: `{command}`. Report and plot: `bench/results/{args.dataset}/`.\n\n"
+            f"\n### Routing economics · {variant} · {datetime.now(UTC).date()}\n\n"
+            f"Machine: {_machine()}. Command: `{command}`. Report and plot: `bench/results/{variant}/`.\n\n"
             f"{header}\n{row}\n"
         )
 

@@ -103,6 +103,7 @@ def calibrate(
         {part: (a.confidence, a.correct) for part, a in parts.items()},
         target_accuracy=spec.routing.target_accuracy,
         delta=spec.routing.delta,
+        procedure=spec.routing.certification,
     )
     calibrators = {part: fit_calibrator(a.confidence, a.correct) for part, a in parts.items()}
     ece = {part: expected_calibration_error(a.confidence, a.correct) for part, a in parts.items()}

@@ -389,6 +389,12 @@ class RoutingSpec(StrictModel):
     delta: float = Field(
         default=0.05, gt=0, lt=1, description="docroute calibrate: allowed probability that the guarantee fails"
     )
+    certification: Literal["bonferroni", "fixed-sequence"] = Field(
+        default="bonferroni",
+        description="docroute calibrate: bonferroni tests every threshold of a fixed grid at delta/grid size; "
+        "fixed-sequence orders thresholds on 20% of the labels and tests down from there at full delta (valid, "
+        "usually fewer escalations, needs more labels)",
+    )
     use_router: bool = Field(
         default=True, description="use the calibrated <output>/router.json when it matches this job's spec hash"
     )

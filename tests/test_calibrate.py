@@ -141,3 +141,20 @@ def test_evaluate_writes_report_with_gold_and_with_real_frontier_calls(tmp_path:
     metrics = result["metrics"]
     assert metrics["frontier_only"]["accuracy"] == 1.0 and metrics["frontier_assumed_correct"] is False
     assert metrics["per_label"] is not None
+
+
+def test_fixed_sequence_certification_is_selected_by_the_spec(tmp_path: Path) -> None:
+    labels = _labeled_corpus(tmp_path / "docs", 30)
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        topic_job_yaml(
+            tmp_path / "docs",
+            tmp_path / "out",
+            extra="routing: {target_accuracy: 0.8, delta: 0.2, certification: fixed-sequence}\n",
+        ),
+        encoding="utf-8",
+    )
+    cert = calibrate(str(job), labels=str(labels))["router"].certificates["label"]
+    assert "fixed-sequence" in cert.method and cert.n == 30
+    if cert.threshold is not None:
+        assert cert.lower_bound >= 0.8
