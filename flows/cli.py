@@ -31,7 +31,10 @@ def _print_summary(summary: dict[str, Any], seconds: float) -> None:
     from rich.table import Table
 
     console = Console(soft_wrap=True)
-    console.print(f"[bold]{summary['job']}[/bold]: {summary['documents']} documents in {seconds:.1f} s")
+    console.print(
+        f"[bold]{summary['job']}[/bold]: {summary['documents']} documents processed in {seconds:.1f} s "
+        f"({summary.get('up_to_date', 0)} up to date, skipped)"
+    )
     routes = Table()
     routes.add_column("route")
     routes.add_column("documents", justify="right")
@@ -65,22 +68,25 @@ def _check_job(job: Path) -> None:
         raise typer.Exit(2) from None
 
 
-def _run(job: Path, output: str | None = None) -> dict[str, Any]:
+def _run(job: Path, output: str | None = None, full_refresh: bool = False) -> dict[str, Any]:
     from docroute.flows.process import process_documents
 
     _check_job(job)
-    return process_documents(str(job), output=output)
+    return process_documents(str(job), output=output, full_refresh=full_refresh)
 
 
 @app.command()
 def run(
     job: Annotated[Path, typer.Argument(help="the job's YAML file")],
     output: Annotated[str | None, typer.Option(help="write here instead of the job's output.url")] = None,
+    full_refresh: Annotated[
+        bool, typer.Option("--full-refresh", help="reprocess every document, not only new and changed ones")
+    ] = False,
 ) -> None:
-    """Run a job: classify and/or extract every document, write Parquet and the cost ledger."""
+    """Run a job: classify and/or extract new and changed documents, write Parquet and the cost ledger."""
     _quiet_prefect()
     started = time.perf_counter()
-    summary = _run(job, output)
+    summary = _run(job, output, full_refresh)
     _print_summary(summary, time.perf_counter() - started)
 
 

@@ -7,6 +7,7 @@ window, not the corpus, and a shard that fails after its retries still yields on
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,14 @@ from docroute.schemas.spec import JobSpec
 from docroute.tasks.budget import release_run_budget
 from docroute.tasks.discover import Shard, discover_documents
 from docroute.tasks.frontier_batches import collect_frontier_batches, submit_frontier_batches
-from docroute.tasks.ledger import merge_entries, run_record, summarise_part
+from docroute.tasks.ledger import merge_entries, run_record
+from docroute.tasks.plan import clean_up_after_commit, make_plan, write_plan
 from docroute.tasks.read import document_id
 from docroute.tasks.report import start_progress, update_progress, write_ledger
 from docroute.tasks.router import usable_router
-from docroute.tasks.shard import RunContext, ShardResult, process_shard
-from docroute.tasks.write import results_part_url, write_parquet
+from docroute.tasks.shard import RunContext, ShardResult, process_shard, shard_result, write_errors
+from docroute.tasks.state import StateUpdate, load_state, merge_state, select_documents
+from docroute.tasks.write import read_parquet, write_parquet
 
 
 def _run_id() -> str:
@@ -41,6 +44,7 @@ def failed_shard_result(spec: JobSpec, shard: Shard, run: RunContext, reason: st
         ResultRow(
             doc_id=document_id(ref.uri),
             source_uri=ref.uri,
+            source_etag=ref.etag,
             run_id=run.run_id,
             spec_hash=spec.spec_hash(),
             processed_at=now,
@@ -51,13 +55,17 @@ def failed_shard_result(spec: JobSpec, shard: Shard, run: RunContext, reason: st
         for ref in shard.refs
     ]
     table = rows_to_table(rows, spec)
-    url = results_part_url(spec.output, run.run_date, run.run_id, shard.index)
+    url = run.part_url(spec, shard.index)
     write_parquet(spec.output, url, table)
-    return ShardResult(shard.index, url, table.num_rows, {"error": table.num_rows}, summarise_part(table, spec))
+    write_errors(spec, run, shard.index, table)
+    return shard_result(spec, shard.index, url, table)
 
 
-def run_job(spec: JobSpec) -> dict[str, Any]:
-    """Process every document of the job; must run inside a Prefect flow (it submits tasks)."""
+def run_job(spec: JobSpec, *, full_refresh: bool = False) -> dict[str, Any]:
+    """Process the job's new, changed and retryable documents; must run inside a Prefect flow (it submits tasks).
+
+    `full_refresh` ignores the state and processes every listed document again.
+    """
     logger = get_run_logger()
     started = datetime.now(UTC)
     router, why = usable_router(spec)
@@ -68,15 +76,35 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         router_version=router.version if router else None,
         thresholds=router.thresholds() if router else None,
     )
-    shards: list[Shard] = discover_documents(spec)
-    total_files = sum(s.size for s in shards)
-    logger.info("job %s: %d files in %d shards (run %s)", spec.name, total_files, len(shards), run.run_id)
+    refs = discover_documents(spec)
+    previous = None if full_refresh else load_state(spec.output)
+    selection = select_documents(refs, previous, spec)
+    plan = make_plan(spec, selection.todo, run.run_id, run.run_date)
+    write_plan(spec.output, plan)
+    run = replace(run, plan_id=plan.plan_id, plan_date=plan.run_date)
+    shards = plan.shards
+    logger.info(
+        "job %s: %d files listed; processing %d (%d new, %d changed, %d retried) in %d shards, %d up to date%s "
+        "(run %s)",
+        spec.name,
+        len(refs),
+        len(selection.todo),
+        selection.new,
+        selection.changed,
+        selection.retry,
+        len(shards),
+        selection.up_to_date,
+        f", resuming interrupted run {plan.resumed_from}" if plan.resumed_from else "",
+        run.run_id,
+    )
     progress = start_progress(spec, len(shards))
     results: list[ShardResult] = []
+    collected: list[ShardResult] = []
     batch_mode = spec.frontier is not None and spec.frontier.mode == "batch"
     if batch_mode:  # answers that arrived since the last run first: their rows leave `deferred`
         for number, batch in enumerate(collect_frontier_batches(spec, run.run_id, run.run_date)):
-            results.append(ShardResult(-1 - number, batch.part_url, batch.rows, batch.routes, batch.entries))
+            table = read_parquet(spec.output, batch.part_url)
+            collected.append(shard_result(spec, -1 - number, batch.part_url, table))
     pending = list(reversed(shards))
     running: dict[PrefectFuture[ShardResult], Shard] = {}
     try:
@@ -100,6 +128,12 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         except Exception as exc:  # the queued requests stay staged; the next run submits them
             logger.warning("could not submit the frontier batch, the next run will: %s", exc)
     results.sort(key=lambda r: r.shard_index)
+    update = StateUpdate(
+        by_document=[r.state for r in collected if r.state is not None],
+        by_file=[r.state for r in results if r.state is not None],
+    )
+    state = merge_state(previous, update, listed_uris=(r.uri for r in refs), run_id=run.run_id, processed_at=started)
+    results = collected + results
     entries = merge_entries([e for r in results for e in r.entries])
     record = run_record(
         spec,
@@ -113,9 +147,19 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         audited=sum(r.audited for r in results),
         audit_agreed=sum(r.audit_agreed for r in results),
     )
-    parts = [{"url": r.part_url, "rows": r.rows, "shard": r.shard_index} for r in results]
-    files = write_ledger(spec, record, entries, parts)
-    return {**record, **files, "entries": entries, "parts": parts}
+    parts = [{"url": r.part_url, "rows": r.rows, "shard": r.shard_index, "reused": r.reused} for r in results]
+    files = write_ledger(spec, record, entries, parts, state)
+    clean_up_after_commit(spec.output, plan)
+    return {
+        **record,
+        **files,
+        "entries": entries,
+        "parts": parts,
+        "listed": len(refs),
+        "up_to_date": selection.up_to_date,
+        "retried": selection.retry,
+        "resumed_from": plan.resumed_from,
+    }
 
 
 def with_output(spec: JobSpec, output: str | None) -> JobSpec:
@@ -127,10 +171,11 @@ def with_output(spec: JobSpec, output: str | None) -> JobSpec:
 
 
 @flow(name="process-documents", log_prints=False)
-def process_documents(job: str, output: str | None = None) -> dict[str, Any]:
-    """Classify and/or extract every document of a job file; returns the run summary.
+def process_documents(job: str, output: str | None = None, full_refresh: bool = False) -> dict[str, Any]:
+    """Classify and/or extract the new and changed documents of a job file; returns the run summary.
 
-    `job` is the path of the job's YAML file; `output`, when given, replaces the job's output URL.
+    `job` is the path of the job's YAML file; `output`, when given, replaces the job's output URL;
+    `full_refresh` reprocesses every document instead of only what changed since the last committed run.
     """
     spec = with_output(load_job(Path(job)), output)
-    return run_job(spec)
+    return run_job(spec, full_refresh=full_refresh)

@@ -11,6 +11,7 @@ PROVENANCE_COLUMNS: tuple[str, ...] = (
     "source_uri",
     "record_key",
     "content_sha256",
+    "source_etag",
     "doc_format",
     "run_id",
     "spec_hash",

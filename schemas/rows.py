@@ -52,6 +52,7 @@ _LEADING: list[tuple[str, pa.DataType, str]] = [
     ("source_uri", pa.string(), "where the document was read from"),
     ("record_key", pa.string(), "record id or index inside a json/jsonl file; null for whole files"),
     ("content_sha256", pa.string(), "SHA-256 of the document's bytes"),
+    ("source_etag", pa.string(), "the source listing's ETag (or mtime and size) when the file was read"),
     ("doc_format", SMALL_CATEGORY, "parser used: txt, md, html, pdf, docx, eml, json, jsonl"),
     ("run_id", pa.string(), "the run that wrote this row"),
     ("spec_hash", pa.string(), "hash of the task and small model that produced the answer"),
@@ -125,6 +126,7 @@ class ResultRow:
     route_reason: str
     record_key: str | None = None
     content_sha256: str | None = None
+    source_etag: str | None = None
     doc_format: str | None = None
     label: str | None = None
     label_confidence: float | None = None
@@ -158,6 +160,7 @@ class ResultRow:
             "source_uri": self.source_uri,
             "record_key": self.record_key,
             "content_sha256": self.content_sha256,
+            "source_etag": self.source_etag,
             "doc_format": self.doc_format,
             "run_id": self.run_id,
             "spec_hash": self.spec_hash,
@@ -209,6 +212,7 @@ def row_from_record(record: dict[str, Any], spec: JobSpec) -> ResultRow:
         route_reason=record["route_reason"] or "",
         record_key=record.get("record_key"),
         content_sha256=record.get("content_sha256"),
+        source_etag=record.get("source_etag"),
         doc_format=record.get("doc_format"),
         label=record.get("label"),
         label_confidence=record.get("label_confidence"),

@@ -53,12 +53,78 @@ def _resolve_path(url: str, info: ValidationInfo) -> str:
     return str(path if path.is_absolute() else (Path(base) / path).resolve())
 
 
-class SourceSpec(StrictModel):
+class S3Spec(StrictModel):
+    """S3 (or any S3-compatible store: MinIO, R2, Ceph) access for an s3:// URL.
+
+    Every field is optional: what is left out comes from the standard AWS chain (environment, shared config and
+    credentials files, instance or pod role), as boto does. Secrets are SecretStr so they never print, and they are
+    handed to s3fs only when a filesystem is opened.
+    """
+
+    endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint, e.g. http://minio:9000")
+    region: str | None = Field(default=None, description="AWS region of the bucket")
+    profile: str | None = Field(default=None, description="a profile of the shared AWS config")
+    anon: bool = Field(default=False, description="unsigned requests (public buckets)")
+    key: SecretStr | None = Field(default=None, repr=False, description="access key id")
+    secret: SecretStr | None = Field(default=None, repr=False, description="secret access key")
+    token: SecretStr | None = Field(default=None, repr=False, description="session token")
+
+    @model_validator(mode="after")
+    def _pair(self) -> Self:
+        if (self.key is None) != (self.secret is None):
+            raise ValueError("s3.key and s3.secret go together: give both, or neither to use the AWS chain")
+        return self
+
+    def fsspec_options(self) -> dict[str, Any]:
+        """The s3fs keyword arguments these settings mean."""
+        options: dict[str, Any] = {}
+        if self.anon:
+            options["anon"] = True
+        if self.profile:
+            options["profile"] = self.profile
+        if self.key is not None and self.secret is not None:
+            options["key"], options["secret"] = self.key.get_secret_value(), self.secret.get_secret_value()
+        if self.token is not None:
+            options["token"] = self.token.get_secret_value()
+        if self.endpoint_url:
+            options["endpoint_url"] = self.endpoint_url
+        if self.region:
+            options["client_kwargs"] = {"region_name": self.region}
+        return options
+
+
+class StorageAccess(StrictModel):
+    """How to open a location's filesystem: typed S3 settings, and raw fsspec options for anything else."""
+
+    s3: S3Spec | None = Field(default=None, description="s3:// access: endpoint, region, credentials")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, repr=False, description="extra fsspec keyword arguments for the URL's filesystem"
+    )
+
+    @model_validator(mode="after")
+    def _s3_only_for_s3(self) -> Self:
+        url = getattr(self, "url", "")
+        if self.s3 is not None and not url.startswith(("s3://", "s3a://")):
+            raise ValueError(f"s3 settings apply to s3:// URLs only, not {url!r}; use storage_options")
+        return self
+
+    def fsspec_options(self) -> dict[str, Any]:
+        """Keyword arguments for fsspec: storage_options, then the typed S3 settings (which win)."""
+        options = dict(self.storage_options)
+        if self.s3 is not None:
+            typed = self.s3.fsspec_options()
+            client_kwargs = {**options.get("client_kwargs", {}), **typed.pop("client_kwargs", {})}
+            options.update(typed)
+            if client_kwargs:
+                options["client_kwargs"] = client_kwargs
+        return options
+
+
+class SourceSpec(StorageAccess):
     """Where the documents are and how to read them."""
 
     url: str = Field(min_length=1, description="fsspec URL or local folder; local paths are relative to the job file")
     glob: str = Field(default="**/*", min_length=1, description="pattern under url selecting the documents")
-    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
     format: DocFormat = Field(default="auto", description="auto picks the parser from the file extension")
     text_field: str = Field(default="text", min_length=1, description="json/jsonl: dotted path of the text")
     id_field: str | None = Field(default=None, description="json/jsonl: dotted path of a stable record key")
@@ -411,11 +477,10 @@ class RoutingSpec(StrictModel):
         return thresholds
 
 
-class OutputSpec(StrictModel):
+class OutputSpec(StorageAccess):
     """Where the Parquet results, cost ledger and manifests go."""
 
     url: str = Field(min_length=1)
-    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
 
     @field_validator("url")
@@ -484,6 +549,10 @@ class JobSpec(StrictModel):
         data = self.model_dump(mode="json")
         for part in ("source", "output"):
             data[part]["storage_options"] = {k: "***" for k in data[part]["storage_options"]}
+            if data[part].get("s3"):
+                for secret in ("key", "secret", "token"):
+                    if data[part]["s3"].get(secret) is not None:
+                        data[part]["s3"][secret] = "***"
         if data.get("frontier"):
             data["frontier"]["api_key"] = "***" if self.frontier and self.frontier.api_key else None
         if data["small_model"].get("api_key"):

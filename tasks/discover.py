@@ -35,6 +35,7 @@ class Shard:
 
     index: int
     refs: tuple[DocumentRef, ...]
+    resume: bool = False  # an interrupted run may have written this shard's part already (tasks/plan.py)
 
     @property
     def size(self) -> int:
@@ -43,7 +44,7 @@ class Shard:
 
 def source_filesystem(source: SourceSpec) -> tuple[fsspec.AbstractFileSystem, str]:
     """Open the source's filesystem; returns it with the root path in that filesystem's terms."""
-    fs, root = url_to_fs(source.url, **source.storage_options)
+    fs, root = url_to_fs(source.url, **source.fsspec_options())
     return fs, root.rstrip("/") or "/"
 
 
@@ -59,6 +60,7 @@ def list_documents(source: SourceSpec, *, exclude_prefix: str | None = None) -> 
     """Return the files under the source's URL matching its glob, sorted, skipping dotfiles and the output."""
     fs, root = source_filesystem(source)
     pattern = posixpath.join(root, source.glob)
+    fs.invalidate_cache(root)  # s3fs and friends cache listings per process: a scheduled run must see new objects
     found = fs.glob(pattern, detail=True)
     if not found and fs.isfile(root):
         found = {root: fs.info(root)}
@@ -83,7 +85,6 @@ def cut_shards(refs: Sequence[DocumentRef], shard_size: int) -> list[Shard]:
 
 
 @task(name="discover-documents", retries=3, retry_delay_seconds=[1, 5, 20], cache_policy=NO_CACHE)
-def discover_documents(spec: JobSpec) -> list[Shard]:
-    """List the source and cut it into shards (retried: listing an object store can fail transiently)."""
-    refs = list_documents(spec.source, exclude_prefix=spec.output.url)
-    return cut_shards(refs, spec.shard_size)
+def discover_documents(spec: JobSpec) -> list[DocumentRef]:
+    """List the source (retried: listing an object store can fail transiently)."""
+    return list_documents(spec.source, exclude_prefix=spec.output.url)

@@ -96,7 +96,7 @@ def write_staging(spec: JobSpec, run_id: str, shard_index: int, staged: Sequence
         return
     payload = "\n".join(json.dumps({"doc_id": s.doc_id, "part": s.part_url, "line": s.line}) for s in staged)
     url = state_url(spec, "staging", run_id, f"{shard_index:05d}.jsonl")
-    fs, path = url_to_fs(url, **spec.output.storage_options)
+    fs, path = url_to_fs(url, **spec.output.fsspec_options())
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     with fs.open(path, "wb") as handle:
         handle.write(payload.encode("utf-8") + b"\n")
@@ -112,7 +112,7 @@ def submit_frontier_batches(spec: JobSpec, run_id: str) -> list[str]:
     """Submit every staged request (this run's, and any an interrupted run left) as batches; return their ids."""
     from docroute.engines.openai_batch import split_lines
 
-    fs, root = url_to_fs(state_url(spec, "staging"), **spec.output.storage_options)
+    fs, root = url_to_fs(state_url(spec, "staging"), **spec.output.fsspec_options())
     if not fs.exists(root):
         return []
     staged_files = sorted(p for p in fs.find(root) if p.endswith(".jsonl"))
@@ -146,7 +146,7 @@ def submit_frontier_batches(spec: JobSpec, run_id: str) -> list[str]:
 
 
 def _rows_of(spec: JobSpec, part_url: str, doc_ids: Sequence[str]) -> list[ResultRow]:
-    fs, path = url_to_fs(part_url, **spec.output.storage_options)
+    fs, path = url_to_fs(part_url, **spec.output.fsspec_options())
     with fs.open(path, "rb") as handle:
         table = pq.read_table(handle)
     table = table.filter(pc.is_in(table["doc_id"], value_set=pa.array(list(doc_ids))))
@@ -168,7 +168,7 @@ def collect_frontier_batches(spec: JobSpec, run_id: str, run_date: Any) -> list[
     from docroute.tasks.shard import finish_escalated
     from docroute.tasks.write import batch_part_url
 
-    fs, root = url_to_fs(state_url(spec), **spec.output.storage_options)
+    fs, root = url_to_fs(state_url(spec), **spec.output.fsspec_options())
     if not fs.exists(root):
         return []
     logger = get_run_logger()

@@ -18,7 +18,7 @@ import struct
 import unicodedata
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email import policy
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
@@ -77,6 +77,10 @@ _ZIP_MAX_TOTAL_BYTES = 100 * 1024 * 1024
 _ZIP_MEMBER_MAX_RATIO = 100
 _ZIP_MEMBER_RATIO_MIN_BYTES = 10 * 1024 * 1024
 _BINARY_CONTROL_RATIO = 0.10
+# Western European text is mostly ASCII letters; a higher share of accented ones means another script's bytes.
+_WESTERN_MAX_ACCENTED = 0.4
+# Non-letters that sit between letters in real text (apostrophes, dashes, the Catalan middle dot, no-break space).
+_WESTERN_IN_WORD = frozenset("\u2019\u2018\u2013\u2014\u00b7\u00a0")
 
 # Control characters real text never holds; \t \n \r \f and ESC (ANSI colour codes in logs) are excluded.
 _CONTROL_BYTES = bytes([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x1B), *range(0x1C, 0x20), 0x7F])
@@ -120,6 +124,7 @@ _HTML_CELLS = frozenset({"td", "th"})
 _HTML_PREFORMATTED = frozenset({"pre", "textarea", "listing", "plaintext"})
 
 _MISSING = object()
+_LOCAL_SCHEMES = frozenset({"file", "local"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +132,9 @@ class ParsedDocument:
     """One document's text, or why there is none.
 
     `record_key` tells records of one json/jsonl file apart (the id_field value, else the 0-based record
-    index); a whole file has None. Exactly one of `text` and `error` is set; `error_code` is a key of
-    `ERROR_CODES`.
+    index); a whole file has None. It is unique within its file, because the document id is derived from it: a
+    repeated id, or a position that another record's id already names, gets "@<index>" appended. Exactly one
+    of `text` and `error` is set; `error_code` is a key of `ERROR_CODES`.
     """
 
     record_key: str | None
@@ -158,9 +164,10 @@ def _failed(fmt: str, code: str, reason: str, record_key: str | None = None) -> 
 def detect_format(uri: str, declared: str) -> str:
     """Return the parser for a file: the declared format, or (for "auto") the one its extension names.
 
-    Query strings and fragments of URLs are ignored (s3 version ids, signed URLs); an extension docroute has
-    no parser for, or none at all, gives "unknown" so the file becomes an `unsupported_format` row instead of
-    being read with the wrong parser.
+    Query strings and fragments of remote URLs are ignored (s3 version ids, signed URLs), but a local file's
+    "#" or "?" is part of its name ("Invoice #42.txt"); an extension docroute has no parser for, or none at
+    all, gives "unknown" so the file becomes an `unsupported_format` row instead of being read with the wrong
+    parser.
     """
     declared = (declared or "auto").strip().lower()
     if declared != "auto":
@@ -169,9 +176,23 @@ def detect_format(uri: str, declared: str) -> str:
 
 
 def _extension(uri: str) -> str:
-    path = uri
-    if "://" in path:
-        path = path.split("://", 1)[1].split("?", 1)[0].split("#", 1)[0]
+    """The lower-cased extension of a URI's file name, or "" when it has none.
+
+    Listings hand over names verbatim, so "#" and "?" in them are literal: a local path keeps them, and a remote
+    URI drops what follows them only when that leaves a known extension ("report.pdf?versionId=x") or the
+    literal name has none docroute knows ("s3://bucket/Invoice #42.txt" is still a .txt).
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep or scheme.lower() in _LOCAL_SCHEMES:
+        return _name_extension(rest if sep else uri)
+    stripped = _name_extension(rest.split("?", 1)[0].split("#", 1)[0])
+    literal = _name_extension(rest)
+    if stripped in EXTENSION_FORMATS or literal not in EXTENSION_FORMATS:
+        return stripped or literal
+    return literal
+
+
+def _name_extension(path: str) -> str:
     name = path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
     stem, dot, suffix = name.rpartition(".")
     return f".{suffix.lower()}" if dot and stem else ""
@@ -352,9 +373,11 @@ def _sniff_utf16(data: bytes) -> str | None:
 def _guess_encoding(data: bytes) -> str:
     """Pick a legacy encoding for bytes that are not UTF-8, after ruling out binary data.
 
-    charset-normalizer has no tie-breaker for short Western text: "café naïve" in cp1252 scores exactly as
-    well as Farsi cp1006 or Central European cp1250, and it picks an arbitrary one. Windows-1252 is by far the
-    most common legacy encoding, so among the equally good candidates it wins.
+    Windows-1252 (a superset of the latin-1 letters) is by far the most common legacy encoding, and
+    charset-normalizer is unreliable on short Western text: it reads the latin-1 bytes of "Crème fraîche,
+    déjà vu" as Baltic cp1257 ("Crčme fraīche, déją vu") and "café naïve" scores exactly as well in Farsi
+    cp1006. So bytes whose cp1252 reading looks like Western European text are taken as cp1252 before any
+    detection runs; among detection's equally good candidates cp1252 wins as well.
     """
     controls = len(data) - len(data.translate(None, _CONTROL_BYTES))
     ratio = controls / len(data)
@@ -364,6 +387,9 @@ def _guess_encoding(data: bytes) -> str:
             "binary",
             f"not UTF-8 text and no other encoding fits: looks like binary data ({nul}{_percent(ratio)} control bytes)",
         )
+    western = _try_decode(data, "cp1252")
+    if western is not None and _looks_western(western):
+        return western
     from charset_normalizer import from_bytes
 
     matches = list(from_bytes(data))
@@ -380,6 +406,30 @@ def _guess_encoding(data: bytes) -> str:
         if tied and "cp1252" in match.could_be_from_charset and (text := _try_decode(data, "cp1252")) is not None:
             return text
     return str(best)
+
+
+def _looks_western(text: str) -> bool:
+    """Whether a cp1252 reading is plausible Western European text rather than another code page's mojibake.
+
+    Cyrillic, Greek, Hebrew or Arabic bytes read as cp1252 are nearly all accented letters ("Ïðèâåò ìèð");
+    Central European ones put symbols inside words ("Za¿ó³æ" for "Zażółć"). Real Western text has mostly
+    unaccented letters and no symbol between two letters except apostrophes, dashes and the middle dot.
+    """
+    letters = accented = 0
+    for index, char in enumerate(text):
+        if char.isascii():
+            letters += char.isalpha()
+            continue
+        if char.isalpha():
+            letters += 1
+            accented += 1
+        elif char not in _WESTERN_IN_WORD and _between_letters(text, index):
+            return False
+    return letters > 0 and accented <= _WESTERN_MAX_ACCENTED * letters
+
+
+def _between_letters(text: str, index: int) -> bool:
+    return 0 < index < len(text) - 1 and text[index - 1].isalpha() and text[index + 1].isalpha()
 
 
 def _utf8_error_offset(data: bytes) -> int:
@@ -543,14 +593,15 @@ def _pdf_text(data: bytes) -> str:
     except (RecursionError, MemoryError):
         raise
     except Exception as exc:
-        raise _DocumentError("pdf_corrupt", f"pypdf cannot read it: {_describe(exc)}") from None
+        raise _DocumentError("pdf_corrupt", f"pypdf cannot read it: {_describe(exc)}{_pdf_cut_off(data)}") from None
     if encrypted:
         _pdf_unlock(reader)
     try:
         pages = reader.pages
         count = len(pages)
     except Exception as exc:
-        raise _DocumentError("pdf_corrupt", f"pypdf cannot read its page tree: {_describe(exc)}") from None
+        reason = f"pypdf cannot read its page tree: {_describe(exc)}{_pdf_cut_off(data)}"
+        raise _DocumentError("pdf_corrupt", reason) from None
     if count == 0:
         raise _DocumentError("pdf_corrupt", "the PDF has no readable pages")
     texts: list[str] = []
@@ -563,7 +614,7 @@ def _pdf_text(data: bytes) -> str:
         except Exception as exc:
             errors.append(f"page {index + 1}: {_describe(exc)}")
     if errors and len(errors) == min(count, _PDF_MAX_PAGES):
-        raise _DocumentError("pdf_corrupt", f"no page could be read; {errors[0]}")
+        raise _DocumentError("pdf_corrupt", f"no page could be read; {errors[0]}{_pdf_cut_off(data)}")
     text = _normalise("\n\n".join(page.strip() for page in texts if page.strip()))
     if not text.strip():
         raise _DocumentError(
@@ -571,6 +622,18 @@ def _pdf_text(data: bytes) -> str:
             f"no text layer on any of its {count} page(s); scanned PDFs need OCR, which docroute does not do",
         )
     return text
+
+
+def _pdf_cut_off(data: bytes) -> str:
+    """Name the usual cause when pypdf gives up on a file without an end: a download or copy cut short.
+
+    pypdf's own message ("Stream has ended unexpectedly") does not tell the owner that the file is incomplete
+    and that fetching it again, not repairing it, is the fix. Writers end every PDF with %%EOF, allowed within
+    the last 1 KiB.
+    """
+    if b"%%EOF" in data[-1024:]:
+        return ""
+    return "; the file has no %%EOF marker at its end, so it is probably truncated (an interrupted download or copy)"
 
 
 def _pdf_unlock(reader: Any) -> None:
@@ -771,11 +834,13 @@ def _parse_json(text: str, source: SourceSpec) -> list[ParsedDocument]:
         )
     if not records:
         raise _DocumentError("empty", "the JSON array holds no records")
-    return [_json_record(record, index, source, "json") for index, record in enumerate(records)]
+    keyed = [_json_record(record, index, source, "json") for index, record in enumerate(records)]
+    return _distinct_keys([document for document, _ in keyed], [by_id for _, by_id in keyed])
 
 
 def _parse_jsonl(text: str, source: SourceSpec) -> list[ParsedDocument]:
     documents: list[ParsedDocument] = []
+    by_id: list[bool] = []
     for line_number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue  # blank lines separate nothing and are not records
@@ -785,24 +850,62 @@ def _parse_jsonl(text: str, source: SourceSpec) -> list[ParsedDocument]:
         except json.JSONDecodeError as exc:
             reason = f"line {line_number} is not valid JSON (column {exc.colno}: {exc.msg})"
             documents.append(_failed("jsonl", "json_corrupt", reason, str(index)))
+            by_id.append(False)
             continue
         except RecursionError:
             reason = f"line {line_number} is nested too deeply to parse"
             documents.append(_failed("jsonl", "json_corrupt", reason, str(index)))
+            by_id.append(False)
             continue
-        documents.append(_json_record(record, index, source, "jsonl", line_number))
+        document, keyed = _json_record(record, index, source, "jsonl", line_number)
+        documents.append(document)
+        by_id.append(keyed)
     if not documents:
         raise _DocumentError("empty", "the JSON Lines file holds no records")
-    return documents
+    return _distinct_keys(documents, by_id)
+
+
+def _distinct_keys(documents: list[ParsedDocument], by_id: list[bool]) -> list[ParsedDocument]:
+    """Give every record of a file its own key, so no two share a doc_id and one row overwrites the other.
+
+    Ids are not guaranteed unique (exports repeat them), and a record without a usable id falls back to its
+    position, which can equal another record's numeric id (a broken line 2 is "1", as is the record with id 1).
+    The first record carrying an id keeps it; a record keyed by position never takes an id away from one keyed
+    by its own id; every other clash gets "@<index>" appended, which stays the same on every run.
+    """
+    taken: set[str] = set()
+    keeps = [False] * len(documents)
+    for index, (document, keyed) in enumerate(zip(documents, by_id, strict=True)):
+        if keyed and document.record_key is not None and document.record_key not in taken:
+            taken.add(document.record_key)
+            keeps[index] = True
+    distinct: list[ParsedDocument] = []
+    for index, document in enumerate(documents):
+        key = document.record_key
+        if keeps[index] or key is None:
+            distinct.append(document)
+            continue
+        while key in taken:
+            key = f"{key}@{index}"
+        taken.add(key)
+        distinct.append(document if key == document.record_key else replace(document, record_key=key))
+    return distinct
 
 
 def _json_record(
     record: Any, index: int, source: SourceSpec, fmt: str, line_number: int | None = None
-) -> ParsedDocument:
+) -> tuple[ParsedDocument, bool]:
+    """Parse one record; the flag says whether its key is its own id (True) or its position (False)."""
     where = f"line {line_number}" if line_number is not None else f"record {index}"
     if not isinstance(record, dict):
-        return _failed(fmt, "json_not_object", f"{where} is {_json_kind(record)}, not an object", str(index))
-    key = _json_key(record, index, source.id_field)
+        reason = f"{where} is {_json_kind(record)}, not an object"
+        return _failed(fmt, "json_not_object", reason, str(index)), False
+    own_id = _json_id(record, source.id_field)
+    key = str(index) if own_id is None else own_id
+    return _json_record_text(record, key, where, source, fmt), own_id is not None
+
+
+def _json_record_text(record: dict[str, Any], key: str, where: str, source: SourceSpec, fmt: str) -> ParsedDocument:
     value = _lookup(record, source.text_field)
     if value is _MISSING or value is None:
         state = "is null" if value is None else "is missing"
@@ -822,13 +925,13 @@ def _json_record(
     return ParsedDocument(key, text, fmt)
 
 
-def _json_key(record: dict[str, Any], index: int, id_field: str | None) -> str:
-    """Key a record by its id_field when it has a usable one, else by position (stable within the file)."""
+def _json_id(record: dict[str, Any], id_field: str | None) -> str | None:
+    """The record's own key from id_field, or None when it has no usable one (the caller keys it by position)."""
     if not id_field:
-        return str(index)
+        return None
     value = _lookup(record, id_field)
     if value is _MISSING or value is None or value == "":
-        return str(index)
+        return None
     if isinstance(value, str):
         return value
     if isinstance(value, int | float) and not isinstance(value, bool):

@@ -26,6 +26,7 @@ class SourceDocument:
     format: str | None
     text: str | None
     error: str | None
+    etag: str | None = None  # the listing's ETag of the file, so the state table can tell a changed file
 
     @property
     def ok(self) -> bool:
@@ -39,7 +40,7 @@ def document_id(uri: str, record_key: str | None = None) -> str:
 
 
 def _failed(ref: DocumentRef, reason: str, fmt: str | None = None) -> SourceDocument:
-    return SourceDocument(document_id(ref.uri), ref.uri, None, None, fmt, None, reason)
+    return SourceDocument(document_id(ref.uri), ref.uri, None, None, fmt, None, reason, ref.etag)
 
 
 def read_documents(source: SourceSpec, refs: Sequence[DocumentRef]) -> list[SourceDocument]:
@@ -82,6 +83,7 @@ def read_documents(source: SourceSpec, refs: Sequence[DocumentRef]) -> list[Sour
                     format=parsed.format,
                     text=parsed.text,
                     error=parsed.error,
+                    etag=ref.etag,
                 )
             )
     return documents

@@ -7,7 +7,7 @@ has all its parts committed.
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import UTC, date, datetime
 from typing import Any
 from uuid import UUID
 
@@ -20,6 +20,7 @@ from prefect.exceptions import MissingContextError
 
 from docroute.schemas.spec import JobSpec
 from docroute.tasks.ledger import RUN_SCHEMA, LedgerEntry, cost_table
+from docroute.tasks.state import latest_manifest, prune_snapshots, state_snapshot_url
 from docroute.tasks.write import write_json, write_parquet
 
 
@@ -55,8 +56,9 @@ def runs_url(spec: JobSpec, run_date: date, run_id: str) -> str:
     return f"{spec.output.url}/runs/run_date={run_date.isoformat()}/run-{run_id}.parquet"
 
 
-def manifest_url(spec: JobSpec, run_id: str) -> str:
-    return f"{spec.output.url}/manifests/run-{run_id}.json"
+def manifest_url(spec: JobSpec, run_id: str, committed_at: datetime) -> str:
+    """Manifest names start with the commit time, so the newest committed run is the last name in the listing."""
+    return f"{spec.output.url}/manifests/{committed_at.strftime('%Y%m%dT%H%M%S%fZ')}--{run_id}.json"
 
 
 def _money(value: float | None) -> str:
@@ -102,16 +104,29 @@ def summary_markdown(spec: JobSpec, record: dict[str, Any], entries: list[Ledger
 
 @task(name="write-ledger", retries=3, retry_delay_seconds=[1, 5, 20], cache_policy=NO_CACHE)
 def write_ledger(
-    spec: JobSpec, record: dict[str, Any], entries: list[LedgerEntry], parts: list[dict[str, Any]]
+    spec: JobSpec,
+    record: dict[str, Any],
+    entries: list[LedgerEntry],
+    parts: list[dict[str, Any]],
+    state: pa.Table | None = None,
 ) -> dict[str, str]:
-    """Write the cost table and run row, then the manifest that commits the run; publish the artifacts."""
+    """Write the state snapshot, cost table and run row, then the manifest that commits the run; publish artifacts.
+
+    Until the manifest exists none of this run's files count: the next run reads the previous committed state.
+    """
     run_id, run_date = record["run_id"], record["run_date"]
     costs = costs_url(spec, run_date, run_id)
     runs = runs_url(spec, run_date, run_id)
+    previous = latest_manifest(spec.output)
+    snapshot = state_snapshot_url(spec.output, run_id) if state is not None else None
+    if snapshot is not None and state is not None:
+        write_parquet(spec.output, snapshot, state)
     write_parquet(spec.output, costs, cost_table(entries, spec, run_id=run_id, run_date=run_date))
     write_parquet(spec.output, runs, pa.Table.from_pylist([record], schema=RUN_SCHEMA))
-    manifest = manifest_url(spec, run_id)
-    write_json(spec.output, manifest, {"run": record, "parts": parts, "costs": costs, "runs": runs})
+    manifest = manifest_url(spec, run_id, datetime.now(UTC))
+    write_json(spec.output, manifest, {"run": record, "parts": parts, "costs": costs, "runs": runs, "state": snapshot})
+    if snapshot is not None:  # readers part-way through the previous snapshot keep it; older ones go
+        prune_snapshots(spec.output, [snapshot, *([previous["state"]] if previous and previous.get("state") else [])])
     if _in_run():
         create_markdown_artifact(
             markdown=summary_markdown(spec, record, entries),
@@ -147,4 +162,4 @@ def write_ledger(
                 key=f"{spec.name}-audit-warning",
                 description="audit agreement below target",
             )
-    return {"manifest": manifest, "costs": costs, "runs": runs}
+    return {"manifest": manifest, "costs": costs, "runs": runs, "state": snapshot or ""}

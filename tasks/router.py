@@ -97,7 +97,7 @@ def write_router(spec: JobSpec, router: Router) -> str:
 
 def load_router(spec: JobSpec) -> Router | None:
     """The current router, if one exists (spec-hash checks are the caller's: see `usable_router`)."""
-    fs, path = url_to_fs(router_url(spec), **spec.output.storage_options)
+    fs, path = url_to_fs(router_url(spec), **spec.output.fsspec_options())
     if not fs.exists(path):
         return None
     with fs.open(path, "rb") as handle:

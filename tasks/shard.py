@@ -29,7 +29,8 @@ from docroute.tasks.ledger import LedgerEntry, summarise_part
 from docroute.tasks.read import SourceDocument, read_documents
 from docroute.tasks.route import RouteDecision, decide, required_parts, spec_thresholds
 from docroute.tasks.score import answers_of, part_correct
-from docroute.tasks.write import results_part_url, write_parquet
+from docroute.tasks.state import state_of_part
+from docroute.tasks.write import errors_part_url, part_exists, read_parquet, results_part_url, write_parquet
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,14 @@ class RunContext:
     run_date: date
     router_version: str | None = None
     thresholds: dict[str, float | None] | None = None  # from a calibrated router; None: the job file's
+    plan_id: str = ""  # names the part files; a run resuming an interrupted one keeps that run's id
+    plan_date: date | None = None
+
+    def part_url(self, spec: JobSpec, shard_index: int) -> str:
+        return results_part_url(spec.output, self.plan_date or self.run_date, self.plan_id or self.run_id, shard_index)
+
+    def errors_url(self, spec: JobSpec, shard_index: int) -> str:
+        return errors_part_url(spec.output, self.plan_date or self.run_date, self.plan_id or self.run_id, shard_index)
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,8 @@ class ShardResult:
     seconds: float = 0.0
     audited: int = 0
     audit_agreed: int = 0
+    state: pa.Table | None = None  # the state rows of this part's documents (tasks/state.py)
+    reused: bool = False
 
 
 def _base_row(doc: SourceDocument, spec: JobSpec, run: RunContext, route: str, reason: str) -> ResultRow:
@@ -62,6 +73,7 @@ def _base_row(doc: SourceDocument, spec: JobSpec, run: RunContext, route: str, r
         source_uri=doc.uri,
         record_key=doc.record_key,
         content_sha256=doc.content_sha256,
+        source_etag=doc.etag,
         doc_format=doc.format,
         run_id=run.run_id,
         spec_hash=spec.spec_hash(),
@@ -218,33 +230,72 @@ def answer_documents(
 
 @task(name="process-shard", retries=2, retry_delay_seconds=[2, 15], cache_policy=NO_CACHE)
 def process_shard(spec: JobSpec, shard: Shard, run: RunContext) -> ShardResult:
-    """Process one shard end to end and write its Parquet part; retried as a whole on storage errors."""
+    """Process one shard end to end and write its Parquet part; retried as a whole on storage errors.
+
+    A shard of a resumed plan whose part the interrupted run already wrote is read back instead of recomputed.
+    """
     started = time.perf_counter()
-    documents = read_documents(spec.source, shard.refs)
-    url = results_part_url(spec.output, run.run_date, run.run_id, shard.index)
-    rows, staged = answer_documents(spec, run, documents, url)
-    table = rows_to_table(rows, spec)
-    write_staging(spec, run.run_id, shard.index, staged)  # before the part: a committed row is never orphaned
-    write_parquet(spec.output, url, table)
-    result = ShardResult(
-        shard_index=shard.index,
-        part_url=url,
-        rows=table.num_rows,
-        routes=_route_counts(table),
-        entries=summarise_part(table, spec),
-        seconds=time.perf_counter() - started,
-        audited=int(pc.sum(table["audited"]).as_py() or 0),
-        audit_agreed=int(pc.sum(pc.fill_null(table["audit_agrees"], False)).as_py() or 0),
-    )
+    url = run.part_url(spec, shard.index)
+    table = _reusable_part(spec, shard, url) if shard.resume else None
+    reused = table is not None
+    if table is None:
+        documents = read_documents(spec.source, shard.refs)
+        rows, staged = answer_documents(spec, run, documents, url)
+        table = rows_to_table(rows, spec)
+        write_staging(spec, run.run_id, shard.index, staged)  # before the part: a committed row is never orphaned
+        write_parquet(spec.output, url, table)
+        write_errors(spec, run, shard.index, table)
+    result = shard_result(spec, shard.index, url, table, time.perf_counter() - started, reused=reused)
     get_run_logger().info(
-        "shard %d: %d files → %d rows %s in %.1f s",
+        "shard %d: %d files → %d rows %s in %.1f s%s",
         shard.index,
         shard.size,
         result.rows,
         " ".join(f"{route}={count}" for route, count in sorted(result.routes.items())),
         result.seconds,
+        " (part reused from the interrupted run)" if reused else "",
     )
     return result
+
+
+def shard_result(
+    spec: JobSpec, index: int, url: str, table: pa.Table, seconds: float = 0.0, *, reused: bool = False
+) -> ShardResult:
+    """Everything the flow needs from a written part, computed from the part itself so the ledger equals the rows."""
+    return ShardResult(
+        shard_index=index,
+        part_url=url,
+        rows=table.num_rows,
+        routes=_route_counts(table),
+        entries=summarise_part(table, spec),
+        seconds=seconds,
+        audited=int(pc.sum(table["audited"]).as_py() or 0),
+        audit_agreed=int(pc.sum(pc.fill_null(table["audit_agrees"], False)).as_py() or 0),
+        state=state_of_part(table, url),
+        reused=reused,
+    )
+
+
+def _reusable_part(spec: JobSpec, shard: Shard, url: str) -> pa.Table | None:
+    """The interrupted run's part for this shard, if it was written whole for exactly these files and this spec."""
+    if not part_exists(spec.output, url):
+        return None
+    try:
+        table = read_parquet(spec.output, url)
+    except Exception:  # a torn or unreadable part is recomputed
+        return None
+    if table.num_rows == 0 or set(table["source_uri"].to_pylist()) != {r.uri for r in shard.refs}:
+        return None
+    if set(table["spec_hash"].to_pylist()) != {spec.spec_hash()}:
+        return None
+    return table
+
+
+def write_errors(spec: JobSpec, run: RunContext, shard_index: int, table: pa.Table) -> None:
+    """Copy the shard's error rows to <output>/errors/ for triage (same name per shard: a retry overwrites)."""
+    errors = table.filter(pc.equal(pc.cast(table["route"], pa.string()), "error"))
+    if errors.num_rows:
+        write_parquet(spec.output, run.errors_url(spec, shard_index), errors)
 
 
 def _route_counts(table: pa.Table) -> dict[str, int]:

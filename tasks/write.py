@@ -23,6 +23,11 @@ def results_part_url(output: OutputSpec, run_date: date, run_id: str, shard_inde
     return f"{output.url}/results/run_date={run_date.isoformat()}/part-{run_id}-{shard_index:05d}.parquet"
 
 
+def errors_part_url(output: OutputSpec, run_date: date, run_id: str, shard_index: int) -> str:
+    """Where a shard's error rows are copied for triage."""
+    return f"{output.url}/errors/run_date={run_date.isoformat()}/errors-{run_id}-{shard_index:05d}.parquet"
+
+
 def batch_part_url(output: OutputSpec, run_date: date, run_id: str, batch_id: str) -> str:
     """Where a run writes the rows a collected frontier batch answered."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in batch_id)
@@ -30,7 +35,7 @@ def batch_part_url(output: OutputSpec, run_date: date, run_id: str, batch_id: st
 
 
 def _atomic_write(output: OutputSpec, url: str, payload: bytes) -> None:
-    fs, path = url_to_fs(url, **output.storage_options)
+    fs, path = url_to_fs(url, **output.fsspec_options())
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         temporary = f"{posixpath.dirname(path)}/.{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp"
@@ -47,6 +52,17 @@ def write_parquet(output: OutputSpec, url: str, table: pa.Table) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression=None if output.compression == "none" else output.compression)
     _atomic_write(output, url, sink.getvalue().to_pybytes())
+
+
+def part_exists(output: OutputSpec, url: str) -> bool:
+    fs, path = url_to_fs(url, **output.fsspec_options())
+    return bool(fs.exists(path))
+
+
+def read_parquet(output: OutputSpec, url: str) -> pa.Table:
+    fs, path = url_to_fs(url, **output.fsspec_options())
+    with fs.open(path, "rb") as handle:
+        return pq.read_table(handle)
 
 
 def write_json(output: OutputSpec, url: str, payload: dict[str, Any]) -> None:

@@ -36,6 +36,7 @@ _LEADING = [
     "source_uri",
     "record_key",
     "content_sha256",
+    "source_etag",
     "doc_format",
     "run_id",
     "spec_hash",

@@ -743,3 +743,38 @@ def test_load_job_non_utf8_file(tmp_path: Path) -> None:
     with pytest.raises(JobSpecError) as info:
         load_job(path, env={})
     assert info.value.problems == ["the job file is not UTF-8 text (invalid continuation byte)"]
+
+
+def test_s3_settings_become_s3fs_options_and_stay_secret() -> None:
+    from docroute.schemas.spec import OutputSpec, SourceSpec
+
+    source = SourceSpec(
+        url="s3://bucket/in",
+        s3={"endpoint_url": "http://127.0.0.1:9000", "region": "eu-west-1", "key": "AKIA1", "secret": "s3cr3t"},
+        storage_options={"client_kwargs": {"verify": False}, "default_block_size": 1024},
+    )
+    assert source.fsspec_options() == {
+        "key": "AKIA1",
+        "secret": "s3cr3t",
+        "endpoint_url": "http://127.0.0.1:9000",
+        "client_kwargs": {"verify": False, "region_name": "eu-west-1"},
+        "default_block_size": 1024,
+    }
+    assert "s3cr3t" not in repr(source) and "AKIA1" not in repr(source)
+    assert OutputSpec(url="s3://b/out", s3={"profile": "etl"}).fsspec_options() == {"profile": "etl"}
+    assert OutputSpec(url="s3://b/out").fsspec_options() == {}  # the AWS chain decides
+    with pytest.raises(ValueError, match="go together"):
+        SourceSpec(url="s3://bucket/in", s3={"key": "AKIA1"})
+    with pytest.raises(ValueError, match="s3:// URLs only"):
+        SourceSpec(url="gs://bucket/in", s3={"region": "eu-west-1"})
+
+
+def test_redacted_masks_s3_credentials() -> None:
+    job = JobSpec(
+        name="s3",
+        source={"url": "s3://bucket/docs", "s3": {"key": "AKIA-SRC", "secret": "src-secret", "token": "tok"}},
+        task={"classify": {"labels": [{"name": "a"}, {"name": "b"}]}},
+        output={"url": "s3://bucket/out"},
+    )
+    text = json.dumps(job.redacted())
+    assert "src-secret" not in text and "AKIA-SRC" not in text and "tok\"" not in text

@@ -1,0 +1,224 @@
+"""The output's document state: which documents are answered, from which version of their file, under which spec.
+
+Scheduled runs re-list a growing bucket every night; the state is what lets them process only what is new. It is
+one row per document (doc_id) — its file's URI and ETag, the spec hash and model that answered it, its route,
+whether it must be retried, and the part file holding its current row — written as a Parquet snapshot by every
+run and named in that run's manifest. The manifest is written last, so the next run trusts only the newest
+*committed* snapshot: a run that died never changes what counts as done. Reading one snapshot keeps the cost
+O(documents), never O(runs).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+from docroute.schemas.spec import JobSpec, OutputSpec
+from docroute.tasks.discover import DocumentRef
+from docroute.tasks.frontier_batches import QUEUED
+
+STATE_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string()),
+        pa.field("source_uri", pa.string()),
+        pa.field("source_etag", pa.string()),
+        pa.field("spec_hash", pa.string()),
+        pa.field("small_model", pa.string()),
+        pa.field("route", pa.string()),
+        pa.field("retry", pa.bool_()),
+        pa.field("part_url", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("processed_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+TRANSIENT_ERRORS = ("shard failed after retries", "small model failed")
+"""Error reasons that a later run may not meet again (the same bytes always fail to parse the same way)."""
+
+
+def manifests_dir(output: OutputSpec) -> str:
+    return f"{output.url}/manifests"
+
+
+def state_snapshot_url(output: OutputSpec, run_id: str) -> str:
+    return f"{output.url}/state/documents/state-{run_id}.parquet"
+
+
+def latest_manifest(output: OutputSpec) -> dict[str, Any] | None:
+    """The newest committed run's manifest (names sort by commit time), or None before the first run."""
+    fs, root = url_to_fs(manifests_dir(output), **output.fsspec_options())
+    fs.invalidate_cache(root)
+    try:
+        names = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".json"))
+    except FileNotFoundError:
+        return None
+    for path in reversed(names):
+        manifest = json.loads(fs.cat_file(path))
+        if manifest.get("state"):
+            return manifest
+    return None
+
+
+def committed_run_ids(output: OutputSpec) -> set[str]:
+    """Runs whose manifest exists: their parts are committed."""
+    fs, root = url_to_fs(manifests_dir(output), **output.fsspec_options())
+    fs.invalidate_cache(root)
+    try:
+        names = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return set()
+    # manifest names are <commit time>--<run id>.json
+    return {posixpath.basename(p)[: -len(".json")].split("--", 1)[-1] for p in names if p.endswith(".json")}
+
+
+def load_state(output: OutputSpec) -> pl.DataFrame | None:
+    """The committed document state, or None when no run has committed one."""
+    manifest = latest_manifest(output)
+    if manifest is None:
+        return None
+    fs, path = url_to_fs(manifest["state"], **output.fsspec_options())
+    with fs.open(path, "rb") as handle:
+        table = pq.read_table(handle)
+    return pl.from_arrow(table.cast(STATE_SCHEMA))  # type: ignore[return-value]
+
+
+def state_of_part(table: pa.Table, part_url: str) -> pa.Table:
+    """The state rows for the documents of one written part (its rows are those documents' current answers)."""
+    frame = pl.from_arrow(
+        table.select(["doc_id", "source_uri", "source_etag", "spec_hash", "small_model", "route", "route_reason"])
+    )
+    assert isinstance(frame, pl.DataFrame)
+    route = pl.col("route").cast(pl.String)
+    reason = pl.col("route_reason").fill_null("")
+    transient = pl.any_horizontal([reason.str.starts_with(r) for r in TRANSIENT_ERRORS])
+    retry = ((route == "deferred") & ~reason.str.contains(QUEUED, literal=True)) | ((route == "error") & transient)
+    out = frame.select(
+        "doc_id",
+        "source_uri",
+        "source_etag",
+        "spec_hash",
+        "small_model",
+        route.alias("route"),
+        retry.alias("retry"),
+        pl.lit(part_url).alias("part_url"),
+        pl.lit(None, dtype=pl.String).alias("run_id"),
+        pl.lit(None, dtype=pl.Datetime("us", "UTC")).alias("processed_at"),
+    )
+    return out.to_arrow().cast(STATE_SCHEMA)
+
+
+@dataclass
+class StateUpdate:
+    """What one run changes in the state, in the order it happened."""
+
+    by_document: list[pa.Table] = field(default_factory=list)  # collected frontier batches: these doc_ids only
+    by_file: list[pa.Table] = field(default_factory=list)  # processed shards: every document of these files
+
+
+def merge_state(
+    previous: pl.DataFrame | None,
+    update: StateUpdate,
+    *,
+    listed_uris: Iterable[str],
+    run_id: str,
+    processed_at: Any,
+) -> pa.Table:
+    """The state after a run: the previous one, with batch answers, then reprocessed files, replacing their rows.
+
+    Files no longer listed in the source are dropped, so the state never outgrows the source.
+    """
+    empty = pl.from_arrow(STATE_SCHEMA.empty_table())
+    assert isinstance(empty, pl.DataFrame)
+    state = previous if previous is not None else empty
+    stamp = [pl.lit(run_id).alias("run_id"), pl.lit(processed_at).cast(pl.Datetime("us", "UTC")).alias("processed_at")]
+    if update.by_document:
+        docs = _frame(update.by_document).with_columns(stamp)
+        state = pl.concat([state.join(docs.select("doc_id"), on="doc_id", how="anti"), docs])
+    if update.by_file:
+        files = _frame(update.by_file).with_columns(stamp)
+        state = pl.concat([state.join(files.select("source_uri").unique(), on="source_uri", how="anti"), files])
+    listed = pl.DataFrame({"source_uri": list(listed_uris)}, schema={"source_uri": pl.String})
+    state = state.join(listed, on="source_uri", how="semi")
+    return state.to_arrow().cast(STATE_SCHEMA)
+
+
+def _frame(tables: Sequence[pa.Table]) -> pl.DataFrame:
+    frame = pl.from_arrow(pa.concat_tables([t.cast(STATE_SCHEMA) for t in tables]))
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which listed files this run processes, and why the others are skipped."""
+
+    todo: list[DocumentRef]  # retries first, then new and changed files, each group in listing order
+    retry: int
+    new: int
+    changed: int
+    up_to_date: int
+
+
+def select_documents(refs: Sequence[DocumentRef], state: pl.DataFrame | None, spec: JobSpec) -> Selection:
+    """Keep the files that are new, changed (ETag), answered under another spec, or waiting for a retry.
+
+    Deferred rows are retried only when a frontier is configured (adding one to a job retries them all).
+
+    A file without an ETag (a filesystem that reports neither ETag nor mtime) is always processed: nothing could
+    prove it unchanged.
+    """
+    if state is None or state.height == 0:
+        return Selection(list(refs), 0, len(refs), 0, 0)
+    current = spec.spec_hash()
+    files = state.group_by("source_uri").agg(
+        pl.col("source_etag").first().alias("etag"),
+        (pl.col("spec_hash") == current).all().alias("same_spec"),
+        # a deferred row waits for a frontier: without one configured, retrying it would give the same answer
+        (pl.col("retry") & ((pl.col("route") != "deferred") | pl.lit(spec.frontier is not None))).any().alias("retry"),
+    )
+    known = {row[0]: row[1:] for row in files.iter_rows()}
+    retry, fresh = [], []
+    new = changed = up_to_date = 0
+    for ref in refs:
+        seen = known.get(ref.uri)
+        if seen is None:
+            new += 1
+            fresh.append(ref)
+            continue
+        etag, same_spec, needs_retry = seen
+        if ref.etag is None or etag != ref.etag or not same_spec:
+            changed += 1
+            fresh.append(ref)
+        elif needs_retry:
+            retry.append(ref)
+        else:
+            up_to_date += 1
+    return Selection(retry + fresh, len(retry), new, changed, up_to_date)
+
+
+def write_state(output: OutputSpec, url: str, table: pa.Table) -> None:
+    from docroute.tasks.write import write_parquet
+
+    write_parquet(output, url, table)
+
+
+def prune_snapshots(output: OutputSpec, keep: Sequence[str]) -> None:
+    """Delete state snapshots other than `keep` (the one just committed, and the one before for readers mid-way)."""
+    fs, root = url_to_fs(f"{output.url}/state/documents", **output.fsspec_options())
+    kept = {url_to_fs(u, **output.fsspec_options())[1] for u in keep}
+    fs.invalidate_cache(root)
+    try:
+        paths = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return
+    for path in paths:
+        if path.endswith(".parquet") and path not in kept:
+            fs.rm(path)
