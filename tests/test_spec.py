@@ -777,4 +777,4 @@ def test_redacted_masks_s3_credentials() -> None:
         output={"url": "s3://bucket/out"},
     )
     text = json.dumps(job.redacted())
-    assert "src-secret" not in text and "AKIA-SRC" not in text and "tok\"" not in text
+    assert "src-secret" not in text and "AKIA-SRC" not in text and 'tok"' not in text
