@@ -228,7 +228,7 @@ def answer_documents(
     return [rows[d.doc_id] for d in documents], staged
 
 
-@task(name="process-shard", retries=2, retry_delay_seconds=[2, 15], cache_policy=NO_CACHE)
+@task(name="process-shard", retries=2, retry_delay_seconds=[2, 15], retry_jitter_factor=0.5, cache_policy=NO_CACHE)
 def process_shard(spec: JobSpec, shard: Shard, run: RunContext) -> ShardResult:
     """Process one shard end to end and write its Parquet part; retried as a whole on storage errors.
 

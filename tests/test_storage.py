@@ -187,4 +187,58 @@ routing:
     assert second["retried"] == 4 and second["documents"] == 4 and second["frontier"] == 4
     current = current_rows(load_job(job).output)
     assert current.height == 4 and (current["route"] == "frontier").all()
-    assert process_documents(str(job))["documents"] == 0  # nothing left to retry
+    last = process_documents(str(job))
+    assert last["documents"] == 0  # nothing left to retry
+
+    import duckdb  # the README's warehouse query gives the same current rows
+
+    out = load_job(job).output.url
+    query = (
+        f"SELECT r.doc_id, r.route FROM read_parquet('{out}/results/**/*.parquet', filename = true) r "
+        f"JOIN read_parquet('{last['state']}') s ON r.doc_id = s.doc_id AND r.filename = s.part_url"
+    )
+    found = duckdb.sql(query).fetchall()
+    assert len(found) == 4 and {route for _, route in found} == {"frontier"}
+    assert len(duckdb.sql(f"SELECT * FROM read_parquet('{out}/results/**/*.parquet')").fetchall()) == 8  # history
+
+
+def _flaky_filesystem(failures: int) -> type:
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class Flaky(MemoryFileSystem):
+        """An in-memory store whose batched reads fail `failures` times, as an object store does under load."""
+
+        protocol = "flakymem"
+        remaining = failures
+        reads = 0
+
+        @classmethod
+        def _strip_protocol(cls, path: str) -> str:
+            return super()._strip_protocol(path.replace("flakymem://", "memory://", 1))
+
+        def cat_ranges(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            type(self).reads += 1
+            if type(self).remaining > 0:
+                type(self).remaining -= 1
+                raise ConnectionError("injected: connection reset by peer")
+            return super().cat_ranges(*args, **kwargs)
+
+    return Flaky
+
+
+def test_transient_storage_errors_are_retried_by_prefect_and_lose_nothing(tmp_path: Path) -> None:
+    import fsspec
+
+    flaky = _flaky_filesystem(failures=1)
+    fsspec.register_implementation("flakymem", flaky, clobber=True)
+    store = flaky()
+    for i in range(3):
+        store.pipe(f"/flaky-corpus/doc-{i}.txt", f"{TEXTS[i]}\n".encode())
+    job = tmp_path / "job.yaml"
+    text = topic_job_yaml(Path("/placeholder-in"), tmp_path / "out", shard_size=8)
+    job.write_text(text.replace("  url: /placeholder-in\n", "  url: flakymem:///flaky-corpus\n"), encoding="utf-8")
+    summary = process_documents(str(job))
+    assert flaky.reads == 2  # the shard failed once and its retry succeeded
+    assert summary["documents"] == 3 and summary["error"] == 0
+    rows = current_rows(load_job(job).output)
+    assert rows.height == 3 and rows["error"].is_null().all()
