@@ -166,6 +166,9 @@ def validate(job: Annotated[Path, typer.Argument(help="the job's YAML file")]) -
 def demo(
     output: Annotated[Path, typer.Option(help="where the demo writes its results")] = Path("demo-output"),
     job: Annotated[str, typer.Option(help="which bundled job: classify, extract or all")] = "all",
+    full_refresh: Annotated[
+        bool, typer.Option("--full-refresh", help="reprocess every document (a re-run only processes changes)")
+    ] = False,
 ) -> None:
     """Run the bundled examples on the embedded model (no API key, no network): local folders in, Parquet out."""
     _quiet_prefect()
@@ -178,7 +181,7 @@ def demo(
             workdir = (output / name).resolve()
             workdir.mkdir(parents=True, exist_ok=True)
             started = time.perf_counter()
-            summary = _run(Path(examples) / f"demo_{name}.yaml", str(workdir))
+            summary = _run(Path(examples) / f"demo_{name}.yaml", str(workdir), full_refresh)
             _print_summary(summary, time.perf_counter() - started)
 
 
