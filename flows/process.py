@@ -76,28 +76,28 @@ def run_job(spec: JobSpec, *, full_refresh: bool = False) -> dict[str, Any]:
         router_version=router.version if router else None,
         thresholds=router.thresholds() if router else None,
     )
-    refs = discover_documents(spec)
+    listing = discover_documents(spec)
     previous = None if full_refresh else load_state(spec.output)
-    selection = select_documents(refs, previous, spec)
+    selection = select_documents(listing, previous, spec)
     plan = make_plan(spec, selection.todo, run.run_id, run.run_date)
     write_plan(spec.output, plan)
     run = replace(run, plan_id=plan.plan_id, plan_date=plan.run_date)
-    shards = plan.shards
+    shard_count = plan.shard_count()
     logger.info(
         "job %s: %d files listed; processing %d (%d new, %d changed, %d retried) in %d shards, %d up to date%s "
         "(run %s)",
         spec.name,
-        len(refs),
-        len(selection.todo),
+        listing.num_rows,
+        plan.documents,
         selection.new,
         selection.changed,
         selection.retry,
-        len(shards),
+        shard_count,
         selection.up_to_date,
         f", resuming interrupted run {plan.resumed_from}" if plan.resumed_from else "",
         run.run_id,
     )
-    progress = start_progress(spec, len(shards))
+    progress = start_progress(spec, shard_count)
     results: list[ShardResult] = []
     collected: list[ShardResult] = []
     batch_mode = spec.frontier is not None and spec.frontier.mode == "batch"
@@ -105,13 +105,14 @@ def run_job(spec: JobSpec, *, full_refresh: bool = False) -> dict[str, Any]:
         for number, batch in enumerate(collect_frontier_batches(spec, run.run_id, run.run_date)):
             table = read_parquet(spec.output, batch.part_url)
             collected.append(shard_result(spec, -1 - number, batch.part_url, table))
-    pending = list(reversed(shards))
+    pending = plan.shards()  # built one at a time: only shards in flight hold their refs
     running: dict[PrefectFuture[ShardResult], Shard] = {}
     try:
-        while pending or running:
-            while pending and len(running) < spec.runner.max_workers:
-                shard = pending.pop()
+        while True:
+            while len(running) < spec.runner.max_workers and (shard := next(pending, None)) is not None:
                 running[process_shard.submit(spec, shard, run)] = shard
+            if not running:
+                break
             finished = next(iter(as_completed(list(running))))
             shard = running.pop(finished)
             try:
@@ -119,7 +120,7 @@ def run_job(spec: JobSpec, *, full_refresh: bool = False) -> dict[str, Any]:
             except Exception as exc:  # a shard that failed for good still yields its rows
                 logger.error("shard %d failed after retries: %s", shard.index, exc)
                 results.append(failed_shard_result(spec, shard, run, f"{type(exc).__name__}: {exc}"))
-            update_progress(progress, len(results), len(shards))
+            update_progress(progress, len(results), shard_count)
     finally:
         release_run_budget(run.run_id)
     if batch_mode:
@@ -132,7 +133,7 @@ def run_job(spec: JobSpec, *, full_refresh: bool = False) -> dict[str, Any]:
         by_document=[r.state for r in collected if r.state is not None],
         by_file=[r.state for r in results if r.state is not None],
     )
-    state = merge_state(previous, update, listed_uris=(r.uri for r in refs), run_id=run.run_id, processed_at=started)
+    state = merge_state(previous, update, listed_uris=listing["uri"], run_id=run.run_id, processed_at=started)
     results = collected + results
     entries = merge_entries([e for r in results for e in r.entries])
     record = run_record(
@@ -155,7 +156,7 @@ def run_job(spec: JobSpec, *, full_refresh: bool = False) -> dict[str, Any]:
         **files,
         "entries": entries,
         "parts": parts,
-        "listed": len(refs),
+        "listed": listing.num_rows,
         "up_to_date": selection.up_to_date,
         "retried": selection.retry,
         "resumed_from": plan.resumed_from,

@@ -7,12 +7,15 @@ stores; the order is sorted so shard contents, and therefore part-file names, ar
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import pyarrow as pa
 from fsspec.core import url_to_fs
+from fsspec.utils import glob_translate
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -58,25 +61,69 @@ def _etag(info: dict[str, Any]) -> str | None:
 
 def list_documents(source: SourceSpec, *, exclude_prefix: str | None = None) -> list[DocumentRef]:
     """Return the files under the source's URL matching its glob, sorted, skipping dotfiles and the output."""
+    return list(refs_of(list_source(source, exclude_prefix=exclude_prefix)))
+
+
+def list_source(source: SourceSpec, *, exclude_prefix: str | None = None) -> pa.Table:
+    """The source's listing as a table (see LISTING_SCHEMA), sorted, without dotfiles and the output.
+
+    Walks one directory (prefix) at a time and keeps a few strings per file, rather than asking for every file's
+    info dict at once: a bucket of a million objects must not need gigabytes to list. Matching uses fsspec's own
+    glob translation, so `glob` means what it means to `fs.glob`.
+    """
     fs, root = source_filesystem(source)
-    pattern = posixpath.join(root, source.glob)
     fs.invalidate_cache(root)  # s3fs and friends cache listings per process: a scheduled run must see new objects
-    found = fs.glob(pattern, detail=True)
-    if not found and fs.isfile(root):
-        found = {root: fs.info(root)}
+    if fs.isfile(root):
+        return _table([(root, fs.info(root))], fs)
+    matches = re.compile(glob_translate(posixpath.join(root, source.glob))).match
     excluded = None
     if exclude_prefix and fsspec.core.split_protocol(exclude_prefix)[0] == fsspec.core.split_protocol(source.url)[0]:
-        excluded = fsspec.core.strip_protocol(exclude_prefix).rstrip("/") + "/"
-    refs = []
-    for path, info in sorted(found.items()):
-        if info.get("type") not in ("file", None):
-            continue
-        if any(part.startswith(".") for part in path[len(root) :].split("/") if part):
-            continue
-        if excluded and (path + "/").startswith(excluded):
-            continue
-        refs.append(DocumentRef(uri=fs.unstrip_protocol(path), path=path, size=info.get("size"), etag=_etag(info)))
-    return refs
+        excluded = fsspec.core.strip_protocol(exclude_prefix).rstrip("/")
+    batches: list[pa.Table] = []
+    for directory, subdirs, files in fs.walk(root, detail=True):
+        for name in [n for n in subdirs if n.startswith(".") or posixpath.join(directory, n) == excluded]:
+            del subdirs[name]  # dot-folders and the job's own output are never documents
+        chosen = [
+            (info.get("name", posixpath.join(directory, name)), info)
+            for name, info in files.items()
+            if not name.startswith(".") and info.get("type") in ("file", None)
+        ]
+        chosen = [(path, info) for path, info in chosen if matches(path)]
+        if chosen:
+            batches.append(_table(chosen, fs))
+        fs.invalidate_cache(directory)  # drop the cached listing dicts (kilobytes per file) once read
+    if not batches:
+        return LISTING_SCHEMA.empty_table()
+    return pa.concat_tables(batches).sort_by("path")
+
+
+def _table(found: list[tuple[str, dict[str, Any]]], fs: fsspec.AbstractFileSystem) -> pa.Table:
+    return pa.table(
+        {
+            "uri": [fs.unstrip_protocol(path) for path, _ in found],
+            "path": [path for path, _ in found],
+            "size": [info.get("size") for _, info in found],
+            "etag": [_etag(info) for _, info in found],
+        },
+        schema=LISTING_SCHEMA,
+    )
+
+
+LISTING_SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string()),
+        pa.field("path", pa.string()),
+        pa.field("size", pa.int64()),
+        pa.field("etag", pa.string()),
+    ]
+)
+"""A listing as one Arrow table: a few dozen bytes per file, where a list of Python objects costs kilobytes."""
+
+
+def refs_of(table: pa.Table) -> tuple[DocumentRef, ...]:
+    """The refs of a (small) slice of a listing, e.g. one shard's."""
+    columns = [table[name].to_pylist() for name in LISTING_SCHEMA.names]
+    return tuple(DocumentRef(uri, path, size, etag) for uri, path, size, etag in zip(*columns, strict=True))
 
 
 def cut_shards(refs: Sequence[DocumentRef], shard_size: int) -> list[Shard]:
@@ -85,6 +132,10 @@ def cut_shards(refs: Sequence[DocumentRef], shard_size: int) -> list[Shard]:
 
 
 @task(name="discover-documents", retries=3, retry_delay_seconds=[1, 5, 20], cache_policy=NO_CACHE)
-def discover_documents(spec: JobSpec) -> list[DocumentRef]:
-    """List the source (retried: listing an object store can fail transiently)."""
-    return list_documents(spec.source, exclude_prefix=spec.output.url)
+def discover_documents(spec: JobSpec) -> pa.Table:
+    """List the source (retried: listing an object store can fail transiently).
+
+    Returns one Arrow table, not a list: Prefect tracks every element of a returned list, and the listing of a
+    large bucket must stay a few dozen bytes per file for the run's memory to stay flat.
+    """
+    return list_source(spec.source, exclude_prefix=spec.output.url)

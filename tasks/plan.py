@@ -7,21 +7,28 @@ in its own manifest. Parts no plan will use any more (from a plan for another sp
 left the source) are deleted at commit. So a crash followed by a re-run yields exactly one committed row per
 document: never a duplicate, never a gap. Runs over one output must not overlap (deployments set
 `concurrency_limit: 1`): a live run's plan looks like a dead one's.
+
+A plan is a Parquet table (shard, uri, path, size, etag) with its id, date and spec hash in the schema metadata:
+a few dozen bytes per document, so planning a million-file bucket stays cheap.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from docroute.schemas.spec import JobSpec, OutputSpec
-from docroute.tasks.discover import DocumentRef, Shard, cut_shards
+from docroute.tasks.discover import LISTING_SCHEMA, Shard, refs_of
 from docroute.tasks.state import committed_run_ids
-from docroute.tasks.write import results_part_url, write_json
+from docroute.tasks.write import read_parquet, results_part_url, write_parquet
+
+PLAN_SCHEMA = pa.schema([pa.field("shard", pa.int64()), *LISTING_SCHEMA])
 
 
 def plans_dir(output: OutputSpec) -> str:
@@ -29,7 +36,7 @@ def plans_dir(output: OutputSpec) -> str:
 
 
 def plan_url(output: OutputSpec, plan_id: str) -> str:
-    return f"{plans_dir(output)}/{plan_id}.json"
+    return f"{plans_dir(output)}/{plan_id}.parquet"
 
 
 @dataclass
@@ -39,101 +46,135 @@ class RunPlan:
     plan_id: str  # names the part files; a resumed plan keeps the dead run's id
     run_date: date
     spec_hash: str
-    shards: list[Shard]
+    assignments: pa.Table  # PLAN_SCHEMA, sorted by shard
+    resumable: frozenset[int] = frozenset()  # shards the dead run may have finished with exactly these files
     resumed_from: str | None = None
     obsolete_parts: list[str] = field(default_factory=list)  # parts of abandoned plans or dropped shards
     obsolete_plans: list[str] = field(default_factory=list)  # plan ids to delete once committed
 
-    def part_url(self, output: OutputSpec, shard_index: int) -> str:
-        return results_part_url(output, self.run_date, self.plan_id, shard_index)
+    @property
+    def documents(self) -> int:
+        return self.assignments.num_rows
 
-    def to_json(self) -> dict[str, object]:
-        return {
-            "plan_id": self.plan_id,
-            "run_date": self.run_date.isoformat(),
-            "spec_hash": self.spec_hash,
-            "written_at": datetime.now(UTC).isoformat(),
-            "shards": [
-                {"index": s.index, "refs": [[r.uri, r.path, r.size, r.etag] for r in s.refs]} for s in self.shards
-            ],
-        }
+    def shard_count(self) -> int:
+        return len(self._bounds())
+
+    def _bounds(self) -> list[tuple[int, int, int]]:
+        """(shard index, first row, row count) for each shard, in order."""
+        frame = pl.from_arrow(self.assignments.select(["shard"]))
+        assert isinstance(frame, pl.DataFrame)
+        counts = frame.group_by("shard", maintain_order=True).len()
+        bounds, offset = [], 0
+        for index, count in counts.iter_rows():
+            bounds.append((int(index), offset, int(count)))
+            offset += int(count)
+        return bounds
+
+    def shards(self) -> Iterator[Shard]:
+        """The shards, built one at a time as the flow submits them (only shards in flight hold Python refs)."""
+        listing = self.assignments.select(LISTING_SCHEMA.names)
+        for index, offset, count in self._bounds():
+            yield Shard(index, refs_of(listing.slice(offset, count)), resume=index in self.resumable)
 
 
-def _read_plans(output: OutputSpec) -> list[dict]:
+def _assign(todo: pa.Table, shard_size: int, first_index: int = 0) -> pa.Table:
+    shard = pa.array([first_index + i // shard_size for i in range(todo.num_rows)], pa.int64())
+    return todo.select(LISTING_SCHEMA.names).add_column(0, "shard", shard).cast(PLAN_SCHEMA)
+
+
+def _open_plans(output: OutputSpec) -> list[tuple[str, dict[str, str]]]:
+    """(url, metadata) of every plan file, read from the Parquet footers only."""
     fs, root = url_to_fs(plans_dir(output), **output.fsspec_options())
     fs.invalidate_cache(root)
     try:
-        paths = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".json"))
+        paths = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".parquet"))
     except FileNotFoundError:
         return []
-    return [json.loads(fs.cat_file(p)) for p in paths]
+    plans = []
+    for path in paths:
+        with fs.open(path, "rb") as handle:
+            metadata = pq.read_schema(handle).metadata or {}
+        plans.append((fs.unstrip_protocol(path), {k.decode(): v.decode() for k, v in metadata.items()}))
+    return plans
 
 
-def _planned_shards(plan: dict) -> list[Shard]:
-    return [
-        Shard(s["index"], tuple(DocumentRef(uri, path, size, etag) for uri, path, size, etag in s["refs"]))
-        for s in plan["shards"]
-    ]
-
-
-def make_plan(spec: JobSpec, todo: Sequence[DocumentRef], run_id: str, run_date: date) -> RunPlan:
+def make_plan(spec: JobSpec, todo: pa.Table, run_id: str, run_date: date) -> RunPlan:
     """Cut this run's documents into shards, adopting a dead run's plan for the same spec when there is one."""
     committed = committed_run_ids(spec.output)
-    open_plans = [p for p in _read_plans(spec.output) if p["plan_id"] not in committed]
-    open_plans.sort(key=lambda p: p["written_at"])
-    adopt = next((p for p in reversed(open_plans) if p["spec_hash"] == spec.spec_hash()), None)
+    open_plans = [(url, meta) for url, meta in _open_plans(spec.output) if meta["plan_id"] not in committed]
+    open_plans.sort(key=lambda plan: plan[1]["written_at"])
+    adopt = next((plan for plan in reversed(open_plans) if plan[1]["spec_hash"] == spec.spec_hash()), None)
     obsolete_parts: list[str] = []
-    for plan in open_plans:
-        if plan is not adopt:
-            day = date.fromisoformat(plan["run_date"])
-            obsolete_parts += [results_part_url(spec.output, day, plan["plan_id"], s["index"]) for s in plan["shards"]]
-    obsolete_plans = [p["plan_id"] for p in open_plans if p is not adopt]
+    obsolete_plans: list[str] = []
+    for url, meta in open_plans:
+        if adopt is not None and url == adopt[0]:
+            continue
+        obsolete_plans.append(meta["plan_id"])
+        day = date.fromisoformat(meta["run_date"])
+        shards = read_parquet(spec.output, url).column("shard").unique().to_pylist()
+        obsolete_parts += [results_part_url(spec.output, day, meta["plan_id"], s) for s in shards]
     if adopt is None:
         return RunPlan(
             run_id,
             run_date,
             spec.spec_hash(),
-            cut_shards(todo, spec.shard_size),
+            _assign(todo, spec.shard_size),
             obsolete_parts=obsolete_parts,
             obsolete_plans=obsolete_plans,
         )
-    day = date.fromisoformat(adopt["run_date"])
-    remaining = {ref.uri: ref for ref in todo}
-    shards: list[Shard] = []
-    for planned in _planned_shards(adopt):
-        current = tuple(remaining.pop(r.uri) for r in planned.refs if r.uri in remaining)
-        if not current:  # every document of this shard is gone or already answered: its part is not needed
-            obsolete_parts.append(results_part_url(spec.output, day, adopt["plan_id"], planned.index))
-            continue
-        unchanged = current == planned.refs  # same files, same ETags: the dead run's part can be reused
-        shards.append(Shard(planned.index, current, resume=unchanged))
-    left = [ref for ref in todo if ref.uri in remaining]
-    start = max((s.index for s in _planned_shards(adopt)), default=-1) + 1
-    shards += [Shard(start + s.index, s.refs) for s in cut_shards(left, spec.shard_size)]
+    url, meta = adopt
+    day = date.fromisoformat(meta["run_date"])
+    planned = pl.from_arrow(read_parquet(spec.output, url))
+    wanted = pl.from_arrow(todo)
+    assert isinstance(planned, pl.DataFrame) and isinstance(wanted, pl.DataFrame)
+    planned = planned.with_row_index("order")
+    # keep each planned file still to do, with what the listing says of it now
+    kept = planned.select("order", "shard", "uri", pl.col("etag").alias("planned_etag")).join(
+        wanted, on="uri", how="inner"
+    )
+    per_shard = planned.group_by("shard").len().rename({"len": "planned"})
+    still = kept.group_by("shard").agg(
+        pl.len().alias("kept"), (pl.col("etag").eq_missing(pl.col("planned_etag"))).all().alias("same")
+    )
+    status = per_shard.join(still, on="shard", how="left")
+    # same files, same ETags: the dead run's part for that shard can be reused
+    resumable = frozenset(status.filter((pl.col("kept") == pl.col("planned")) & pl.col("same"))["shard"].to_list())
+    dropped = status.filter(pl.col("kept").is_null())["shard"].to_list()
+    obsolete_parts += [results_part_url(spec.output, day, meta["plan_id"], int(s)) for s in dropped]
+    adopted = kept.sort("order").select(PLAN_SCHEMA.names)
+    left = wanted.join(planned.select("uri"), on="uri", how="anti")
+    first = int(planned["shard"].max()) + 1 if planned.height else 0  # type: ignore[arg-type]
+    assignments = pa.concat_tables(
+        [adopted.to_arrow().cast(PLAN_SCHEMA), _assign(left.to_arrow(), spec.shard_size, first)]
+    )
     return RunPlan(
-        adopt["plan_id"],
+        meta["plan_id"],
         day,
         spec.spec_hash(),
-        shards,
-        resumed_from=adopt["plan_id"],
+        assignments,
+        resumable=resumable,
+        resumed_from=meta["plan_id"],
         obsolete_parts=obsolete_parts,
         obsolete_plans=obsolete_plans,
     )
 
 
 def write_plan(output: OutputSpec, plan: RunPlan) -> None:
-    write_json(output, plan_url(output, plan.plan_id), plan.to_json())
+    metadata = {
+        "plan_id": plan.plan_id,
+        "run_date": plan.run_date.isoformat(),
+        "spec_hash": plan.spec_hash,
+        "written_at": datetime.now(UTC).isoformat(),
+    }
+    write_parquet(output, plan_url(output, plan.plan_id), plan.assignments.replace_schema_metadata(metadata))
 
 
 def clean_up_after_commit(output: OutputSpec, plan: RunPlan) -> None:
     """Delete the committed plan, abandoned plans and parts nothing will commit (best effort: a leftover is harmless
     to readers that follow manifests, and the next commit tries again)."""
     fs, _ = url_to_fs(output.url, **output.fsspec_options())
-    for url in plan.obsolete_parts:
+    urls = [*plan.obsolete_parts, *(plan_url(output, p) for p in [plan.plan_id, *plan.obsolete_plans])]
+    for url in urls:
         _, path = url_to_fs(url, **output.fsspec_options())
-        if fs.exists(path):
-            fs.rm(path)
-    for plan_id in [plan.plan_id, *plan.obsolete_plans]:
-        _, path = url_to_fs(plan_url(output, plan_id), **output.fsspec_options())
         if fs.exists(path):
             fs.rm(path)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,20 +22,23 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from docroute.schemas.spec import JobSpec, OutputSpec
-from docroute.tasks.discover import DocumentRef
+from docroute.tasks.discover import LISTING_SCHEMA
 from docroute.tasks.frontier_batches import QUEUED
+
+_REPEATED = pa.dictionary(pa.int32(), pa.string())
+"""Values shared by many documents (a part's URL, a run id, a spec hash) are stored once, in memory and on disk."""
 
 STATE_SCHEMA = pa.schema(
     [
         pa.field("doc_id", pa.string()),
         pa.field("source_uri", pa.string()),
         pa.field("source_etag", pa.string()),
-        pa.field("spec_hash", pa.string()),
-        pa.field("small_model", pa.string()),
-        pa.field("route", pa.string()),
+        pa.field("spec_hash", _REPEATED),
+        pa.field("small_model", _REPEATED),
+        pa.field("route", _REPEATED),
         pa.field("retry", pa.bool_()),
-        pa.field("part_url", pa.string()),
-        pa.field("run_id", pa.string()),
+        pa.field("part_url", _REPEATED),
+        pa.field("run_id", _REPEATED),
         pa.field("processed_at", pa.timestamp("us", tz="UTC")),
     ]
 )
@@ -108,8 +111,8 @@ def state_of_part(table: pa.Table, part_url: str) -> pa.Table:
         "small_model",
         route.alias("route"),
         retry.alias("retry"),
-        pl.lit(part_url).alias("part_url"),
-        pl.lit(None, dtype=pl.String).alias("run_id"),
+        pl.lit(part_url).cast(pl.Categorical).alias("part_url"),
+        pl.lit(None, dtype=pl.Categorical).alias("run_id"),
         pl.lit(None, dtype=pl.Datetime("us", "UTC")).alias("processed_at"),
     )
     return out.to_arrow().cast(STATE_SCHEMA)
@@ -127,7 +130,7 @@ def merge_state(
     previous: pl.DataFrame | None,
     update: StateUpdate,
     *,
-    listed_uris: Iterable[str],
+    listed_uris: pa.Array | pa.ChunkedArray,
     run_id: str,
     processed_at: Any,
 ) -> pa.Table:
@@ -138,14 +141,18 @@ def merge_state(
     empty = pl.from_arrow(STATE_SCHEMA.empty_table())
     assert isinstance(empty, pl.DataFrame)
     state = previous if previous is not None else empty
-    stamp = [pl.lit(run_id).alias("run_id"), pl.lit(processed_at).cast(pl.Datetime("us", "UTC")).alias("processed_at")]
+    stamp = [
+        pl.lit(run_id).cast(pl.Categorical).alias("run_id"),
+        pl.lit(processed_at).cast(pl.Datetime("us", "UTC")).alias("processed_at"),
+    ]
     if update.by_document:
         docs = _frame(update.by_document).with_columns(stamp)
         state = pl.concat([state.join(docs.select("doc_id"), on="doc_id", how="anti"), docs])
     if update.by_file:
         files = _frame(update.by_file).with_columns(stamp)
         state = pl.concat([state.join(files.select("source_uri").unique(), on="source_uri", how="anti"), files])
-    listed = pl.DataFrame({"source_uri": list(listed_uris)}, schema={"source_uri": pl.String})
+    listed = pl.from_arrow(pa.table({"source_uri": listed_uris}))
+    assert isinstance(listed, pl.DataFrame)
     state = state.join(listed, on="source_uri", how="semi")
     return state.to_arrow().cast(STATE_SCHEMA)
 
@@ -160,48 +167,51 @@ def _frame(tables: Sequence[pa.Table]) -> pl.DataFrame:
 class Selection:
     """Which listed files this run processes, and why the others are skipped."""
 
-    todo: list[DocumentRef]  # retries first, then new and changed files, each group in listing order
+    todo: pa.Table  # LISTING_SCHEMA rows: retries first, then new and changed files, each group in listing order
     retry: int
     new: int
     changed: int
     up_to_date: int
 
 
-def select_documents(refs: Sequence[DocumentRef], state: pl.DataFrame | None, spec: JobSpec) -> Selection:
+def select_documents(listing: pa.Table, state: pl.DataFrame | None, spec: JobSpec) -> Selection:
     """Keep the files that are new, changed (ETag), answered under another spec, or waiting for a retry.
 
-    Deferred rows are retried only when a frontier is configured (adding one to a job retries them all).
-
-    A file without an ETag (a filesystem that reports neither ETag nor mtime) is always processed: nothing could
-    prove it unchanged.
+    Deferred rows are retried only when a frontier is configured (adding one to a job retries them all). A file
+    without an ETag (a filesystem that reports neither ETag nor mtime) is always processed: nothing could prove it
+    unchanged. Vectorised joins, so a listing of millions of files costs bytes per file, not Python objects.
     """
+    files = pl.from_arrow(listing)
+    assert isinstance(files, pl.DataFrame)
     if state is None or state.height == 0:
-        return Selection(list(refs), 0, len(refs), 0, 0)
-    current = spec.spec_hash()
-    files = state.group_by("source_uri").agg(
-        pl.col("source_etag").first().alias("etag"),
-        (pl.col("spec_hash") == current).all().alias("same_spec"),
+        return Selection(listing, 0, listing.num_rows, 0, 0)
+    known = state.group_by("source_uri").agg(
+        pl.col("source_etag").first().alias("known_etag"),
+        (pl.col("spec_hash") == spec.spec_hash()).all().alias("same_spec"),
         # a deferred row waits for a frontier: without one configured, retrying it would give the same answer
         (pl.col("retry") & ((pl.col("route") != "deferred") | pl.lit(spec.frontier is not None))).any().alias("retry"),
     )
-    known = {row[0]: row[1:] for row in files.iter_rows()}
-    retry, fresh = [], []
-    new = changed = up_to_date = 0
-    for ref in refs:
-        seen = known.get(ref.uri)
-        if seen is None:
-            new += 1
-            fresh.append(ref)
-            continue
-        etag, same_spec, needs_retry = seen
-        if ref.etag is None or etag != ref.etag or not same_spec:
-            changed += 1
-            fresh.append(ref)
-        elif needs_retry:
-            retry.append(ref)
-        else:
-            up_to_date += 1
-    return Selection(retry + fresh, len(retry), new, changed, up_to_date)
+    joined = files.with_row_index("order").join(known, left_on="uri", right_on="source_uri", how="left")
+    is_new = pl.col("same_spec").is_null()
+    is_changed = ~is_new & (pl.col("etag").is_null() | (pl.col("etag") != pl.col("known_etag")) | ~pl.col("same_spec"))
+    is_retry = ~is_new & ~is_changed & pl.col("retry")
+    joined = joined.with_columns(
+        pl.when(is_new).then(pl.lit("new")).when(is_changed).then(pl.lit("changed"))
+        .when(is_retry).then(pl.lit("retry")).otherwise(pl.lit("up_to_date")).alias("why")
+    )  # fmt: skip
+    counts = dict(joined.group_by("why").len().iter_rows())
+    todo = (
+        joined.filter(pl.col("why") != "up_to_date")
+        .sort([pl.col("why") != "retry", pl.col("order")])
+        .select(LISTING_SCHEMA.names)
+    )
+    return Selection(
+        todo.to_arrow().cast(LISTING_SCHEMA),
+        counts.get("retry", 0),
+        counts.get("new", 0),
+        counts.get("changed", 0),
+        counts.get("up_to_date", 0),
+    )
 
 
 def write_state(output: OutputSpec, url: str, table: pa.Table) -> None:
