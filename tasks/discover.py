@@ -60,12 +60,12 @@ def _etag(info: dict[str, Any]) -> str | None:
 
 
 def list_documents(source: SourceSpec, *, exclude_prefix: str | None = None) -> list[DocumentRef]:
-    """Return the files under the source's URL matching its glob, sorted, skipping dotfiles and the output."""
+    """Return the files under the source's URL matching its glob, in walk order, skipping dotfiles and the output."""
     return list(refs_of(list_source(source, exclude_prefix=exclude_prefix)))
 
 
 def list_source(source: SourceSpec, *, exclude_prefix: str | None = None) -> pa.Table:
-    """The source's listing as a table (see LISTING_SCHEMA), sorted, without dotfiles and the output.
+    """The source's listing as a table (see LISTING_SCHEMA) in name order per folder, without dotfiles and the output.
 
     Walks one directory (prefix) at a time and keeps a few strings per file, rather than asking for every file's
     info dict at once: a bucket of a million objects must not need gigabytes to list. Matching uses fsspec's own
@@ -81,11 +81,18 @@ def list_source(source: SourceSpec, *, exclude_prefix: str | None = None) -> pa.
         excluded = fsspec.core.strip_protocol(exclude_prefix).rstrip("/")
     batches: list[pa.Table] = []
     for directory, subdirs, files in fs.walk(root, detail=True):
-        for name in [n for n in subdirs if n.startswith(".") or posixpath.join(directory, n) == excluded]:
-            del subdirs[name]  # dot-folders and the job's own output are never documents
+        # dot-folders and the job's own output are never documents; the rest is walked in name order, so the
+        # listing (hence shard contents and part names) is the same on every run without sorting it whole
+        visit = sorted(
+            (n, info)
+            for n, info in subdirs.items()
+            if not n.startswith(".") and posixpath.join(directory, n) != excluded
+        )
+        subdirs.clear()
+        subdirs.update(visit)
         chosen = [
             (info.get("name", posixpath.join(directory, name)), info)
-            for name, info in files.items()
+            for name, info in sorted(files.items())
             if not name.startswith(".") and info.get("type") in ("file", None)
         ]
         chosen = [(path, info) for path, info in chosen if matches(path)]
@@ -94,7 +101,7 @@ def list_source(source: SourceSpec, *, exclude_prefix: str | None = None) -> pa.
         fs.invalidate_cache(directory)  # drop the cached listing dicts (kilobytes per file) once read
     if not batches:
         return LISTING_SCHEMA.empty_table()
-    return pa.concat_tables(batches).sort_by("path")
+    return pa.concat_tables(batches)  # one chunk per folder: combining would copy it whole
 
 
 def _table(found: list[tuple[str, dict[str, Any]]], fs: fsspec.AbstractFileSystem) -> pa.Table:

@@ -166,7 +166,8 @@ def write_plan(output: OutputSpec, plan: RunPlan) -> None:
         "spec_hash": plan.spec_hash,
         "written_at": datetime.now(UTC).isoformat(),
     }
-    write_parquet(output, plan_url(output, plan.plan_id), plan.assignments.replace_schema_metadata(metadata))
+    table = plan.assignments.replace_schema_metadata(metadata)
+    write_parquet(output, plan_url(output, plan.plan_id), table, dictionary=["shard"])
 
 
 def clean_up_after_commit(output: OutputSpec, plan: RunPlan) -> None:

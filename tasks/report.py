@@ -120,7 +120,8 @@ def write_ledger(
     previous = latest_manifest(spec.output)
     snapshot = state_snapshot_url(spec.output, run_id) if state is not None else None
     if snapshot is not None and state is not None:
-        write_parquet(spec.output, snapshot, state)
+        repeated = [f.name for f in state.schema if pa.types.is_dictionary(f.type)]
+        write_parquet(spec.output, snapshot, state, dictionary=repeated)
     write_parquet(spec.output, costs, cost_table(entries, spec, run_id=run_id, run_date=run_date))
     write_parquet(spec.output, runs, pa.Table.from_pylist([record], schema=RUN_SCHEMA))
     manifest = manifest_url(spec, run_id, datetime.now(UTC))

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -138,6 +139,8 @@ def merge_state(
 
     Files no longer listed in the source are dropped, so the state never outgrows the source.
     """
+    if (previous is None or previous.height == 0) and not update.by_document:
+        return _stamped(update.by_file, run_id, processed_at)  # a first run: nothing to replace, no joins
     empty = pl.from_arrow(STATE_SCHEMA.empty_table())
     assert isinstance(empty, pl.DataFrame)
     state = previous if previous is not None else empty
@@ -150,11 +153,29 @@ def merge_state(
         state = pl.concat([state.join(docs.select("doc_id"), on="doc_id", how="anti"), docs])
     if update.by_file:
         files = _frame(update.by_file).with_columns(stamp)
-        state = pl.concat([state.join(files.select("source_uri").unique(), on="source_uri", how="anti"), files])
-    listed = pl.from_arrow(pa.table({"source_uri": listed_uris}))
-    assert isinstance(listed, pl.DataFrame)
-    state = state.join(listed, on="source_uri", how="semi")
+        if state.height:  # (joins copy every row: skip them when there is nothing to replace)
+            files_uris = files.select("source_uri").unique()
+            state = pl.concat([state.join(files_uris, on="source_uri", how="anti"), files])
+        else:
+            state = files
+    if previous is not None and previous.height:  # only an earlier run's rows can name files gone from the source
+        listed = pl.from_arrow(pa.table({"source_uri": listed_uris}))
+        assert isinstance(listed, pl.DataFrame)
+        state = state.join(listed, on="source_uri", how="semi")
     return state.to_arrow().cast(STATE_SCHEMA)
+
+
+def _stamped(tables: Sequence[pa.Table], run_id: str, processed_at: Any) -> pa.Table:
+    """This run's state rows with its id and time, built in Arrow without copying the other columns."""
+    if not tables:
+        return STATE_SCHEMA.empty_table()
+    table = pa.concat_tables([t.cast(STATE_SCHEMA) for t in tables])
+    n = table.num_rows
+    run = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array([run_id], pa.string()))
+    at = pa.array(np.full(n, pa.scalar(processed_at, pa.timestamp("us", tz="UTC")).value, dtype=np.int64))
+    table = table.set_column(table.schema.get_field_index("run_id"), STATE_SCHEMA.field("run_id"), run)
+    index = table.schema.get_field_index("processed_at")
+    return table.set_column(index, STATE_SCHEMA.field("processed_at"), at.cast(STATE_SCHEMA.field("processed_at").type))
 
 
 def _frame(tables: Sequence[pa.Table]) -> pl.DataFrame:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import posixpath
 import uuid
+from collections.abc import Callable
 from datetime import date
-from typing import Any
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,24 +35,40 @@ def batch_part_url(output: OutputSpec, run_date: date, run_id: str, batch_id: st
     return f"{output.url}/results/run_date={run_date.isoformat()}/part-{run_id}-batch-{safe}.parquet"
 
 
-def _atomic_write(output: OutputSpec, url: str, payload: bytes) -> None:
+def _atomic_write(output: OutputSpec, url: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Stream into the file: under a temporary name then renamed on a local disk; object stores publish an object
+    only when its upload completes (one PUT, or the multipart upload's completion), so readers never see half."""
     fs, path = url_to_fs(url, **output.fsspec_options())
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         temporary = f"{posixpath.dirname(path)}/.{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp"
-        with fs.open(temporary, "wb") as handle:
-            handle.write(payload)
-        fs.mv(temporary, path)
+        try:
+            with fs.open(temporary, "wb") as handle:
+                write(handle)
+            fs.mv(temporary, path)
+        finally:
+            if fs.exists(temporary):
+                fs.rm(temporary)
     else:
         with fs.open(path, "wb") as handle:
-            handle.write(payload)
+            write(handle)
 
 
-def write_parquet(output: OutputSpec, url: str, table: pa.Table) -> None:
-    """Write one Parquet file; statistics and dictionary encoding on, compression from the spec."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression=None if output.compression == "none" else output.compression)
-    _atomic_write(output, url, sink.getvalue().to_pybytes())
+def write_parquet(
+    output: OutputSpec, url: str, table: pa.Table, *, dictionary: bool | list[str] = True, row_group_rows: int = 65_536
+) -> None:
+    """Write one Parquet file straight to storage (no in-memory copy of the file); compression from the spec.
+
+    `dictionary` lists the columns to dictionary-encode when most values are unique (ids, URIs): building a
+    dictionary for them costs a hash table the size of the column before Parquet gives up on it. Row groups of
+    `row_group_rows` bound the writer's buffers.
+    """
+    compression = None if output.compression == "none" else output.compression
+
+    def write(handle: IO[bytes]) -> None:
+        pq.write_table(table, handle, compression=compression, use_dictionary=dictionary, row_group_size=row_group_rows)
+
+    _atomic_write(output, url, write)
 
 
 def part_exists(output: OutputSpec, url: str) -> bool:
@@ -66,4 +83,5 @@ def read_parquet(output: OutputSpec, url: str) -> pa.Table:
 
 
 def write_json(output: OutputSpec, url: str, payload: dict[str, Any]) -> None:
-    _atomic_write(output, url, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
+    data = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
+    _atomic_write(output, url, lambda handle: handle.write(data))
