@@ -6,6 +6,7 @@ stores; the order is sorted so shard contents, and therefore part-file names, ar
 
 from __future__ import annotations
 
+import glob
 import posixpath
 import re
 from collections.abc import Sequence
@@ -75,7 +76,8 @@ def list_source(source: SourceSpec, *, exclude_prefix: str | None = None) -> pa.
     fs.invalidate_cache(root)  # s3fs and friends cache listings per process: a scheduled run must see new objects
     if fs.isfile(root):
         return _table([(root, fs.info(root))], fs)
-    matches = re.compile(glob_translate(posixpath.join(root, source.glob))).match
+    # the folder's own name is literal: "docs[1]" is a folder, not a pattern
+    matches = re.compile(glob_translate(posixpath.join(glob.escape(root), source.glob))).match
     excluded = None
     if exclude_prefix and fsspec.core.split_protocol(exclude_prefix)[0] == fsspec.core.split_protocol(source.url)[0]:
         excluded = fsspec.core.strip_protocol(exclude_prefix).rstrip("/")

@@ -35,7 +35,7 @@ class SourceDocument:
 
 def document_id(uri: str, record_key: str | None = None) -> str:
     """A stable id from the URI (and record key): the same document gets the same id on every run."""
-    key = uri if record_key is None else f"{uri}#{record_key}"
+    key = uri if record_key is None else f"{uri}\x00{record_key}"  # NUL never occurs in a file name or URI
     return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 
 

@@ -58,3 +58,15 @@ def test_reading_keeps_order_ids_and_reports_vanished_files(tmp_path: Path) -> N
     assert documents[2].text == "beta" and documents[2].format == "md"
     assert documents[1].doc_id == document_id(refs[1].uri) != document_id(refs[1].uri, "0")
     assert documents[1].content_sha256 and len(documents[1].content_sha256) == 64
+
+
+def test_a_source_folder_with_glob_characters_in_its_name_is_listed(tmp_path: Path) -> None:
+    folder = tmp_path / "docs[1]*?"
+    folder.mkdir()
+    (folder / "a.txt").write_text("hello\n", encoding="utf-8")
+    refs = list_documents(SourceSpec(url=str(folder)))
+    assert [Path(r.path).name for r in refs] == ["a.txt"]
+
+
+def test_a_record_id_never_collides_with_a_file_name() -> None:
+    assert document_id("file:///d/x.jsonl", "0") != document_id("file:///d/x.jsonl#0")

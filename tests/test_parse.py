@@ -176,6 +176,27 @@ def test_unsupported_extension_names_it_and_the_supported_list() -> None:
     assert "no extension" in _error(b"hello", "README", "unsupported_format")
 
 
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("file:///docs/Invoice #42.txt", "txt"),
+        ("file:///docs/what?.md", "md"),
+        ("file:///docs/notes.txt#draft", "unknown"),
+        ("/docs/a#b?.pdf", "pdf"),
+        ("s3://bucket/Invoice #42 (final?).docx", "docx"),
+        ("s3://bucket/report.pdf?versionId=abc.txt", "pdf"),
+        ("https://host/page.html?lang=en#top", "html"),
+    ],
+)
+def test_hash_and_question_mark_in_a_file_name_are_part_of_it(uri: str, expected: str) -> None:
+    """Listings give names verbatim: "Invoice #42.txt" once became an `unsupported_format` row ("no extension")."""
+    assert detect_format(uri, "auto") == expected
+
+
+def test_unsupported_reason_names_the_literal_extension_of_a_local_file() -> None:
+    assert "'.txt#draft'" in _error(b"hello", "file:///docs/notes.txt#draft", "unsupported_format")
+
+
 # --- whole-file checks and text decoding --------------------------------------------------------------------
 
 
@@ -211,10 +232,34 @@ def test_utf16_without_bom_is_not_mistaken_for_binary() -> None:
         ("Smart “quotes” — café … 5 €", "cp1252"),
         ("こんにちは世界、日本語のテキストです。", "shift_jis"),
         ("Привет мир, это обычный русский текст.", "cp1251"),
+        ("Zażółć gęślą jaźń, powiedział Łukasz w Łodzi.", "cp1250"),
+        ("Καλημέρα κόσμε, αυτό είναι ελληνικό κείμενο.", "cp1253"),
     ],
 )
 def test_legacy_encodings_decode_correctly(text: str, codec: str) -> None:
     assert _text(text.encode(codec), "a.txt") == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Crème fraîche, garçon, déjà vu: whisk the eggs with sugar and bake the cake.",
+        "Déjà, très, après, où, là, voilà, à côté, août, maïs, Noël.",
+        "Il caffè è già pronto, perché non vieni più tardi? Città, virtù.",
+        "El niño comió una piña en el jardín; ¿qué más quería?",
+        "Die Straße ist naß; Öl läuft über die Fußgängerzone.",
+        "Før vi går, må vi spise smørbrød og drikke øl på kroen. L·l, l’été – 5 €",
+    ],
+)
+@pytest.mark.parametrize("codec", ["latin-1", "cp1252"])
+def test_western_legacy_text_is_not_read_as_another_code_page(text: str, codec: str) -> None:
+    """charset-normalizer read latin-1 French as Baltic cp1257 ("Crčme fraīche, déją") and Italian as Mac
+    Central European ("caffŤ"): garbage the model would have classified with full confidence."""
+    try:
+        data = text.encode(codec)
+    except UnicodeEncodeError:
+        data = text.encode("cp1252")
+    assert _text(data, "a.txt") == text
 
 
 def test_forced_encoding_is_honoured_and_failures_are_precise() -> None:
@@ -358,6 +403,16 @@ def test_pdf_text_is_extracted() -> None:
     assert document.format == "pdf"
     assert document.text is not None
     assert "Invoice 4711 from ACME GmbH" in document.text
+
+
+def test_truncated_pdf_says_it_was_cut_off() -> None:
+    """pypdf's "Stream has ended unexpectedly" does not tell the owner to fetch the file again; the reason does."""
+    data = _pdf("Some text that will be cut off " * 20)
+    for cut in (len(data) // 3, len(data) // 2, len(data) - 200):
+        error = _error(data[:cut], "cut.pdf", "pdf_corrupt")
+        assert "truncated" in error
+        assert "%%EOF" in error
+    assert "truncated" not in _error(b"%PDF-1.7\n" + b"not an object graph\n" * 50 + b"%%EOF\n", "x.pdf", "pdf_corrupt")
 
 
 def test_truncated_pdf_is_an_error_or_partial_text() -> None:
@@ -564,6 +619,36 @@ def test_jsonl_broken_line_fails_alone() -> None:
     assert "line 2" in documents[1].error
     assert documents[3].error_code == "json_not_object"
     assert all(d.format == "jsonl" for d in documents)
+
+
+def test_record_keys_stay_unique_when_ids_repeat_or_meet_positions() -> None:
+    """Keys make doc_ids: two records with one key became one row and the other document was lost.
+
+    A broken line 2 is keyed by position as "1", the id of line 1; the record whose id repeats an earlier one
+    keeps its own row. Records keyed by their own id keep it; only the clashing ones get "@<index>".
+    """
+    lines = [
+        json.dumps({"id": 1, "text": "first"}),
+        '{"id": 2, "text": "cut',
+        json.dumps({"id": 2, "text": "second"}),
+        json.dumps({"id": 1, "text": "repeat of one"}),
+        json.dumps({"text": "no id, position 4"}),
+        json.dumps({"id": "4", "text": "id four, after the record at position 4"}),
+    ]
+    documents = _parse("\n".join(lines).encode(), "rows.jsonl", id_field="id")
+    keys = [d.record_key for d in documents]
+    assert keys == ["1", "1@1", "2", "1@3", "4@4", "4"]
+    assert len(set(keys)) == len(documents)
+    assert [d.text for d in documents] == [
+        "first",
+        None,
+        "second",
+        "repeat of one",
+        "no id, position 4",
+        "id four, after the record at position 4",
+    ]
+    array = json.dumps([{"id": "a", "text": "x"}, {"id": "a", "text": "y"}, {"id": "a@1", "text": "z"}])
+    assert [d.record_key for d in _parse(array.encode(), "rows.json", id_field="id")] == ["a", "a@1@1", "a@1"]
 
 
 def test_json_files_that_are_blank_once_decoded_are_empty() -> None:
