@@ -171,6 +171,7 @@ def main() -> None:
     metrics = json.loads((report / "metrics.json").read_text())
     router = json.loads((scratch / "out" / "router.json").read_text())
     variant = args.dataset + (f"-{args.required.replace(',', '-')}" if args.required else "")
+    variant += "" if args.certification == "bonferroni" else f"-{args.certification}"
     results = ROOT / "bench" / "results" / variant
     if results.exists():
         shutil.rmtree(results)
