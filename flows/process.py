@@ -80,7 +80,7 @@ def run_job(spec: JobSpec, *, full_refresh: bool = False) -> dict[str, Any]:
     previous = None if full_refresh else load_state(spec.output)
     selection = select_documents(listing, previous, spec)
     plan = make_plan(spec, selection.todo, run.run_id, run.run_date)
-    write_plan(spec.output, plan)
+    write_plan(spec.output, plan, run.run_id)
     run = replace(run, plan_id=plan.plan_id, plan_date=plan.run_date)
     shard_count = plan.shard_count()
     logger.info(

@@ -98,10 +98,41 @@ def _open_plans(output: OutputSpec) -> list[tuple[str, dict[str, str]]]:
     return plans
 
 
+class RunInProgressError(RuntimeError):
+    """Another run is writing to the same output right now; two runs would delete each other's parts."""
+
+
+def _still_running(flow_run_id: str | None) -> bool:
+    """Whether Prefect says the flow run that wrote a plan has not ended (unknown runs count as ended)."""
+    if not flow_run_id:
+        return False
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(UUID(flow_run_id)).state
+    except Exception:  # not a flow run id, or another Prefect server's: nothing says it is alive
+        return False
+    return state is not None and not state.is_final()
+
+
 def make_plan(spec: JobSpec, todo: pa.Table, run_id: str, run_date: date) -> RunPlan:
-    """Cut this run's documents into shards, adopting a dead run's plan for the same spec when there is one."""
+    """Cut this run's documents into shards, adopting a dead run's plan for the same spec when there is one.
+
+    Raises RunInProgressError when a plan without a manifest belongs to a flow run Prefect still shows as running.
+    """
     committed = committed_run_ids(spec.output)
     open_plans = [(url, meta) for url, meta in _open_plans(spec.output) if meta["plan_id"] not in committed]
+    for _, meta in open_plans:
+        executor = meta.get("run_id")
+        if executor != run_id and _still_running(executor):
+            raise RunInProgressError(
+                f"flow run {executor} is still writing to {spec.output.url} (its plan {meta['plan_id']} is open); "
+                "runs of one output must not overlap. If that run is dead, cancel it "
+                f"(`prefect flow-run cancel {executor}`) and run again: this run will resume its work."
+            )
     open_plans.sort(key=lambda plan: plan[1]["written_at"])
     adopt = next((plan for plan in reversed(open_plans) if plan[1]["spec_hash"] == spec.spec_hash()), None)
     obsolete_parts: list[str] = []
@@ -159,9 +190,10 @@ def make_plan(spec: JobSpec, todo: pa.Table, run_id: str, run_date: date) -> Run
     )
 
 
-def write_plan(output: OutputSpec, plan: RunPlan) -> None:
+def write_plan(output: OutputSpec, plan: RunPlan, run_id: str) -> None:
     metadata = {
         "plan_id": plan.plan_id,
+        "run_id": run_id,  # the flow run executing the plan now (a resumed plan keeps its first run's plan_id)
         "run_date": plan.run_date.isoformat(),
         "spec_hash": plan.spec_hash,
         "written_at": datetime.now(UTC).isoformat(),

@@ -242,3 +242,33 @@ def test_transient_storage_errors_are_retried_by_prefect_and_lose_nothing(tmp_pa
     assert summary["documents"] == 3 and summary["error"] == 0
     rows = current_rows(load_job(job).output)
     assert rows.height == 3 and rows["error"].is_null().all()
+
+
+def test_a_second_run_over_the_same_output_refuses_while_the_first_is_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import docroute.flows.process as process_module
+    from docroute.tasks.plan import RunInProgressError
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(2):
+        (docs / f"d{i}.txt").write_text(f"{TEXTS[i]}\n", encoding="utf-8")
+    job = tmp_path / "job.yaml"
+    job.write_text(topic_job_yaml(docs, tmp_path / "out", shard_size=1), encoding="utf-8")
+    real_update = process_module.update_progress
+    refusals: list[str] = []
+
+    def start_another_run_mid_way(artifact_id, done: int, total: int) -> None:
+        real_update(artifact_id, done, total)
+        if done == 1 and not refusals:
+            try:
+                process_documents(str(job))  # the same output while this run is still going
+            except RunInProgressError as exc:
+                refusals.append(str(exc))
+
+    monkeypatch.setattr(process_module, "update_progress", start_another_run_mid_way)
+    summary = process_documents(str(job))
+    assert len(refusals) == 1 and "must not overlap" in refusals[0] and summary["run_id"] in refusals[0]
+    rows = current_rows(load_job(job).output)
+    assert rows.height == 2 and rows["doc_id"].n_unique() == 2  # the first run was not disturbed
