@@ -185,6 +185,39 @@ def demo(
             _print_summary(summary, time.perf_counter() - started)
 
 
+@app.command()
+def setup(
+    work_pool: Annotated[str, typer.Option(help="process work pool the deployments run on")] = "docroute-process",
+    frontier_concurrency: Annotated[int, typer.Option(help="frontier calls in flight across all workers")] = 8,
+    repository: Annotated[str | None, typer.Option(help="git URL the deployments clone")] = None,
+    branch: Annotated[str | None, typer.Option(help="branch the deployments check out")] = None,
+    job: Annotated[str | None, typer.Option(help="job file, relative to the clone")] = None,
+    labels: Annotated[str | None, typer.Option(help="gold labels file for the weekly calibration")] = None,
+) -> None:
+    """Create (idempotently) the work pool, concurrency limit and variables deployments/prefect.yaml expects."""
+    _quiet_prefect()
+    from pydantic import ValidationError
+
+    from docroute.flows.setup import SetupSpec, setup_prefect
+
+    try:
+        spec = SetupSpec(
+            work_pool=work_pool,
+            frontier_concurrency=frontier_concurrency,
+            repository=repository,
+            branch=branch,
+            job=job,
+            labels=labels,
+        )
+    except ValidationError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    report = setup_prefect(spec)
+    for verb, items in (("created", report.created), ("updated", report.updated), ("kept", report.kept)):
+        for item in items:
+            typer.echo(f"{verb}: {item}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -1,0 +1,49 @@
+"""docroute setup and deployments/prefect.yaml against a real Prefect server (the session's test server)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL
+
+from docroute.flows.setup import FRONTIER_LIMIT, SetupSpec, setup_prefect
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_setup_creates_pool_limit_and_variables_idempotently() -> None:
+    first = setup_prefect(SetupSpec(repository="https://example.invalid/jobs.git", job="jobs/support.yaml"))
+    assert any("work pool docroute-process" in item for item in first.created)
+    second = setup_prefect(SetupSpec(frontier_concurrency=3))
+    assert not second.created and f"concurrency limit {FRONTIER_LIMIT} = 3" in second.updated
+    with get_client(sync_client=True) as client:
+        assert client.read_work_pool("docroute-process").type == "process"
+        assert client.read_global_concurrency_limit_by_name(FRONTIER_LIMIT).limit == 3
+        assert client.read_variable_by_name("docroute_job").value == "jobs/support.yaml"  # kept, not reset
+        assert client.read_variable_by_name("docroute_branch").value == "main"
+
+
+def test_prefect_deploy_creates_the_scheduled_deployments_from_the_file() -> None:
+    setup_prefect(SetupSpec(repository=str(ROOT), job="examples/demo_classify.yaml"))
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "DO_NOT_TRACK": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file",
+         "deployments/prefect.yaml"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with get_client(sync_client=True) as client:
+        nightly = client.read_deployment_by_name("process-documents/nightly")
+        weekly = client.read_deployment_by_name("calibrate/weekly-calibrate")
+    assert nightly.work_pool_name == weekly.work_pool_name == "docroute-process"
+    assert nightly.parameters["job"] == "examples/demo_classify.yaml"
+    assert nightly.global_concurrency_limit is not None and nightly.global_concurrency_limit.limit == 1
+    schedule = nightly.schedules[0].schedule
+    assert schedule.cron == "0 2 * * *" and schedule.timezone == "Europe/London"
+    assert weekly.schedules[0].schedule.cron == "0 4 * * 0"
