@@ -6,6 +6,7 @@ window, not the corpus, and a shard that fails after its retries still yields on
 
 from __future__ import annotations
 
+import tempfile
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -28,7 +29,8 @@ from docroute.tasks.read import document_id
 from docroute.tasks.report import start_progress, update_progress, write_ledger
 from docroute.tasks.router import usable_router
 from docroute.tasks.shard import RunContext, ShardResult, process_shard, shard_result, write_errors
-from docroute.tasks.state import StateUpdate, load_state, merge_state, select_documents
+from docroute.tasks.spill import BucketSpill
+from docroute.tasks.state import open_run_state, read_part_state, select_todo, state_snapshot_url, write_merged_state
 from docroute.tasks.write import read_parquet, write_parquet
 
 
@@ -64,8 +66,14 @@ def failed_shard_result(spec: JobSpec, shard: Shard, run: RunContext, reason: st
 def run_job(spec: JobSpec, *, full_refresh: bool = False) -> dict[str, Any]:
     """Process the job's new, changed and retryable documents; must run inside a Prefect flow (it submits tasks).
 
-    `full_refresh` ignores the state and processes every listed document again.
+    `full_refresh` ignores the state and processes every listed document again. Per-document metadata (listing,
+    state, to-do list) lives in hash buckets on local disk for the run, so memory does not grow with the bucket.
     """
+    with tempfile.TemporaryDirectory(prefix="docroute-run-") as scratch:
+        return _run_job(spec, Path(scratch), full_refresh=full_refresh)
+
+
+def _run_job(spec: JobSpec, scratch: Path, *, full_refresh: bool) -> dict[str, Any]:
     logger = get_run_logger()
     started = datetime.now(UTC)
     router, why = usable_router(spec)
@@ -76,10 +84,11 @@ def run_job(spec: JobSpec, *, full_refresh: bool = False) -> dict[str, Any]:
         router_version=router.version if router else None,
         thresholds=router.thresholds() if router else None,
     )
-    listing = discover_documents(spec)
-    previous = None if full_refresh else load_state(spec.output)
-    selection = select_documents(listing, previous, spec)
-    plan = make_plan(spec, selection.todo, run.run_id, run.run_date)
+    listing_file = scratch / "listing.arrow"
+    listed = discover_documents(spec, str(listing_file))
+    state = open_run_state(spec.output, listing_file, listed, scratch / "state", full_refresh=full_refresh)
+    todo = select_todo(state, spec)
+    plan = make_plan(spec, todo.files, todo.rows, run.run_id, run.run_date)
     write_plan(spec.output, plan, run.run_id)
     run = replace(run, plan_id=plan.plan_id, plan_date=plan.run_date)
     shard_count = plan.shard_count()
@@ -87,26 +96,26 @@ def run_job(spec: JobSpec, *, full_refresh: bool = False) -> dict[str, Any]:
         "job %s: %d files listed; processing %d (%d new, %d changed, %d retried) in %d shards, %d up to date%s "
         "(run %s)",
         spec.name,
-        listing.num_rows,
+        listed,
         plan.documents,
-        selection.new,
-        selection.changed,
-        selection.retry,
+        todo.new,
+        todo.changed,
+        todo.retry,
         shard_count,
-        selection.up_to_date,
+        todo.up_to_date,
         f", resuming interrupted run {plan.resumed_from}" if plan.resumed_from else "",
         run.run_id,
     )
     progress = start_progress(spec, shard_count)
     results: list[ShardResult] = []
-    collected: list[ShardResult] = []
-    batch_mode = spec.frontier is not None and spec.frontier.mode == "batch"
-    if batch_mode:  # answers that arrived since the last run first: their rows leave `deferred`
+    if spec.frontier is not None and spec.frontier.mode == "batch":
+        # answers that arrived since the last run first: their rows leave `deferred`
         for number, batch in enumerate(collect_frontier_batches(spec, run.run_id, run.run_date)):
             table = read_parquet(spec.output, batch.part_url)
-            collected.append(shard_result(spec, -1 - number, batch.part_url, table))
+            results.append(_keep_state(spec, shard_result(spec, -1 - number, batch.part_url, table), state.by_document))
     pending = plan.shards()  # built one at a time: only shards in flight hold their refs
     running: dict[PrefectFuture[ShardResult], Shard] = {}
+    done = 0
     try:
         while True:
             while len(running) < spec.runner.max_workers and (shard := next(pending, None)) is not None:
@@ -116,25 +125,23 @@ def run_job(spec: JobSpec, *, full_refresh: bool = False) -> dict[str, Any]:
             finished = next(iter(as_completed(list(running))))
             shard = running.pop(finished)
             try:
-                results.append(finished.result())
+                result = finished.result()
             except Exception as exc:  # a shard that failed for good still yields its rows
                 logger.error("shard %d failed after retries: %s", shard.index, exc)
-                results.append(failed_shard_result(spec, shard, run, f"{type(exc).__name__}: {exc}"))
-            update_progress(progress, len(results), shard_count)
+                result = failed_shard_result(spec, shard, run, f"{type(exc).__name__}: {exc}")
+            results.append(_keep_state(spec, result, state.by_file))
+            done += 1
+            update_progress(progress, done, shard_count)
     finally:
         release_run_budget(run.run_id)
-    if batch_mode:
+    if spec.frontier is not None and spec.frontier.mode == "batch":
         try:
             submit_frontier_batches(spec, run.run_id)
         except Exception as exc:  # the queued requests stay staged; the next run submits them
             logger.warning("could not submit the frontier batch, the next run will: %s", exc)
     results.sort(key=lambda r: r.shard_index)
-    update = StateUpdate(
-        by_document=[r.state for r in collected if r.state is not None],
-        by_file=[r.state for r in results if r.state is not None],
-    )
-    state = merge_state(previous, update, listed_uris=listing["uri"], run_id=run.run_id, processed_at=started)
-    results = collected + results
+    snapshot = state_snapshot_url(spec.output, run.run_id)
+    write_merged_state(spec.output, snapshot, state, run_id=run.run_id, processed_at=started)
     entries = merge_entries([e for r in results for e in r.entries])
     record = run_record(
         spec,
@@ -149,18 +156,24 @@ def run_job(spec: JobSpec, *, full_refresh: bool = False) -> dict[str, Any]:
         audit_agreed=sum(r.audit_agreed for r in results),
     )
     parts = [{"url": r.part_url, "rows": r.rows, "shard": r.shard_index, "reused": r.reused} for r in results]
-    files = write_ledger(spec, record, entries, parts, state)
+    files = write_ledger(spec, record, entries, parts, snapshot)
     clean_up_after_commit(spec.output, plan)
     return {
         **record,
         **files,
         "entries": entries,
         "parts": parts,
-        "listed": listing.num_rows,
-        "up_to_date": selection.up_to_date,
-        "retried": selection.retry,
+        "listed": listed,
+        "up_to_date": todo.up_to_date,
+        "retried": todo.retry,
         "resumed_from": plan.resumed_from,
     }
+
+
+def _keep_state(spec: JobSpec, result: ShardResult, spill: BucketSpill) -> ShardResult:
+    """Spill the state rows of a written part (read back from it) to the run's local buckets."""
+    spill.add(read_part_state(spec.output, result.part_url))
+    return result
 
 
 def with_output(spec: JobSpec, output: str | None) -> JobSpec:

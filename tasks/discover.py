@@ -9,8 +9,9 @@ from __future__ import annotations
 import glob
 import posixpath
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -65,8 +66,8 @@ def list_documents(source: SourceSpec, *, exclude_prefix: str | None = None) -> 
     return list(refs_of(list_source(source, exclude_prefix=exclude_prefix)))
 
 
-def list_source(source: SourceSpec, *, exclude_prefix: str | None = None) -> pa.Table:
-    """The source's listing as a table (see LISTING_SCHEMA) in name order per folder, without dotfiles and the output.
+def iter_listing(source: SourceSpec, *, exclude_prefix: str | None = None) -> Iterator[pa.Table]:
+    """The source's listing, one table (see LISTING_SCHEMA) per folder, in name order, without dotfiles and the output.
 
     Walks one directory (prefix) at a time and keeps a few strings per file, rather than asking for every file's
     info dict at once: a bucket of a million objects must not need gigabytes to list. Matching uses fsspec's own
@@ -75,13 +76,13 @@ def list_source(source: SourceSpec, *, exclude_prefix: str | None = None) -> pa.
     fs, root = source_filesystem(source)
     fs.invalidate_cache(root)  # s3fs and friends cache listings per process: a scheduled run must see new objects
     if fs.isfile(root):
-        return _table([(root, fs.info(root))], fs)
+        yield _table([(root, fs.info(root))], fs)
+        return
     # the folder's own name is literal: "docs[1]" is a folder, not a pattern
     matches = re.compile(glob_translate(posixpath.join(glob.escape(root), source.glob))).match
     excluded = None
     if exclude_prefix and fsspec.core.split_protocol(exclude_prefix)[0] == fsspec.core.split_protocol(source.url)[0]:
         excluded = fsspec.core.strip_protocol(exclude_prefix).rstrip("/")
-    batches: list[pa.Table] = []
     for directory, subdirs, files in fs.walk(root, detail=True):
         # dot-folders and the job's own output are never documents; the rest is walked in name order, so the
         # listing (hence shard contents and part names) is the same on every run without sorting it whole
@@ -99,11 +100,14 @@ def list_source(source: SourceSpec, *, exclude_prefix: str | None = None) -> pa.
         ]
         chosen = [(path, info) for path, info in chosen if matches(path)]
         if chosen:
-            batches.append(_table(chosen, fs))
+            yield _table(chosen, fs)
         fs.invalidate_cache(directory)  # drop the cached listing dicts (kilobytes per file) once read
-    if not batches:
-        return LISTING_SCHEMA.empty_table()
-    return pa.concat_tables(batches)  # one chunk per folder: combining would copy it whole
+
+
+def list_source(source: SourceSpec, *, exclude_prefix: str | None = None) -> pa.Table:
+    """The whole listing as one table (one chunk per folder)."""
+    tables = list(iter_listing(source, exclude_prefix=exclude_prefix))
+    return pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
 
 
 def _table(found: list[tuple[str, dict[str, Any]]], fs: fsspec.AbstractFileSystem) -> pa.Table:
@@ -141,10 +145,18 @@ def cut_shards(refs: Sequence[DocumentRef], shard_size: int) -> list[Shard]:
 
 
 @task(name="discover-documents", retries=3, retry_delay_seconds=[1, 5, 20], cache_policy=NO_CACHE)
-def discover_documents(spec: JobSpec) -> pa.Table:
-    """List the source (retried: listing an object store can fail transiently).
+def discover_documents(spec: JobSpec, spill_path: str) -> int:
+    """List the source into a local Arrow file, folder by folder; returns the number of files.
 
-    Returns one Arrow table, not a list: Prefect tracks every element of a returned list, and the listing of a
-    large bucket must stay a few dozen bytes per file for the run's memory to stay flat.
+    Retried (listing an object store can fail transiently). The listing goes to disk, not into the return value:
+    a bucket of millions of files must not need memory in proportion.
     """
-    return list_source(spec.source, exclude_prefix=spec.output.url)
+    from docroute.tasks.spill import RowSpill
+
+    spill = RowSpill(Path(spill_path), LISTING_SCHEMA)
+    try:
+        for table in iter_listing(spec.source, exclude_prefix=spec.output.url):
+            spill.add(table)
+    finally:
+        spill.close()
+    return spill.rows

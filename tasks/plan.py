@@ -14,9 +14,12 @@ a few dozen bytes per document, so planning a million-file bucket stays cheap.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import IO
 
 import polars as pl
 import pyarrow as pa
@@ -25,8 +28,9 @@ from fsspec.core import url_to_fs
 
 from docroute.schemas.spec import JobSpec, OutputSpec
 from docroute.tasks.discover import LISTING_SCHEMA, Shard, refs_of
+from docroute.tasks.spill import stream_files
 from docroute.tasks.state import committed_run_ids
-from docroute.tasks.write import read_parquet, results_part_url, write_parquet
+from docroute.tasks.write import atomic_write, read_parquet, results_part_url
 
 PLAN_SCHEMA = pa.schema([pa.field("shard", pa.int64()), *LISTING_SCHEMA])
 
@@ -46,7 +50,10 @@ class RunPlan:
     plan_id: str  # names the part files; a resumed plan keeps the dead run's id
     run_date: date
     spec_hash: str
-    assignments: pa.Table  # PLAN_SCHEMA, sorted by shard
+    shard_size: int
+    assignments: pa.Table | None = None  # PLAN_SCHEMA sorted by shard, for an adopted plan; else streamed from:
+    todo_files: list[Path] = field(default_factory=list)  # local Arrow files of LISTING rows, in processing order
+    todo_rows: int = 0
     resumable: frozenset[int] = frozenset()  # shards the dead run may have finished with exactly these files
     resumed_from: str | None = None
     obsolete_parts: list[str] = field(default_factory=list)  # parts of abandoned plans or dropped shards
@@ -54,14 +61,17 @@ class RunPlan:
 
     @property
     def documents(self) -> int:
-        return self.assignments.num_rows
+        return self.assignments.num_rows if self.assignments is not None else self.todo_rows
 
     def shard_count(self) -> int:
-        return len(self._bounds())
+        if self.assignments is None:
+            return math.ceil(self.todo_rows / self.shard_size)
+        return len(self._bounds(self.assignments))
 
-    def _bounds(self) -> list[tuple[int, int, int]]:
+    @staticmethod
+    def _bounds(assignments: pa.Table) -> list[tuple[int, int, int]]:
         """(shard index, first row, row count) for each shard, in order."""
-        frame = pl.from_arrow(self.assignments.select(["shard"]))
+        frame = pl.from_arrow(assignments.select(["shard"]))
         assert isinstance(frame, pl.DataFrame)
         counts = frame.group_by("shard", maintain_order=True).len()
         bounds, offset = [], 0
@@ -70,11 +80,32 @@ class RunPlan:
             offset += int(count)
         return bounds
 
+    def assigned(self) -> Iterator[tuple[int, pa.Table]]:
+        """(shard index, its LISTING rows), one shard in memory at a time."""
+        if self.assignments is not None:
+            listing = self.assignments.select(LISTING_SCHEMA.names)
+            for index, offset, count in self._bounds(self.assignments):
+                yield index, listing.slice(offset, count)
+            return
+        pending: list[pa.RecordBatch] = []
+        held, index = 0, 0
+        for batch in stream_files(self.todo_files):
+            rest = batch
+            while rest.num_rows:
+                take = min(self.shard_size - held, rest.num_rows)
+                pending.append(rest.slice(0, take))
+                held += take
+                rest = rest.slice(take)
+                if held == self.shard_size:
+                    yield index, pa.Table.from_batches(pending).combine_chunks()
+                    pending, held, index = [], 0, index + 1
+        if held:
+            yield index, pa.Table.from_batches(pending).combine_chunks()
+
     def shards(self) -> Iterator[Shard]:
         """The shards, built one at a time as the flow submits them (only shards in flight hold Python refs)."""
-        listing = self.assignments.select(LISTING_SCHEMA.names)
-        for index, offset, count in self._bounds():
-            yield Shard(index, refs_of(listing.slice(offset, count)), resume=index in self.resumable)
+        for index, rows in self.assigned():
+            yield Shard(index, refs_of(rows), resume=index in self.resumable)
 
 
 def _assign(todo: pa.Table, shard_size: int, first_index: int = 0) -> pa.Table:
@@ -118,10 +149,12 @@ def _still_running(flow_run_id: str | None) -> bool:
     return state is not None and not state.is_final()
 
 
-def make_plan(spec: JobSpec, todo: pa.Table, run_id: str, run_date: date) -> RunPlan:
+def make_plan(spec: JobSpec, todo_files: list[Path], todo_rows: int, run_id: str, run_date: date) -> RunPlan:
     """Cut this run's documents into shards, adopting a dead run's plan for the same spec when there is one.
 
-    Raises RunInProgressError when a plan without a manifest belongs to a flow run Prefect still shows as running.
+    A new plan streams from the local to-do files; only adopting a dead run's plan (after a crash) reads the
+    to-do list into memory, to match it with that plan. Raises RunInProgressError when a plan without a manifest
+    belongs to a flow run Prefect still shows as running.
     """
     committed = committed_run_ids(spec.output)
     open_plans = [(url, meta) for url, meta in _open_plans(spec.output) if meta["plan_id"] not in committed]
@@ -149,10 +182,14 @@ def make_plan(spec: JobSpec, todo: pa.Table, run_id: str, run_date: date) -> Run
             run_id,
             run_date,
             spec.spec_hash(),
-            _assign(todo, spec.shard_size),
+            spec.shard_size,
+            todo_files=todo_files,
+            todo_rows=todo_rows,
             obsolete_parts=obsolete_parts,
             obsolete_plans=obsolete_plans,
         )
+    batches = list(stream_files(todo_files))
+    todo = pa.Table.from_batches(batches, schema=LISTING_SCHEMA) if batches else LISTING_SCHEMA.empty_table()
     url, meta = adopt
     day = date.fromisoformat(meta["run_date"])
     planned = pl.from_arrow(read_parquet(spec.output, url))
@@ -182,6 +219,7 @@ def make_plan(spec: JobSpec, todo: pa.Table, run_id: str, run_date: date) -> Run
         meta["plan_id"],
         day,
         spec.spec_hash(),
+        spec.shard_size,
         assignments,
         resumable=resumable,
         resumed_from=meta["plan_id"],
@@ -191,6 +229,7 @@ def make_plan(spec: JobSpec, todo: pa.Table, run_id: str, run_date: date) -> Run
 
 
 def write_plan(output: OutputSpec, plan: RunPlan, run_id: str) -> None:
+    """Write the plan before any shard runs, streamed shard by shard into one Parquet file."""
     metadata = {
         "plan_id": plan.plan_id,
         "run_id": run_id,  # the flow run executing the plan now (a resumed plan keeps its first run's plan_id)
@@ -198,8 +237,15 @@ def write_plan(output: OutputSpec, plan: RunPlan, run_id: str) -> None:
         "spec_hash": plan.spec_hash,
         "written_at": datetime.now(UTC).isoformat(),
     }
-    table = plan.assignments.replace_schema_metadata(metadata)
-    write_parquet(output, plan_url(output, plan.plan_id), table, dictionary=["shard"])
+    schema = PLAN_SCHEMA.with_metadata(metadata)
+
+    def write(handle: IO[bytes]) -> None:
+        with pq.ParquetWriter(handle, schema, use_dictionary=["shard"]) as writer:
+            for index, rows in plan.assigned():
+                shard = pa.array([index] * rows.num_rows, pa.int64())
+                writer.write_table(rows.select(LISTING_SCHEMA.names).add_column(0, "shard", shard).cast(schema))
+
+    atomic_write(output, plan_url(output, plan.plan_id), write)
 
 
 def clean_up_after_commit(output: OutputSpec, plan: RunPlan) -> None:

@@ -20,7 +20,7 @@ from prefect.exceptions import MissingContextError
 
 from docroute.schemas.spec import JobSpec
 from docroute.tasks.ledger import RUN_SCHEMA, LedgerEntry, cost_table
-from docroute.tasks.state import latest_manifest, prune_snapshots, state_snapshot_url
+from docroute.tasks.state import latest_manifest, prune_snapshots
 from docroute.tasks.write import write_json, write_parquet
 
 
@@ -108,9 +108,10 @@ def write_ledger(
     record: dict[str, Any],
     entries: list[LedgerEntry],
     parts: list[dict[str, Any]],
-    state: pa.Table | None = None,
+    snapshot: str | None = None,
 ) -> dict[str, str]:
-    """Write the state snapshot, cost table and run row, then the manifest that commits the run; publish artifacts.
+    """Write the cost table and run row, then the manifest that commits them and the state `snapshot` (already
+    written); publish the artifacts.
 
     Until the manifest exists none of this run's files count: the next run reads the previous committed state.
     """
@@ -118,10 +119,6 @@ def write_ledger(
     costs = costs_url(spec, run_date, run_id)
     runs = runs_url(spec, run_date, run_id)
     previous = latest_manifest(spec.output)
-    snapshot = state_snapshot_url(spec.output, run_id) if state is not None else None
-    if snapshot is not None and state is not None:
-        repeated = [f.name for f in state.schema if pa.types.is_dictionary(f.type)]
-        write_parquet(spec.output, snapshot, state, dictionary=repeated)
     write_parquet(spec.output, costs, cost_table(entries, spec, run_id=run_id, run_date=run_date))
     write_parquet(spec.output, runs, pa.Table.from_pylist([record], schema=RUN_SCHEMA))
     manifest = manifest_url(spec, run_id, datetime.now(UTC))

@@ -29,7 +29,6 @@ from docroute.tasks.ledger import LedgerEntry, summarise_part
 from docroute.tasks.read import SourceDocument, read_documents
 from docroute.tasks.route import RouteDecision, decide, required_parts, spec_thresholds
 from docroute.tasks.score import answers_of, part_correct
-from docroute.tasks.state import state_of_part
 from docroute.tasks.write import errors_part_url, part_exists, read_parquet, results_part_url, write_parquet
 
 
@@ -63,7 +62,6 @@ class ShardResult:
     seconds: float = 0.0
     audited: int = 0
     audit_agreed: int = 0
-    state: pa.Table | None = None  # the state rows of this part's documents (tasks/state.py)
     reused: bool = False
 
 
@@ -271,7 +269,6 @@ def shard_result(
         seconds=seconds,
         audited=int(pc.sum(table["audited"]).as_py() or 0),
         audit_agreed=int(pc.sum(pc.fill_null(table["audit_agrees"], False)).as_py() or 0),
-        state=state_of_part(table, url),
         reused=reused,
     )
 

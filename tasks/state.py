@@ -14,7 +14,8 @@ import json
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 import polars as pl
@@ -25,6 +26,7 @@ from fsspec.core import url_to_fs
 from docroute.schemas.spec import JobSpec, OutputSpec
 from docroute.tasks.discover import LISTING_SCHEMA
 from docroute.tasks.frontier_batches import QUEUED
+from docroute.tasks.spill import BUCKET_ROWS, BucketSpill, RowSpill, bucket_count, stream_files
 
 _REPEATED = pa.dictionary(pa.int32(), pa.string())
 """Values shared by many documents (a part's URL, a run id, a spec hash) are stored once, in memory and on disk."""
@@ -94,11 +96,23 @@ def load_state(output: OutputSpec) -> pl.DataFrame | None:
     return pl.from_arrow(table.cast(STATE_SCHEMA))  # type: ignore[return-value]
 
 
+STATE_SOURCE_COLUMNS = ["doc_id", "source_uri", "source_etag", "spec_hash", "small_model", "route", "route_reason"]
+
+
+def read_part_state(output: OutputSpec, part_url: str) -> pa.Table:
+    """The state rows of a committed part, read back from the part (a few columns).
+
+    Shard tasks return only tallies: Prefect keeps every task's return value for the flow run's lifetime, so a
+    per-document payload there would make the run's memory grow with the corpus.
+    """
+    fs, path = url_to_fs(part_url, **output.fsspec_options())
+    with fs.open(path, "rb") as handle:
+        return state_of_part(pq.read_table(handle, columns=STATE_SOURCE_COLUMNS), part_url)
+
+
 def state_of_part(table: pa.Table, part_url: str) -> pa.Table:
     """The state rows for the documents of one written part (its rows are those documents' current answers)."""
-    frame = pl.from_arrow(
-        table.select(["doc_id", "source_uri", "source_etag", "spec_hash", "small_model", "route", "route_reason"])
-    )
+    frame = pl.from_arrow(table.select(STATE_SOURCE_COLUMNS))
     assert isinstance(frame, pl.DataFrame)
     route = pl.col("route").cast(pl.String)
     reason = pl.col("route_reason").fill_null("")
@@ -253,3 +267,115 @@ def prune_snapshots(output: OutputSpec, keep: Sequence[str]) -> None:
     for path in paths:
         if path.endswith(".parquet") and path not in kept:
             fs.rm(path)
+
+
+@dataclass
+class RunState:
+    """A run's view of its listing, the previous state and its own updates, bucketed on local disk."""
+
+    directory: Path
+    buckets: int
+    listed: BucketSpill
+    previous: BucketSpill
+    by_file: BucketSpill  # processed shards: every document of these files
+    by_document: BucketSpill  # collected frontier batches: these documents only
+
+    def close_inputs(self) -> None:
+        self.listed.close()
+        self.previous.close()
+
+    def close_updates(self) -> None:
+        self.by_file.close()
+        self.by_document.close()
+
+
+def open_run_state(
+    output: OutputSpec, listing_file: Path, listed_rows: int, directory: Path, *, full_refresh: bool
+) -> RunState:
+    """Bucket the listing and the newest committed state snapshot (skipped on a full refresh) on local disk."""
+    manifest = None if full_refresh else latest_manifest(output)
+    snapshot = manifest.get("state") if manifest else None
+    previous_rows = 0
+    if snapshot:
+        fs, path = url_to_fs(snapshot, **output.fsspec_options())
+        with fs.open(path, "rb") as handle:
+            previous_rows = pq.ParquetFile(handle).metadata.num_rows
+    buckets = bucket_count(max(listed_rows, previous_rows))
+    state = RunState(
+        directory,
+        buckets,
+        BucketSpill(directory, "listed", LISTING_SCHEMA, buckets, "uri"),
+        BucketSpill(directory, "previous", STATE_SCHEMA, buckets, "source_uri"),
+        BucketSpill(directory, "by-file", STATE_SCHEMA, buckets, "source_uri"),
+        BucketSpill(directory, "by-document", STATE_SCHEMA, buckets, "source_uri"),
+    )
+    state.listed.add_batches(stream_files([listing_file]))
+    if snapshot:
+        fs, path = url_to_fs(snapshot, **output.fsspec_options())
+        with fs.open(path, "rb") as handle:
+            state.previous.add_batches(pq.ParquetFile(handle).iter_batches(batch_size=BUCKET_ROWS))
+    state.close_inputs()
+    return state
+
+
+@dataclass(frozen=True)
+class Todo:
+    """What this run processes: local Arrow files of listing rows, retries first, and why."""
+
+    files: list[Path]
+    rows: int
+    retry: int
+    new: int
+    changed: int
+    up_to_date: int
+
+
+def select_todo(state: RunState, spec: JobSpec) -> Todo:
+    """Run `select_documents` bucket by bucket; retries go to one file, the rest to another, read in that order."""
+    retries = RowSpill(state.directory / "todo-retry.arrow", LISTING_SCHEMA)
+    fresh = RowSpill(state.directory / "todo-fresh.arrow", LISTING_SCHEMA)
+    counts = {"retry": 0, "new": 0, "changed": 0, "up_to_date": 0}
+    for bucket in range(state.buckets):
+        previous = state.previous.read(bucket)
+        frame = pl.from_arrow(previous) if previous.num_rows else None
+        chosen = select_documents(state.listed.read(bucket), frame, spec)  # type: ignore[arg-type]
+        retries.add(chosen.todo.slice(0, chosen.retry))
+        fresh.add(chosen.todo.slice(chosen.retry))
+        for key in counts:
+            counts[key] += getattr(chosen, key)
+    retries.close()
+    fresh.close()
+    return Todo([retries.path, fresh.path], retries.rows + fresh.rows, **counts)
+
+
+def write_merged_state(output: OutputSpec, url: str, state: RunState, *, run_id: str, processed_at: Any) -> int:
+    """Merge bucket by bucket and stream the new snapshot into one Parquet file; returns its row count."""
+    from docroute.tasks.write import atomic_write
+
+    state.close_updates()
+    written = 0
+
+    def write(handle: IO[bytes]) -> None:
+        nonlocal written
+        repeated = [f.name for f in STATE_SCHEMA if pa.types.is_dictionary(f.type)]
+        with pq.ParquetWriter(handle, STATE_SCHEMA, use_dictionary=repeated) as writer:
+            for bucket in range(state.buckets):
+                previous = state.previous.read(bucket)
+                frame = pl.from_arrow(previous) if previous.num_rows else None
+                update = StateUpdate(
+                    by_document=[t for t in [state.by_document.read(bucket)] if t.num_rows],
+                    by_file=[t for t in [state.by_file.read(bucket)] if t.num_rows],
+                )
+                merged = merge_state(
+                    frame,  # type: ignore[arg-type]
+                    update,
+                    listed_uris=state.listed.read(bucket)["uri"],
+                    run_id=run_id,
+                    processed_at=processed_at,
+                )
+                if merged.num_rows:
+                    writer.write_table(merged)
+                    written += merged.num_rows
+
+    atomic_write(output, url, write)
+    return written

@@ -35,7 +35,7 @@ def batch_part_url(output: OutputSpec, run_date: date, run_id: str, batch_id: st
     return f"{output.url}/results/run_date={run_date.isoformat()}/part-{run_id}-batch-{safe}.parquet"
 
 
-def _atomic_write(output: OutputSpec, url: str, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(output: OutputSpec, url: str, write: Callable[[IO[bytes]], None]) -> None:
     """Stream into the file: under a temporary name then renamed on a local disk; object stores publish an object
     only when its upload completes (one PUT, or the multipart upload's completion), so readers never see half."""
     fs, path = url_to_fs(url, **output.fsspec_options())
@@ -68,7 +68,7 @@ def write_parquet(
     def write(handle: IO[bytes]) -> None:
         pq.write_table(table, handle, compression=compression, use_dictionary=dictionary, row_group_size=row_group_rows)
 
-    _atomic_write(output, url, write)
+    atomic_write(output, url, write)
 
 
 def part_exists(output: OutputSpec, url: str) -> bool:
@@ -84,4 +84,4 @@ def read_parquet(output: OutputSpec, url: str) -> pa.Table:
 
 def write_json(output: OutputSpec, url: str, payload: dict[str, Any]) -> None:
     data = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
-    _atomic_write(output, url, lambda handle: handle.write(data))
+    atomic_write(output, url, lambda handle: handle.write(data))
