@@ -1,7 +1,8 @@
-"""The main flow: discover → one task per shard (parse, infer, route, escalate, write) → ledger and manifest.
+"""The main flow: discover → select what changed → plan → one task per shard → state, ledger and manifest.
 
-The flow only sequences. It keeps at most `runner.max_workers` shards in flight, so memory stays bounded by the
-window, not the corpus, and a shard that fails after its retries still yields one error row per document.
+The flow only sequences. It keeps at most `runner.max_workers` shards in flight and spills per-document metadata
+to local hash buckets, so memory stays bounded by the window, not the corpus; a shard that fails after its retries
+still yields one error row per document; the manifest, written last, commits the run.
 """
 
 from __future__ import annotations

@@ -249,12 +249,6 @@ def select_documents(listing: pa.Table, state: pl.DataFrame | None, spec: JobSpe
     )
 
 
-def write_state(output: OutputSpec, url: str, table: pa.Table) -> None:
-    from docroute.tasks.write import write_parquet
-
-    write_parquet(output, url, table)
-
-
 def prune_snapshots(output: OutputSpec, keep: Sequence[str]) -> None:
     """Delete state snapshots other than `keep` (the one just committed, and the one before for readers mid-way)."""
     fs, root = url_to_fs(f"{output.url}/state/documents", **output.fsspec_options())
