@@ -47,3 +47,32 @@ def test_prefect_deploy_creates_the_scheduled_deployments_from_the_file() -> Non
     schedule = nightly.schedules[0].schedule
     assert schedule.cron == "0 2 * * *" and schedule.timezone == "Europe/London"
     assert weekly.schedules[0].schedule.cron == "0 4 * * 0"
+
+
+@pytest.mark.parametrize(("template", "kind"), [("kubernetes-gpu.json", "kubernetes"), ("docker-gpu.json", "docker")])
+def test_gpu_work_pool_templates_are_accepted_by_the_server(template: str, kind: str) -> None:
+    import json
+
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    body = json.loads((ROOT / "deployments" / "work-pools" / template).read_text())
+    name = f"docroute-gpu-{kind}"
+    with get_client(sync_client=True) as client:  # the server rejects placeholders without a declared variable
+        client.create_work_pool(WorkPoolCreate(name=name, type=kind, base_job_template=body), overwrite=True)
+        stored = client.read_work_pool(name).base_job_template
+    broken = json.loads(json.dumps(body))
+    del broken["variables"]["properties"]["gpus"]
+    with get_client(sync_client=True) as client, pytest.raises(Exception, match="gpus"):
+        client.create_work_pool(WorkPoolCreate(name=f"{name}-broken", type=kind, base_job_template=broken))
+    text = json.dumps(stored["job_configuration"])
+    if kind == "kubernetes":
+        assert '"nodeSelector": "{{ node_selector }}"' in text and '"tolerations": "{{ tolerations }}"' in text
+        assert '"nvidia.com/gpu": "{{ gpus }}"' in text
+    else:
+        assert '"device_requests"' in text and '"capabilities": [["gpu"]]' in text
+
+
+def test_the_gpu_image_copies_only_paths_that_exist() -> None:
+    lines = (ROOT / "deployments" / "Dockerfile").read_text().splitlines()
+    copied = [line.split()[1:-1] for line in lines if line.startswith("COPY ")]
+    assert copied and all((ROOT / path).exists() for sources in copied for path in sources)
