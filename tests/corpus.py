@@ -94,18 +94,27 @@ def build_topic_corpus(folder: Path) -> dict[str, str | None]:
     }
 
 
-def topic_job_yaml(source: Path, output: Path, *, extra: str = "", shard_size: int = 4) -> str:
+def topic_job_yaml(
+    source: Path,
+    output: Path,
+    *,
+    extra: str = "",
+    shard_size: int = 4,
+    name: str = "topics",
+    text_field: str = "body.text",
+    max_bytes: int = 60000,
+) -> str:
     labels = "\n".join(
         f"      - name: {name}\n        description: texts about {name}\n        examples:\n"
         + "\n".join(f"          - {json.dumps(t)}" for t in texts)
         for name, texts in TOPIC_EXAMPLES.items()
     )
-    return f"""name: topics
+    return f"""name: {name}
 source:
   url: {source}
-  text_field: body.text
+  text_field: {text_field}
   id_field: id
-  max_bytes: 60000
+  max_bytes: {max_bytes}
 task:
   instructions: Short news and recipe snippets.
   classify:

@@ -21,7 +21,7 @@ from typing import Any
 
 import polars as pl
 import pytest
-from corpus import COOKING, SPORTS, TOPIC_EXAMPLES, WEATHER
+from corpus import COOKING, SPORTS, TOPIC_EXAMPLES, WEATHER, topic_job_yaml
 
 from docroute.engines.base import Prediction, Request
 from docroute.engines.llamacpp import LlamaCppEngine
@@ -236,28 +236,7 @@ def build_corpus(source: Path) -> list[Case]:
 
 
 def _job_yaml(source: Path, output: Path) -> str:
-    labels = "\n".join(
-        f"      - name: {name}\n        description: texts about {name}\n        examples:\n"
-        + "\n".join(f"          - {json.dumps(t)}" for t in texts)
-        for name, texts in TOPIC_EXAMPLES.items()
-    )
-    return f"""name: bad-input
-source:
-  url: {source}
-  id_field: id
-  max_bytes: {MAX_BYTES}
-task:
-  instructions: Short news and recipe snippets.
-  classify:
-    labels:
-{labels}
-small_model:
-  engine: llamacpp
-  classify_strategy: label_scoring
-output:
-  url: {output}
-shard_size: 8
-"""
+    return topic_job_yaml(source, output, name="bad-input", text_field="text", max_bytes=MAX_BYTES, shard_size=8)
 
 
 @pytest.fixture
