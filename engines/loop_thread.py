@@ -10,6 +10,9 @@ connection pool) and one semaphore, so `max_concurrency` bounds the engine as a 
 `LoopThread` is that loop; `AsyncClientEngine` is the batch plumbing both HTTP engines (engines/openai_compat.py,
 engines/anthropic.py) share on top of it, leaving them only what is provider-specific: the client and how one
 document is answered.
+
+A `SharedGate` extends the bound past one process: when set, every call also holds a slot of a limit that all
+workers share (a Prefect global concurrency limit, tasks/infer.py) for as long as it is in flight.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import logging
 import threading
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Generic, Protocol, Self, TypeVar
 
 from docroute.engines.base import EngineError, Prediction, Request, check_complete
@@ -27,6 +31,14 @@ from docroute.engines.base import EngineError, Prediction, Request, check_comple
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+SharedGate = Callable[[], AbstractAsyncContextManager[Any]]
+"""Makes the context manager one call holds while in flight; entered on the engine's loop."""
+
+
+class SlotUnavailableError(EngineError):
+    """A shared concurrency slot could not be taken; the call was not made, so it can be retried later."""
+
 
 _CLOSE_TIMEOUT_S = 30.0
 """How long `close` waits for the cleanup, then for the thread to end: a wedged server must not hang a flow."""
@@ -156,6 +168,11 @@ class AsyncClientEngine(ABC, Generic[ClientT]):
         # touched only on the loop thread
         self._client: ClientT | None = None
         self._semaphore: asyncio.Semaphore | None = None
+        self._gate: SharedGate | None = None
+
+    def share_limit(self, gate: SharedGate | None) -> None:
+        """Make every call also hold a slot from `gate` while in flight (None: only `max_concurrency`)."""
+        self._gate = gate
 
     def __enter__(self) -> Self:
         return self
@@ -181,8 +198,36 @@ class AsyncClientEngine(ABC, Generic[ClientT]):
         """Build the SDK client; called on the loop thread, which the client then belongs to."""
 
     @abstractmethod
-    async def _answer(self, client: ClientT, semaphore: asyncio.Semaphore, request: Request) -> Prediction:
-        """Answer one request, holding `semaphore` while it talks to the provider; failures become error rows."""
+    async def _answer(self, client: ClientT, request: Request) -> Prediction:
+        """Answer one request inside `_call_slot` while it talks to the provider; failures become error rows."""
+
+    @asynccontextmanager
+    async def _call_slot(self) -> AsyncIterator[None]:
+        """Hold one of this engine's `max_concurrency` slots and, when a gate is set, one shared slot.
+
+        Failing to take the shared slot raises SlotUnavailableError before any call is made; failing to give it
+        back only logs, because the answer has been paid for by then (the slot's lease expires on its own).
+        """
+        if self._semaphore is None:  # pragma: no cover - created by _predict_all before any _answer
+            raise RuntimeError("_call_slot used outside predict")
+        async with self._semaphore:
+            if self._gate is None:
+                yield
+                return
+            held = self._gate()
+            try:
+                await held.__aenter__()
+            except Exception as exc:
+                raise SlotUnavailableError(
+                    f"could not take a slot of the shared frontier concurrency limit: {type(exc).__name__}: {exc}"
+                ) from exc
+            try:
+                yield
+            finally:
+                try:
+                    await held.__aexit__(None, None, None)
+                except Exception as exc:
+                    log.warning("%s: could not give back a shared concurrency slot: %s", self.name, exc)
 
     async def _aclose(self) -> None:
         client, self._client, self._semaphore = self._client, None, None
@@ -194,10 +239,8 @@ class AsyncClientEngine(ABC, Generic[ClientT]):
             self._client = self._make_client()
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.max_concurrency)
-        client, semaphore = self._client, self._semaphore
-        results = await asyncio.gather(
-            *(self._answer(client, semaphore, request) for request in requests), return_exceptions=True
-        )
+        client = self._client
+        results = await asyncio.gather(*(self._answer(client, request) for request in requests), return_exceptions=True)
         predictions: list[Prediction] = []
         for result in results:
             if isinstance(result, BaseException):

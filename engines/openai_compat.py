@@ -16,7 +16,6 @@ calling thread.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -34,7 +33,7 @@ from docroute.engines.base import (
     Usage,
     redact,  # lived here before engines/base.py; still importable from this module
 )
-from docroute.engines.loop_thread import AsyncClientEngine
+from docroute.engines.loop_thread import AsyncClientEngine, SlotUnavailableError
 from docroute.engines.prompts import (
     INVALID_ANSWER_FEEDBACK,
     AnswerError,
@@ -174,20 +173,23 @@ class OpenAICompatibleEngine(AsyncClientEngine[AsyncOpenAI]):
 
     # -- one document ----------------------------------------------------------------------------------------
 
-    async def _answer(self, client: AsyncOpenAI, semaphore: asyncio.Semaphore, request: Request) -> Prediction:
+    async def _answer(self, client: AsyncOpenAI, request: Request) -> Prediction:
         text, truncated = truncate_text_to_tokens(request.text, self.max_input_tokens)
         messages = chat_messages(self.task, text)
         prediction = Prediction(id=request.id, model=self.name, truncated=truncated)
-        async with semaphore:
-            started = time.perf_counter()
-            try:
-                await self._ask(client, messages, prediction)
-            except openai.OpenAIError as exc:
-                prediction.error, prediction.retryable = self._transport_error(exc)
-            except _FinalAnswerError as exc:
-                prediction.error, prediction.retryable = str(exc), False
-            finally:
-                prediction.engine_seconds = time.perf_counter() - started
+        try:
+            async with self._call_slot():
+                started = time.perf_counter()
+                try:
+                    await self._ask(client, messages, prediction)
+                except openai.OpenAIError as exc:
+                    prediction.error, prediction.retryable = self._transport_error(exc)
+                except _FinalAnswerError as exc:
+                    prediction.error, prediction.retryable = str(exc), False
+                finally:
+                    prediction.engine_seconds = time.perf_counter() - started
+        except SlotUnavailableError as exc:  # nothing was sent: retry on a later run
+            prediction.error, prediction.retryable = str(exc), True
         if prediction.error is not None:
             prediction.label, prediction.fields = None, {}
             prediction.label_confidence, prediction.field_confidences = None, {}

@@ -18,12 +18,14 @@ from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 
+from docroute.flows.runners import shard_task_options, shard_task_runner
 from docroute.schemas.load import load_job
 from docroute.schemas.rows import ResultRow, rows_to_table
 from docroute.schemas.spec import JobSpec
-from docroute.tasks.budget import release_run_budget
+from docroute.tasks.budget import AllowanceBook, release_run_budget
 from docroute.tasks.discover import Shard, discover_documents
 from docroute.tasks.frontier_batches import collect_frontier_batches, submit_frontier_batches
+from docroute.tasks.infer import require_concurrency_limit
 from docroute.tasks.ledger import merge_entries, run_record
 from docroute.tasks.plan import clean_up_after_commit, make_plan, write_plan
 from docroute.tasks.read import document_id
@@ -79,6 +81,9 @@ def _run_job(spec: JobSpec, scratch: Path, *, full_refresh: bool) -> dict[str, A
     started = datetime.now(UTC)
     router, why = usable_router(spec)
     logger.info("routing: %s", why)
+    if spec.frontier is not None and spec.frontier.concurrency_limit:
+        slots = require_concurrency_limit(spec.frontier.concurrency_limit)
+        logger.info("frontier calls hold slots of %r: at most %d in flight", spec.frontier.concurrency_limit, slots)
     run = RunContext(
         run_id=_run_id(),
         run_date=started.date(),
@@ -115,24 +120,35 @@ def _run_job(spec: JobSpec, scratch: Path, *, full_refresh: bool) -> dict[str, A
             table = read_parquet(spec.output, batch.part_url)
             results.append(_keep_state(spec, shard_result(spec, -1 - number, batch.part_url, table), state.by_document))
     pending = plan.shards()  # built one at a time: only shards in flight hold their refs
+    cap = spec.routing.max_frontier_usd
+    allowances = AllowanceBook(cap, spec.runner.max_workers) if spec.runner.distributed and cap is not None else None
     running: dict[PrefectFuture[ShardResult], Shard] = {}
     done = 0
     try:
-        while True:
-            while len(running) < spec.runner.max_workers and (shard := next(pending, None)) is not None:
-                running[process_shard.submit(spec, shard, run)] = shard
-            if not running:
-                break
-            finished = next(iter(as_completed(list(running))))
-            shard = running.pop(finished)
-            try:
-                result = finished.result()
-            except Exception as exc:  # a shard that failed for good still yields its rows
-                logger.error("shard %d failed after retries: %s", shard.index, exc)
-                result = failed_shard_result(spec, shard, run, f"{type(exc).__name__}: {exc}")
-            results.append(_keep_state(spec, result, state.by_file))
-            done += 1
-            update_progress(progress, done, shard_count)
+        with shard_task_runner(spec.runner) as runner, shard_task_options(spec.runner):
+            while True:
+                while len(running) < spec.runner.max_workers and (shard := next(pending, None)) is not None:
+                    shard_run = run
+                    if allowances is not None:
+                        shard_run = replace(run, shard_allowance_usd=allowances.grant(shard.index))
+                    future = runner.submit(process_shard, parameters={"spec": spec, "shard": shard, "run": shard_run})
+                    running[future] = shard
+                if not running:
+                    break
+                finished = next(iter(as_completed(list(running))))
+                shard = running.pop(finished)
+                spent: float | None = None  # unknown for a shard that failed: its whole allowance counts
+                try:
+                    result = finished.result()
+                    spent = result.frontier_usd
+                except Exception as exc:  # a shard that failed for good still yields its rows
+                    logger.error("shard %d failed after retries: %s", shard.index, exc)
+                    result = failed_shard_result(spec, shard, run, f"{type(exc).__name__}: {exc}")
+                if allowances is not None:
+                    allowances.settle(shard.index, spent)
+                results.append(_keep_state(spec, result, state.by_file))
+                done += 1
+                update_progress(progress, done, shard_count)
     finally:
         release_run_budget(run.run_id)
     if spec.frontier is not None and spec.frontier.mode == "batch":

@@ -405,7 +405,14 @@ class FrontierSpec(StrictModel):
         description="environment variable holding the key; default OPENAI_API_KEY/ANTHROPIC_API_KEY",
     )
     price: ModelPrice | None = Field(default=None, description="USD per 1M tokens; default from the price table")
-    max_concurrency: int = Field(default=8, ge=1, le=512)
+    max_concurrency: int = Field(default=8, ge=1, le=512, description="frontier calls in flight per process")
+    concurrency_limit: str | None = Field(
+        default=None,
+        min_length=1,
+        description="a Prefect global concurrency limit every frontier call holds one slot of while in flight, "
+        "capping calls across all workers (`docroute setup` creates `docroute-frontier`); none: only the "
+        "per-process max_concurrency applies",
+    )
     timeout_s: float = Field(default=60.0, gt=0)
     max_retries: int = Field(default=4, ge=0, le=20)
     max_output_tokens: int = Field(default=512, ge=16)
@@ -489,11 +496,57 @@ class OutputSpec(StorageAccess):
         return _resolve_path(url, info).rstrip("/")
 
 
-class RunnerSpec(StrictModel):
-    """How shard tasks run; threads overlap I/O with the (serialised) embedded model."""
+class DaskRunnerSpec(StrictModel):
+    """A Dask cluster for shard tasks: an existing scheduler, or a local cluster the run starts and stops."""
 
-    kind: Literal["threads"] = "threads"
-    max_workers: int = Field(default=2, ge=1, le=256)
+    address: str | None = Field(default=None, description="scheduler address, e.g. tcp://dask-scheduler:8786")
+    n_workers: int = Field(default=2, ge=1, le=1024, description="worker processes of a local cluster")
+    threads_per_worker: int = Field(default=1, ge=1, le=64, description="threads per local worker process")
+
+    @model_validator(mode="after")
+    def _address_or_local(self) -> Self:
+        if self.address is not None and not self.address.strip():
+            raise ValueError("dask.address cannot be empty: leave it out to start a local cluster")
+        return self
+
+
+class RayRunnerSpec(StrictModel):
+    """A Ray cluster for shard tasks; each shard task asks Ray for `num_cpus` and `num_gpus`."""
+
+    address: str | None = Field(default=None, description="e.g. ray://head:10001; none starts a local Ray")
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per shard task (vLLM: usually 1)")
+
+
+class RunnerSpec(StrictModel):
+    """Where shard tasks run.
+
+    `threads` (the default) runs them in the flow's process: the embedded model serialises its own calls and the
+    threads overlap I/O. `dask` and `ray` fan shards out over a cluster's worker processes; each worker builds the
+    model once and keeps it for every shard it runs. `max_workers` is the number of shards in flight either way,
+    which also bounds the flow's memory: for a cluster, set it to about the number of worker slots.
+    """
+
+    kind: Literal["threads", "dask", "ray"] = "threads"
+    max_workers: int = Field(default=2, ge=1, le=4096)
+    dask: DaskRunnerSpec | None = None
+    ray: RayRunnerSpec | None = None
+
+    @model_validator(mode="after")
+    def _options_match_kind(self) -> Self:
+        for kind in ("dask", "ray"):
+            if getattr(self, kind) is not None and self.kind != kind:
+                raise ValueError(f"runner.{kind} options are set but runner.kind is {self.kind!r}")
+        if self.kind == "dask" and self.dask is None:
+            object.__setattr__(self, "dask", DaskRunnerSpec())
+        if self.kind == "ray" and self.ray is None:
+            object.__setattr__(self, "ray", RayRunnerSpec())
+        return self
+
+    @property
+    def distributed(self) -> bool:
+        """True when shards run in other processes (no per-process state is shared with the flow)."""
+        return self.kind != "threads"
 
 
 class JobSpec(StrictModel):

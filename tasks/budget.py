@@ -2,7 +2,8 @@
 
 A reservation is an upper bound on the call's cost (prompt bytes bound its tokens, max_tokens bounds the output),
 so however many shards escalate at once the settled total cannot pass the cap. Shard tasks of one run share a
-budget through `run_budget` while they run as threads of one process (the default runner).
+budget through `run_budget` while they run as threads of one process (the default runner); shards in other
+processes (Dask, Ray) each spend an allowance the flow grants from the cap (`AllowanceBook`).
 """
 
 from __future__ import annotations
@@ -61,3 +62,33 @@ def release_run_budget(run_id: str) -> FrontierBudget | None:
     """Forget a finished run's budget (returns it for the ledger)."""
     with _BUDGETS_LOCK:
         return _BUDGETS.pop(run_id, None)
+
+
+@dataclass
+class AllowanceBook:
+    """Splits a run's frontier cap among shards running in other processes (Dask, Ray), which share no memory.
+
+    Each shard gets an allowance when submitted: the cap's unpromised part divided among the free slots. When a
+    shard ends, what it did not spend comes back for the next ones. Allowances never add up to more than the cap,
+    so the run cannot pass it, whatever the shards do at once.
+    """
+
+    limit_usd: float
+    slots: int
+    spent_usd: float = 0.0
+    _outstanding: dict[int, float] = field(default_factory=dict)
+
+    def grant(self, shard_index: int) -> float:
+        """Promise `shard_index` its share of what is left."""
+        free = max(0.0, self.limit_usd - self.spent_usd - sum(self._outstanding.values()))
+        share = free / max(1, self.slots - len(self._outstanding))
+        self._outstanding[shard_index] = share
+        return share
+
+    def settle(self, shard_index: int, spent_usd: float | None) -> None:
+        """Record what a finished shard spent; the rest of its allowance is free again.
+
+        None means the spend is unknown (the shard failed for good): the whole allowance counts as spent.
+        """
+        allowance = self._outstanding.pop(shard_index, 0.0)
+        self.spent_usd += allowance if spent_usd is None else spent_usd

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager, nullcontext
 
 from docroute.engines import build_frontier_engine, build_small_engine
 from docroute.engines.base import Engine, EngineError, Prediction, Request
-from docroute.schemas.spec import JobSpec
+from docroute.engines.loop_thread import AsyncClientEngine, SharedGate
+from docroute.schemas.spec import FrontierSpec, JobSpec
 from docroute.tasks.examples import load_labeled_examples
 
 _ENGINES: dict[str, Engine] = {}
@@ -58,7 +60,34 @@ def frontier_engine(spec: JobSpec) -> Engine | None:
             (spec.spec_hash() + frontier.model_dump_json(exclude={"api_key"}) + secret).encode()
         ).hexdigest()
     )
-    return _cached(key, lambda: build_frontier_engine(frontier, spec.task))
+    return _cached(key, lambda: _with_shared_limit(build_frontier_engine(frontier, spec.task), frontier))
+
+
+def _with_shared_limit(engine: Engine, frontier: FrontierSpec) -> Engine:
+    if frontier.concurrency_limit and isinstance(engine, AsyncClientEngine):
+        engine.share_limit(prefect_concurrency_gate(frontier.concurrency_limit))
+    return engine
+
+
+def prefect_concurrency_gate(limit_name: str) -> SharedGate:
+    """A gate holding one slot of the Prefect global concurrency limit `limit_name` per call in flight.
+
+    The engine's calls run on its own event-loop thread, which does not inherit the Prefect settings of the
+    thread that built it (the API URL among them); the gate carries those settings over. `strict=True`: a limit
+    that does not exist is an error, never an unlimited run.
+    """
+    from prefect.concurrency.asyncio import concurrency
+    from prefect.context import SettingsContext
+
+    captured = SettingsContext.get()
+
+    @asynccontextmanager
+    async def gate() -> AsyncIterator[None]:
+        with SettingsContext(profile=captured.profile, settings=captured.settings) if captured else nullcontext():
+            async with concurrency(limit_name, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
+                yield
+
+    return gate
 
 
 def run_engine(engine: Engine, requests: Sequence[Request]) -> list[Prediction]:
@@ -79,3 +108,29 @@ def clear_engine_cache() -> None:
         _ENGINE_LOCKS.clear()
     for engine in engines:
         engine.close()
+
+
+class ConcurrencyLimitMissingError(RuntimeError):
+    """The job names a Prefect global concurrency limit the API does not have."""
+
+
+def require_concurrency_limit(limit_name: str) -> int:
+    """Check, before any shard runs, that the job's frontier concurrency limit exists; returns its size.
+
+    Each call would otherwise fail on its own, deep in a shard, as a deferred row.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            limit = client.read_global_concurrency_limit_by_name(limit_name)
+        except ObjectNotFound:
+            raise ConcurrencyLimitMissingError(
+                f"frontier.concurrency_limit names {limit_name!r}, which this Prefect API does not have: run "
+                f"`docroute setup` (it creates docroute-frontier) or `prefect global-concurrency-limit create "
+                f"{limit_name} --limit 8`"
+            ) from None
+    if not limit.active:
+        raise ConcurrencyLimitMissingError(f"the concurrency limit {limit_name!r} is inactive, so it would cap nothing")
+    return limit.limit

@@ -1,19 +1,25 @@
 """Write the run's ledger files and publish its Prefect artifacts.
 
-Artifacts use stable keys per job (`<job>-summary`, `<job>-costs`, `<job>-progress`), so the Prefect UI's
-Artifacts page keeps each one's history across runs. The manifest is written last: a run whose manifest exists
-has all its parts committed.
+Artifacts use stable keys per job (`<job>-summary`, `<job>-costs`, `<job>-progress`, `<job>-output`), so the
+Prefect UI's Artifacts page keeps each one's history across runs. The manifest is written last: a run whose
+manifest exists has all its parts committed.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import pyarrow as pa
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.exceptions import MissingContextError
@@ -59,6 +65,11 @@ def runs_url(spec: JobSpec, run_date: date, run_id: str) -> str:
 def manifest_url(spec: JobSpec, run_id: str, committed_at: datetime) -> str:
     """Manifest names start with the commit time, so the newest committed run is the last name in the listing."""
     return f"{spec.output.url}/manifests/{committed_at.strftime('%Y%m%dT%H%M%S%fZ')}--{run_id}.json"
+
+
+def output_link(url: str) -> str:
+    """A link the UI can render: a local folder as a file:// URI, anything else (s3://, gs://…) as it is."""
+    return url if "://" in url else Path(url).resolve().as_uri()
 
 
 def _money(value: float | None) -> str:
@@ -147,6 +158,12 @@ def write_ledger(
             ],
             key=f"{spec.name}-costs",
             description=f"docroute cost ledger for {spec.name} (run {run_id})",
+        )
+        create_link_artifact(
+            link=output_link(spec.output.url),
+            link_text=f"{spec.name} results: {spec.output.url}",
+            key=f"{spec.name}-output",
+            description=f"where run {run_id} wrote its Parquet; its manifest is {manifest}",
         )
         agreement = record.get("audit_agreement")
         if agreement is not None and agreement < spec.routing.target_accuracy:

@@ -20,7 +20,7 @@ from docroute.engines.base import Prediction, Request
 from docroute.schemas.pricing import self_hosted_cost_usd
 from docroute.schemas.rows import ResultRow, answer_json, rows_to_table
 from docroute.schemas.spec import JobSpec
-from docroute.tasks.budget import run_budget
+from docroute.tasks.budget import FrontierBudget, release_run_budget, run_budget
 from docroute.tasks.discover import Shard
 from docroute.tasks.escalate import Escalation, escalate
 from docroute.tasks.frontier_batches import StagedRequest, queue_requests, write_staging
@@ -42,6 +42,21 @@ class RunContext:
     thresholds: dict[str, float | None] | None = None  # from a calibrated router; None: the job file's
     plan_id: str = ""  # names the part files; a run resuming an interrupted one keeps that run's id
     plan_date: date | None = None
+    # distributed runners: this shard's share of the run's frontier cap (None: one budget shared in-process)
+    shard_allowance_usd: float | None = None
+
+    def frontier_budget(self, spec: JobSpec, shard_index: int) -> FrontierBudget:
+        """The budget a shard spends from: the run's, shared by threads, or the shard's own allowance."""
+        if self.shard_allowance_usd is None:
+            return run_budget(self.run_id, spec.routing.max_frontier_usd)
+        return run_budget(self._allowance_key(shard_index), self.shard_allowance_usd)
+
+    def release_allowance(self, shard_index: int) -> None:
+        if self.shard_allowance_usd is not None:
+            release_run_budget(self._allowance_key(shard_index))
+
+    def _allowance_key(self, shard_index: int) -> str:
+        return f"{self.run_id}/shard-{shard_index}"  # kept across the task's retries, so a retry cannot respend it
 
     def part_url(self, spec: JobSpec, shard_index: int) -> str:
         return results_part_url(spec.output, self.plan_date or self.run_date, self.plan_id or self.run_id, shard_index)
@@ -63,6 +78,11 @@ class ShardResult:
     audited: int = 0
     audit_agreed: int = 0
     reused: bool = False
+
+    @property
+    def frontier_usd(self) -> float:
+        """What the shard's rows cost at the frontier (escalations and audits)."""
+        return sum(entry.cost_usd for entry in self.entries if entry.role == "frontier")
 
 
 def _base_row(doc: SourceDocument, spec: JobSpec, run: RunContext, route: str, reason: str) -> ResultRow:
@@ -164,7 +184,7 @@ def apply_audit(spec: JobSpec, row: ResultRow, outcome: Escalation | None, small
 
 
 def answer_documents(
-    spec: JobSpec, run: RunContext, documents: Sequence[SourceDocument], part_url: str = ""
+    spec: JobSpec, run: RunContext, documents: Sequence[SourceDocument], part_url: str = "", shard_index: int = 0
 ) -> tuple[list[ResultRow], list[StagedRequest]]:
     """Turn parsed documents into result rows, one per document, in document order.
 
@@ -206,7 +226,7 @@ def answer_documents(
         audit_requests = [Request(d.doc_id, d.text or "") for d in audits]
         has_frontier = spec.frontier is not None
         if spec.frontier is not None:
-            budget = run_budget(run.run_id, spec.routing.max_frontier_usd)
+            budget = run.frontier_budget(spec, shard_index)
             if spec.frontier.mode == "batch":
                 outcomes, staged = queue_requests(spec, requests, budget, part_url)
             else:
@@ -238,11 +258,12 @@ def process_shard(spec: JobSpec, shard: Shard, run: RunContext) -> ShardResult:
     reused = table is not None
     if table is None:
         documents = read_documents(spec.source, shard.refs)
-        rows, staged = answer_documents(spec, run, documents, url)
+        rows, staged = answer_documents(spec, run, documents, url, shard.index)
         table = rows_to_table(rows, spec)
         write_staging(spec, run.run_id, shard.index, staged)  # before the part: a committed row is never orphaned
         write_parquet(spec.output, url, table)
         write_errors(spec, run, shard.index, table)
+    run.release_allowance(shard.index)
     result = shard_result(spec, shard.index, url, table, time.perf_counter() - started, reused=reused)
     get_run_logger().info(
         "shard %d: %d files → %d rows %s in %.1f s%s",

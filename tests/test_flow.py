@@ -240,11 +240,11 @@ def test_run_publishes_keyed_artifacts(tmp_path: Path) -> None:
 
     async def read() -> set[str]:
         async with get_client() as client:
-            keys = ["topics-summary", "topics-costs", "topics-progress"]
+            keys = ["topics-summary", "topics-costs", "topics-progress", "topics-output"]
             artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
             return {a.key for a in artifacts}
 
-    assert asyncio.run(read()) == {"topics-summary", "topics-costs", "topics-progress"}
+    assert asyncio.run(read()) == {"topics-summary", "topics-costs", "topics-progress", "topics-output"}
 
 
 def test_batch_mode_defers_then_a_later_run_collects(tmp_path: Path) -> None:
