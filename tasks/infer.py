@@ -7,7 +7,10 @@ are cached per process under a key of everything that shapes their answers; ever
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, nullcontext
 
@@ -31,10 +34,29 @@ def _cached(key: str, build: Callable[[], Engine]) -> Engine:
     with lock:  # one thread builds; the others wait for it instead of loading a second copy
         engine = _ENGINES.get(key)
         if engine is None:
+            started = time.perf_counter()
             engine = build()
+            _run_logger().info(
+                "built the %s engine %s in worker process %d in %.1f s; this process reuses it for every shard",
+                key.split(":", 1)[0],
+                engine.name,
+                os.getpid(),
+                time.perf_counter() - started,
+            )
             with _REGISTRY_LOCK:
                 _ENGINES[key] = engine
         return engine
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The task run's logger (so the line reaches the Prefect UI), or this module's outside a run."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
 
 
 def small_engine(spec: JobSpec) -> Engine:

@@ -5,7 +5,9 @@ frontier calls capped across all workers by a Prefect global concurrency limit â
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
+from uuid import UUID
 
 import polars as pl
 import pytest
@@ -27,14 +29,28 @@ DASK = "runner: {kind: dask, max_workers: 2, dask: {n_workers: 2, threads_per_wo
 COMPARED = ["source_uri", "record_key", "route", "label", "error"]
 
 
-def _run(tmp_path: Path, name: str, extra: str) -> pl.DataFrame:
+def _run(tmp_path: Path, name: str, extra: str, *, shard_size: int = 4) -> pl.DataFrame:
     source = tmp_path / "docs"
     if not source.exists():
         build_topic_corpus(source)
     job = tmp_path / f"{name}.yaml"
-    job.write_text(topic_job_yaml(source, tmp_path / f"out-{name}", extra=extra, name=name), encoding="utf-8")
+    yaml = topic_job_yaml(source, tmp_path / f"out-{name}", extra=extra, name=name, shard_size=shard_size)
+    job.write_text(yaml, encoding="utf-8")
     process_documents(str(job))
     return pl.read_parquet(f"{tmp_path}/out-{name}/results/**/*.parquet").sort("source_uri", "record_key")
+
+
+def _small_engine_builds(run_id: str) -> list[str]:
+    """The worker processes that built the small model during a flow run, from the run's logs in the API."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(run_id)])), limit=200)
+    return [
+        m.group(1)
+        for log in logs
+        if (m := re.search(r"built the small engine .* in worker process (\d+)", log.message))
+    ]
 
 
 def _frontier(server: OracleServer, *, cap: float | None = None, limit: str | None = None, in_flight: int = 8) -> str:
@@ -69,7 +85,10 @@ def _worst_call_usd(tmp_path: Path, frontier: str) -> float:
 
 def test_a_local_dask_cluster_writes_the_same_rows_as_threads(tmp_path: Path) -> None:
     threads = _run(tmp_path, "threads", "runner: {kind: threads, max_workers: 2}\n")
-    dask = _run(tmp_path, "dask", DASK)
+    dask = _run(tmp_path, "dask", DASK, shard_size=2)
+    shards = dask["source_uri"].n_unique() // 2
+    builds = _small_engine_builds(dask["run_id"][0])
+    assert shards >= 5 and 1 <= len(builds) <= 2 and len(set(builds)) == len(builds)  # once per worker process
     assert dask.height == threads.height >= 10
     assert dask.select(COMPARED).equals(threads.select(COMPARED))
     both = threads.select("source_uri", "record_key", "label_confidence").join(
@@ -140,3 +159,11 @@ def test_allowances_never_promise_more_than_the_cap() -> None:
     book.settle(2, 0.4)
     book.settle(3, 0.0)
     assert book.spent_usd == pytest.approx(1.0) and book.grant(4) == 0.0
+
+
+def test_a_local_ray_writes_the_same_rows_as_threads(tmp_path: Path) -> None:
+    threads = _run(tmp_path, "threads", "runner: {kind: threads, max_workers: 2}\n")
+    ray = _run(tmp_path, "ray", "runner: {kind: ray, max_workers: 2, ray: {num_cpus: 1, num_gpus: 0}}\n", shard_size=2)
+    assert ray.select(COMPARED).equals(threads.select(COMPARED))
+    builds = _small_engine_builds(ray["run_id"][0])
+    assert 1 <= len(builds) <= 2 and len(set(builds)) == len(builds)  # Ray keeps its workers: one load each
