@@ -81,6 +81,7 @@ def _run_job(spec: JobSpec, scratch: Path, *, full_refresh: bool) -> dict[str, A
     started = datetime.now(UTC)
     router, why = usable_router(spec)
     logger.info("routing: %s", why)
+    _warn_if_output_is_temporary(spec, logger)
     if spec.frontier is not None and spec.frontier.concurrency_limit:
         slots = require_concurrency_limit(spec.frontier.concurrency_limit)
         logger.info("frontier calls hold slots of %r: at most %d in flight", spec.frontier.concurrency_limit, slots)
@@ -185,6 +186,22 @@ def _run_job(spec: JobSpec, scratch: Path, *, full_refresh: bool) -> dict[str, A
         "retried": todo.retry,
         "resumed_from": plan.resumed_from,
     }
+
+
+def _warn_if_output_is_temporary(spec: JobSpec, logger: Any) -> None:
+    """A deployment run works in the repository clone its pull steps made, which a worker may delete afterwards:
+    a local output resolved inside it would vanish with it, and the next run would redo everything."""
+    url = spec.output.url
+    if flow_run.get_deployment_id() is None or "://" in url:
+        return
+    here = Path.cwd().resolve()
+    if Path(url).resolve().is_relative_to(here):
+        logger.warning(
+            "output %s is inside this run's working directory %s, which the worker may delete after the run: "
+            "give the job an absolute output path outside it, or object storage (s3://…)",
+            url,
+            here,
+        )
 
 
 def _keep_state(spec: JobSpec, result: ShardResult, spill: BucketSpill) -> ShardResult:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from pathlib import Path
 from uuid import UUID
 
@@ -41,16 +42,27 @@ def _run(tmp_path: Path, name: str, extra: str, *, shard_size: int = 4) -> pl.Da
 
 
 def _small_engine_builds(run_id: str) -> list[str]:
-    """The worker processes that built the small model during a flow run, from the run's logs in the API."""
+    """The worker processes that built the small model during a flow run, from the run's logs in the API.
+
+    Worker processes ship their logs in batches, so the lines may land a moment after the flow returns.
+    """
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(run_id)])), limit=200)
-    return [
-        m.group(1)
-        for log in logs
-        if (m := re.search(r"built the small engine .* in worker process (\d+)", log.message))
-    ]
+    query = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(run_id)]))
+    pattern = re.compile(r"built the small engine .* in worker process (\d+)")
+    pids: list[str] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        messages: list[str] = []
+        with get_client(sync_client=True) as client:
+            while page := client.read_logs(query, limit=200, offset=len(messages)):
+                messages += [log.message for log in page]
+        found = [m.group(1) for message in messages if (m := pattern.search(message))]
+        if found and found == pids:
+            break
+        pids = found
+        time.sleep(1.0)
+    return pids
 
 
 def _frontier(server: OracleServer, *, cap: float | None = None, limit: str | None = None, in_flight: int = 8) -> str:
