@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 
@@ -192,7 +193,8 @@ def _warn_if_output_is_temporary(spec: JobSpec, logger: Any) -> None:
     """A deployment run works in the repository clone its pull steps made, which a worker may delete afterwards:
     a local output resolved inside it would vanish with it, and the next run would redo everything."""
     url = spec.output.url
-    if flow_run.get_deployment_id() is None or "://" in url:
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None or context.flow_run.deployment_id is None or "://" in url:
         return
     here = Path.cwd().resolve()
     if Path(url).resolve().is_relative_to(here):
