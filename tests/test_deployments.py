@@ -87,7 +87,9 @@ def test_the_gpu_image_copies_only_paths_that_exist() -> None:
 
 def test_a_process_worker_runs_the_nightly_deployment_and_publishes_its_artifacts(tmp_path: Path) -> None:
     """The whole production path: the deployment's pull steps clone the repository, a real `prefect worker`
-    started here runs the flow in its own process, and the run writes Parquet and its keyed artifacts."""
+    started here runs the flow in its own process, and the run writes Parquet and its keyed artifacts.
+
+    The entrypoint file comes from the clone, i.e. from the last commit of this branch, as in production."""
     import polars as pl
     from corpus import build_topic_corpus, topic_job_yaml
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
