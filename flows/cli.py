@@ -17,7 +17,7 @@ _QUIET_PREFECT = {
     # no analytics or update checks leave this machine; the ephemeral API needs no server of the user's
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
-    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",  # quiet terminal; the API (the UI) still gets INFO
 }
 
 
