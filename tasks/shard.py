@@ -85,7 +85,7 @@ class ShardResult:
         return sum(entry.cost_usd for entry in self.entries if entry.role == "frontier")
 
 
-def _base_row(doc: SourceDocument, spec: JobSpec, run: RunContext, route: str, reason: str) -> ResultRow:
+def _base_row(doc: SourceDocument, spec_hash: str, run: RunContext, route: str, reason: str) -> ResultRow:
     return ResultRow(
         doc_id=doc.doc_id,
         source_uri=doc.uri,
@@ -94,7 +94,7 @@ def _base_row(doc: SourceDocument, spec: JobSpec, run: RunContext, route: str, r
         source_etag=doc.etag,
         doc_format=doc.format,
         run_id=run.run_id,
-        spec_hash=spec.spec_hash(),
+        spec_hash=spec_hash,
         processed_at=datetime.now(UTC),
         route=route,
         route_reason=reason,
@@ -191,10 +191,11 @@ def answer_documents(
     Also returns the escalations queued for a frontier batch (batch mode), which the caller persists.
     """
     rows: dict[str, ResultRow] = {}
+    spec_hash = spec.spec_hash()  # hashing the spec is a JSON dump: once per shard, not per row
     readable = [d for d in documents if d.ok]
     for doc in documents:
         if not doc.ok:
-            row = _base_row(doc, spec, run, "error", doc.error or "unreadable")
+            row = _base_row(doc, spec_hash, run, "error", doc.error or "unreadable")
             row.error = doc.error
             rows[doc.doc_id] = row
     requests = [Request(id=d.doc_id, text=d.text or "") for d in readable]
@@ -203,13 +204,13 @@ def answer_documents(
     for doc in readable:
         prediction = small[doc.doc_id]
         if not prediction.ok:
-            row = _base_row(doc, spec, run, "error", f"small model failed: {prediction.error}")
+            row = _base_row(doc, spec_hash, run, "error", f"small model failed: {prediction.error}")
             row.small_model, row.error = prediction.model, f"small model failed: {prediction.error}"
             rows[doc.doc_id] = row
             escalated.append((doc, RouteDecision(True, None, row.route_reason)))
             continue
         decision = decide(prediction, run.thresholds or spec_thresholds(spec))
-        row = _base_row(doc, spec, run, "small", decision.reason)
+        row = _base_row(doc, spec_hash, run, "small", decision.reason)
         _apply_small(row, prediction, spec)
         row.confidence = decision.confidence
         rows[doc.doc_id] = row
