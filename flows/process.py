@@ -34,7 +34,14 @@ from docroute.tasks.report import start_progress, update_progress, write_ledger
 from docroute.tasks.router import usable_router
 from docroute.tasks.shard import RunContext, ShardResult, process_shard, shard_result, write_errors
 from docroute.tasks.spill import BucketSpill
-from docroute.tasks.state import open_run_state, read_part_state, select_todo, state_snapshot_url, write_merged_state
+from docroute.tasks.state import (
+    forget_handed_over,
+    open_run_state,
+    select_todo,
+    state_snapshot_url,
+    take_part_state,
+    write_merged_state,
+)
 from docroute.tasks.write import read_parquet, write_parquet
 
 
@@ -120,7 +127,9 @@ def _run_job(spec: JobSpec, scratch: Path, *, full_refresh: bool) -> dict[str, A
         # answers that arrived since the last run first: their rows leave `deferred`
         for number, batch in enumerate(collect_frontier_batches(spec, run.run_id, run.run_date)):
             table = read_parquet(spec.output, batch.part_url)
-            results.append(_keep_state(spec, shard_result(spec, -1 - number, batch.part_url, table), state.by_document))
+            results.append(
+                _keep_state(spec, run.run_id, shard_result(spec, -1 - number, batch.part_url, table), state.by_document)
+            )
     pending = plan.shards()  # built one at a time: only shards in flight hold their refs
     cap = spec.routing.max_frontier_usd
     allowances = AllowanceBook(cap, spec.runner.max_workers) if spec.runner.distributed and cap is not None else None
@@ -148,11 +157,12 @@ def _run_job(spec: JobSpec, scratch: Path, *, full_refresh: bool) -> dict[str, A
                     result = failed_shard_result(spec, shard, run, f"{type(exc).__name__}: {exc}")
                 if allowances is not None:
                     allowances.settle(shard.index, spent)
-                results.append(_keep_state(spec, result, state.by_file))
+                results.append(_keep_state(spec, run.run_id, result, state.by_file))
                 done += 1
                 update_progress(progress, done, shard_count)
     finally:
         release_run_budget(run.run_id)
+        forget_handed_over(run.run_id)
     if spec.frontier is not None and spec.frontier.mode == "batch":
         try:
             submit_frontier_batches(spec, run.run_id)
@@ -206,9 +216,9 @@ def _warn_if_output_is_temporary(spec: JobSpec, logger: Any) -> None:
         )
 
 
-def _keep_state(spec: JobSpec, result: ShardResult, spill: BucketSpill) -> ShardResult:
-    """Spill the state rows of a written part (read back from it) to the run's local buckets."""
-    spill.add(read_part_state(spec.output, result.part_url))
+def _keep_state(spec: JobSpec, run_id: str, result: ShardResult, spill: BucketSpill) -> ShardResult:
+    """Spill the state rows of a written part (handed over in-process, or read back from it) to local buckets."""
+    spill.add(take_part_state(spec.output, run_id, result.part_url))
     return result
 
 

@@ -7,6 +7,8 @@ manifest exists has all its parts committed.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -34,24 +36,41 @@ def _in_run() -> bool:
     return FlowRunContext.get() is not None
 
 
-def start_progress(spec: JobSpec, shards: int) -> UUID | None:
+@dataclass
+class Progress:
+    """The run's progress artifact, updated at most every PROGRESS_EVERY_S (each update is an API call)."""
+
+    artifact_id: UUID
+    last_sent: float = field(default_factory=time.monotonic)
+
+
+PROGRESS_EVERY_S = 2.0
+
+
+def start_progress(spec: JobSpec, shards: int) -> Progress | None:
     """Create the progress artifact (None outside a flow run, e.g. when called from a plain script)."""
     if not _in_run():
         return None
     try:
-        return create_progress_artifact(
+        artifact_id = create_progress_artifact(
             progress=0.0, key=f"{spec.name}-progress", description=f"{spec.name}: shards done out of {shards}"
         )
     except MissingContextError:  # pragma: no cover - guarded above
         return None
+    return Progress(artifact_id)
 
 
-def update_progress(artifact_id: UUID | None, done: int, total: int) -> None:
-    if artifact_id is None:
+def update_progress(progress: Progress | None, done: int, total: int) -> None:
+    """Report shards done; skipped when the last report is recent, except for the last shard."""
+    if progress is None:
+        return
+    now = time.monotonic()
+    if done < total and now - progress.last_sent < PROGRESS_EVERY_S:
         return
     from prefect.artifacts import update_progress_artifact
 
-    update_progress_artifact(artifact_id=artifact_id, progress=100.0 * done / max(total, 1))
+    update_progress_artifact(artifact_id=progress.artifact_id, progress=100.0 * done / max(total, 1))
+    progress.last_sent = now
 
 
 def costs_url(spec: JobSpec, run_date: date, run_id: str) -> str:

@@ -29,6 +29,7 @@ from docroute.tasks.ledger import LedgerEntry, summarise_part
 from docroute.tasks.read import SourceDocument, read_documents
 from docroute.tasks.route import RouteDecision, decide, required_parts, spec_thresholds
 from docroute.tasks.score import answers_of, part_correct
+from docroute.tasks.state import hand_over_part_state
 from docroute.tasks.write import errors_part_url, part_exists, read_parquet, results_part_url, write_parquet
 
 
@@ -264,6 +265,8 @@ def process_shard(spec: JobSpec, shard: Shard, run: RunContext) -> ShardResult:
         write_staging(spec, run.run_id, shard.index, staged)  # before the part: a committed row is never orphaned
         write_parquet(spec.output, url, table)
         write_errors(spec, run, shard.index, table)
+    if not spec.runner.distributed:  # same process as the flow: spare it reading the part back
+        hand_over_part_state(run.run_id, url, table)
     run.release_allowance(shard.index)
     result = shard_result(spec, shard.index, url, table, time.perf_counter() - started, reused=reused)
     get_run_logger().info(

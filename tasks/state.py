@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,34 @@ def load_state(output: OutputSpec) -> pl.DataFrame | None:
 
 
 STATE_SOURCE_COLUMNS = ["doc_id", "source_uri", "source_etag", "spec_hash", "small_model", "route", "route_reason"]
+
+
+_HANDED_OVER: dict[tuple[str, str], pa.Table] = {}
+_HANDED_OVER_LOCK = threading.Lock()
+
+
+def hand_over_part_state(run_id: str, part_url: str, table: pa.Table) -> None:
+    """Give the flow a just-written part's state rows directly, when the shard runs in the flow's own process.
+
+    Only for the threads runner: the flow takes them right after the shard's task ends (`take_part_state`), so
+    they live for moments, never for the run, and the part need not be read back from storage.
+    """
+    with _HANDED_OVER_LOCK:
+        _HANDED_OVER[(run_id, part_url)] = state_of_part(table, part_url)
+
+
+def take_part_state(output: OutputSpec, run_id: str, part_url: str) -> pa.Table:
+    """The state rows of a written part: handed over in-process when there, else read back from the part."""
+    with _HANDED_OVER_LOCK:
+        handed = _HANDED_OVER.pop((run_id, part_url), None)
+    return handed if handed is not None else read_part_state(output, part_url)
+
+
+def forget_handed_over(run_id: str) -> None:
+    """Drop what a run's shards handed over and the flow never took (a run that failed part-way)."""
+    with _HANDED_OVER_LOCK:
+        for key in [key for key in _HANDED_OVER if key[0] == run_id]:
+            del _HANDED_OVER[key]
 
 
 def read_part_state(output: OutputSpec, part_url: str) -> pa.Table:
