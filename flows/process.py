@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
 
 from docroute.flows.runners import shard_task_options, shard_task_runner
 from docroute.schemas.load import load_job
@@ -142,7 +143,12 @@ def _run_job(spec: JobSpec, scratch: Path, *, full_refresh: bool) -> dict[str, A
                     shard_run = run
                     if allowances is not None:
                         shard_run = replace(run, shard_allowance_usd=allowances.grant(shard.index))
-                    future = runner.submit(process_shard, parameters={"spec": spec, "shard": shard, "run": shard_run})
+                    parameters: dict[str, Any] = {"spec": spec, "shard": shard, "run": shard_run}
+                    if not spec.runner.distributed:  # prefect-dask/ray rebuild `quote` as a plain tuple
+                        # quoted, Prefect does not walk every field of every ref looking for futures (~20% of a
+                        # run's time with an instant engine)
+                        parameters = {name: quote(value) for name, value in parameters.items()}
+                    future = runner.submit(process_shard, parameters=parameters)
                     running[future] = shard
                 if not running:
                     break
