@@ -70,3 +70,14 @@ def test_a_source_folder_with_glob_characters_in_its_name_is_listed(tmp_path: Pa
 
 def test_a_record_id_never_collides_with_a_file_name() -> None:
     assert document_id("file:///d/x.jsonl", "0") != document_id("file:///d/x.jsonl#0")
+
+
+def test_a_file_replaced_by_a_folder_fails_alone(tmp_path: Path) -> None:
+    _tree(tmp_path)
+    source = SourceSpec(url=str(tmp_path), max_bytes=1000)
+    refs = list_documents(source, exclude_prefix=str(tmp_path / "out"))
+    (tmp_path / "a.txt").unlink()
+    (tmp_path / "a.txt").mkdir()  # listed as a file, a folder by the time it is read: no retry will help
+    documents = read_documents(source, refs)
+    assert documents[0].error.startswith("unreadable: IsADirectoryError")
+    assert documents[1].text == "a name with glob characters" and documents[2].text == "beta"
