@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import tempfile
 import time
@@ -80,6 +81,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--no-append", action="store_true", help="do not append the table to BENCHMARKS.md")
     options = parser.parse_args(argv)
+
+    # a private Prefect home (a fresh database) and the ephemeral API, set before Prefect is imported
+    home = Path(tempfile.mkdtemp(prefix="docroute-overhead-prefect-"))
+    os.environ.pop("PREFECT_API_URL", None)
+    os.environ.pop("PREFECT_PROFILE", None)
+    os.environ.update({"PREFECT_HOME": str(home), "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
 
     from docroute.engines.base import Request
     from docroute.flows.process import process_documents

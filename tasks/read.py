@@ -61,7 +61,7 @@ def read_documents(source: SourceSpec, refs: Sequence[DocumentRef]) -> list[Sour
         else:
             fetchable.append(ref)
     paths = [ref.path for ref in fetchable]
-    contents = dict(zip(paths, _fetch(fs, paths), strict=True)) if paths else {}
+    contents = dict(zip(paths, _fetch(fs, fetchable), strict=True)) if paths else {}
     documents: list[SourceDocument] = []
     for ref in refs:
         if ref.uri in early:
@@ -93,20 +93,32 @@ def read_documents(source: SourceSpec, refs: Sequence[DocumentRef]) -> list[Sour
     return documents
 
 
-def _fetch(fs: AbstractFileSystem, paths: list[str]) -> list[bytes | BaseException]:
+def _fetch(fs: AbstractFileSystem, refs: Sequence[DocumentRef]) -> list[bytes | BaseException]:
     """Every file's bytes, or the exception reading it raised.
 
     Object stores get fsspec's `cat_ranges`, which reads many files concurrently and, unlike `cat`, never expands
-    names as globs (a file called "report[1].txt" is read, not matched as a pattern). A local folder is read with
-    plain `open`: fsspec's per-file opener costs more than the read itself for small files.
+    names as globs (a file called "report[1].txt" is read, not matched as a pattern). s3fs would first send a HEAD
+    per file, to decide whether to split a large one into concurrent ranged GETs; the listing already gave every
+    size, so when none is that large it is told not to (one GET per document instead of HEAD + GET). A local
+    folder is read with plain `open`: fsspec's per-file opener costs more than the read itself for small files.
     """
-    if not isinstance(fs, LocalFileSystem):
-        return fs.cat_ranges(paths, None, None, on_error="return")
-    contents: list[bytes | BaseException] = []
-    for path in paths:
-        try:
-            with open(path, "rb") as handle:  # noqa: PTH123 - the fast path; Path.open adds a layer per file
-                contents.append(handle.read())
-        except OSError as exc:
-            contents.append(exc)
-    return contents
+    paths = [ref.path for ref in refs]
+    if isinstance(fs, LocalFileSystem):
+        contents: list[bytes | BaseException] = []
+        for path in paths:
+            try:
+                with open(path, "rb") as handle:  # noqa: PTH123 - the fast path; Path.open adds a layer per file
+                    contents.append(handle.read())
+            except OSError as exc:
+                contents.append(exc)
+        return contents
+    options: dict[str, int] = {}
+    block = getattr(fs, "default_block_size", None)
+    if _is_s3(fs) and block and all(ref.size is not None and ref.size <= block for ref in refs):
+        options["max_concurrency"] = 1
+    return fs.cat_ranges(paths, None, None, on_error="return", **options)
+
+
+def _is_s3(fs: AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "s3" in protocol

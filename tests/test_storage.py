@@ -272,3 +272,34 @@ def test_a_second_run_over_the_same_output_refuses_while_the_first_is_running(
     assert len(refusals) == 1 and "must not overlap" in refusals[0] and summary["run_id"] in refusals[0]
     rows = current_rows(load_job(job).output)
     assert rows.height == 2 and rows["doc_id"].n_unique() == 2  # the first run was not disturbed
+
+
+def test_s3_reads_send_one_get_per_document_and_no_head(
+    tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listing gave every size, so s3fs is not left to HEAD each object before its GET."""
+    import s3fs
+
+    from docroute.tasks.discover import list_documents
+    from docroute.tasks.read import read_documents
+
+    fs = _bucket(s3_endpoint, "reads")
+    _put_docs(fs, "reads", 0, 6)
+    source = load_job(_s3_job(tmp_path, s3_endpoint, "reads")).source
+    refs = list_documents(source)
+    calls: list[str] = []
+    real_info, real_call = s3fs.S3FileSystem._info, s3fs.S3FileSystem._call_s3
+
+    async def counted_info(self, path, **kwargs):
+        calls.append(f"info {path}")
+        return await real_info(self, path, **kwargs)
+
+    async def counted_call(self, method, *args, **kwargs):
+        calls.append(method)
+        return await real_call(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_info", counted_info)
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counted_call)
+    documents = read_documents(source, refs)
+    assert [d.text.split(" (item")[0] for d in documents] == [TEXTS[i % 3].strip() for i in range(6)]
+    assert calls == ["get_object"] * 6
