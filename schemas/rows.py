@@ -238,11 +238,41 @@ def row_from_record(record: dict[str, Any], spec: JobSpec) -> ResultRow:
     )
 
 
+_COPIED = (
+    "doc_id", "source_uri", "record_key", "content_sha256", "source_etag", "doc_format", "run_id", "spec_hash",
+    "processed_at", "route", "route_reason", "confidence", "small_model", "final_model", "small_input_tokens",
+    "small_output_tokens", "frontier_input_tokens", "frontier_output_tokens", "small_cost_usd", "frontier_cost_usd",
+    "engine_seconds", "error", "truncated", "audited", "audit_agrees", "input_chars", "router_version",
+)  # fmt: skip
+"""Columns that are a row attribute as it is (the rest are derived: `to_record` is the reference)."""
+
+
 def rows_to_table(rows: list[ResultRow], spec: JobSpec, schema: pa.Schema | None = None) -> pa.Table:
-    """Convert rows to an Arrow table of the job's schema (an empty table keeps the schema)."""
+    """Convert rows to an Arrow table of the job's schema (an empty table keeps the schema).
+
+    Column by column rather than through one dict per row (`to_record`): the same table, a fraction of the
+    per-document Python work. tests/test_rows.py checks both give equal tables.
+    """
     schema = schema or result_schema(spec)
-    records = [row.to_record(spec) for row in rows]
-    return pa.Table.from_pylist(records, schema=schema)
+    columns: dict[str, list[Any]] = {name: [getattr(row, name) for row in rows] for name in _COPIED}
+    columns["small_answer"] = [
+        None if row.small_answer is None else json.dumps(row.small_answer, sort_keys=True) for row in rows
+    ]
+    columns["input_tokens"] = [row.small_input_tokens + row.frontier_input_tokens for row in rows]
+    columns["output_tokens"] = [row.small_output_tokens + row.frontier_output_tokens for row in rows]
+    columns["cost_usd"] = [row.small_cost_usd + row.frontier_cost_usd for row in rows]
+    if spec.task.classify is not None:
+        columns["label"] = [row.label for row in rows]
+        columns["label_confidence"] = [row.label_confidence for row in rows]
+    if spec.task.extract is not None:
+        for item in spec.task.extract.fields:
+            confidence = field_confidence_column(item.name)
+            columns[item.name] = [row.fields.get(item.name) for row in rows]
+            columns[confidence] = [row.field_confidences.get(item.name) for row in rows]
+    arrays = [
+        pa.array(columns[f.name], type=f.type) if f.name in columns else pa.nulls(len(rows), f.type) for f in schema
+    ]
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def answer_json(

@@ -439,3 +439,13 @@ def test_duckdb_round_trips_values(parquet_file: Path) -> None:
         0.75,
     )
     assert total_sum == (Decimal("1060.50"), 1, 2)
+
+
+@pytest.mark.parametrize("classify", [True, False])
+def test_rows_to_table_equals_the_table_of_records(classify: bool) -> None:
+    """The column-by-column build is the same table as one `to_record` dict per row."""
+    spec = _spec(classify=classify)
+    rows = [_full_row(spec), _error_row(spec), _full_row(spec)]
+    expected = pa.Table.from_pylist([row.to_record(spec) for row in rows], schema=result_schema(spec))
+    assert rows_to_table(rows, spec).equals(expected)
+    assert rows_to_table([], spec).equals(result_schema(spec).empty_table())
