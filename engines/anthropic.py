@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import Any
 
 import anthropic
@@ -42,7 +41,7 @@ from docroute.engines.base import (
     Usage,
     redact,
 )
-from docroute.engines.loop_thread import AsyncClientEngine, SlotUnavailableError
+from docroute.engines.loop_thread import AsyncClientEngine, FinalAnswerError
 from docroute.engines.prompts import (
     INVALID_ANSWER_FEEDBACK,
     AnswerError,
@@ -80,7 +79,7 @@ larger answer is not sent back, which keeps `usage_bound` an actual bound.
 """
 
 
-class _FinalAnswerError(Exception):
+class _FinalAnswerError(FinalAnswerError):
     """An answer that asking again will not fix: a refusal, output cut at the limit, an oversized prompt."""
 
 
@@ -128,6 +127,8 @@ class AnthropicEngine(AsyncClientEngine[AsyncAnthropic]):
     (bad request, auth), refusals, answers cut off at `max_output_tokens` and answers that stay invalid after
     one repair round become rows with `retryable=False`. Confidences are None: the API has no logprobs.
     """
+
+    provider_errors = (anthropic.AnthropicError,)
 
     def __init__(
         self,
@@ -238,26 +239,7 @@ class AnthropicEngine(AsyncClientEngine[AsyncAnthropic]):
         text, truncated = truncate_text_to_tokens(request.text, self.max_input_tokens)
         system, messages = self._prompt(text)
         prediction = Prediction(id=request.id, model=self.name, truncated=truncated)
-        try:
-            async with self._call_slot():
-                started = time.perf_counter()
-                try:
-                    await self._ask(client, system, messages, prediction)
-                except anthropic.AnthropicError as exc:
-                    prediction.error, prediction.retryable = self._transport_error(exc)
-                except _FinalAnswerError as exc:
-                    prediction.error, prediction.retryable = str(exc), False
-                finally:
-                    prediction.engine_seconds = time.perf_counter() - started
-        except SlotUnavailableError as exc:  # nothing was sent: retry on a later run
-            prediction.error, prediction.retryable = str(exc), True
-        if prediction.error is not None:
-            prediction.label, prediction.fields = None, {}
-            prediction.label_confidence, prediction.field_confidences = None, {}
-            # the reason may quote the answer, i.e. document content: keep it out of warning-level logs
-            log.warning("%s: request %s failed (retryable=%s)", self.name, request.id, prediction.retryable)
-            log.debug("%s: request %s: %s", self.name, request.id, prediction.error)
-        return prediction
+        return await self._exchange(prediction, lambda: self._ask(client, system, messages, prediction))
 
     async def _ask(
         self,

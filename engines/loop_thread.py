@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -38,6 +39,10 @@ SharedGate = Callable[[], AbstractAsyncContextManager[Any]]
 
 class SlotUnavailableError(EngineError):
     """A shared concurrency slot could not be taken; the call was not made, so it can be retried later."""
+
+
+class FinalAnswerError(Exception):
+    """An answer that asking again will not fix (a refusal, a content filter, output cut at the limit)."""
 
 
 _CLOSE_TIMEOUT_S = 30.0
@@ -197,9 +202,43 @@ class AsyncClientEngine(ABC, Generic[ClientT]):
     def _make_client(self) -> ClientT:
         """Build the SDK client; called on the loop thread, which the client then belongs to."""
 
+    provider_errors: tuple[type[Exception], ...] = ()
+    """The SDK's own failures (transport, status), described by `_transport_error`."""
+
     @abstractmethod
     async def _answer(self, client: ClientT, request: Request) -> Prediction:
-        """Answer one request inside `_call_slot` while it talks to the provider; failures become error rows."""
+        """Answer one request (through `_exchange`); failures become error rows."""
+
+    @abstractmethod
+    def _transport_error(self, exc: Exception) -> tuple[str, bool]:
+        """Describe a failure the SDK gave up on, without secrets, and say whether a later try may succeed."""
+
+    async def _exchange(self, prediction: Prediction, ask: Callable[[], Awaitable[None]]) -> Prediction:
+        """Run one document's talk with the provider inside a call slot; every failure becomes the row's error.
+
+        `ask` fills `prediction` (and may ask again once for a repair). A refusal or cut-off is final, a transport
+        failure may be retried on a later run, and a shared slot that could not be taken means nothing was sent.
+        """
+        try:
+            async with self._call_slot():
+                started = time.perf_counter()
+                try:
+                    await ask()
+                except FinalAnswerError as exc:
+                    prediction.error, prediction.retryable = str(exc), False
+                except self.provider_errors as exc:
+                    prediction.error, prediction.retryable = self._transport_error(exc)
+                finally:
+                    prediction.engine_seconds = time.perf_counter() - started
+        except SlotUnavailableError as exc:  # nothing was sent: retry on a later run
+            prediction.error, prediction.retryable = str(exc), True
+        if prediction.error is not None:
+            prediction.label, prediction.fields = None, {}
+            prediction.label_confidence, prediction.field_confidences = None, {}
+            # the reason may quote the answer, i.e. document content: keep it out of warning-level logs
+            log.warning("%s: request %s failed (retryable=%s)", self.name, prediction.id, prediction.retryable)
+            log.debug("%s: request %s: %s", self.name, prediction.id, prediction.error)
+        return prediction
 
     @asynccontextmanager
     async def _call_slot(self) -> AsyncIterator[None]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 from typing import Any, Literal
 
 import openai
@@ -33,7 +32,7 @@ from docroute.engines.base import (
     Usage,
     redact,  # lived here before engines/base.py; still importable from this module
 )
-from docroute.engines.loop_thread import AsyncClientEngine, SlotUnavailableError
+from docroute.engines.loop_thread import AsyncClientEngine, FinalAnswerError
 from docroute.engines.prompts import (
     INVALID_ANSWER_FEEDBACK,
     AnswerError,
@@ -56,7 +55,7 @@ _RETOKENIZE_MARGIN = 16
 _OPENAI_REASONING = re.compile(r"^(?:o[1-9]|gpt-5)(?!.*-chat)")
 
 
-class _FinalAnswerError(Exception):
+class _FinalAnswerError(FinalAnswerError):
     """An answer that asking again will not fix: a refusal, a content filter, output cut at the limit."""
 
 
@@ -91,6 +90,8 @@ class OpenAICompatibleEngine(AsyncClientEngine[AsyncOpenAI]):
     retries become rows with `retryable=True` (a later run may succeed), bad requests, auth failures and
     answers that stay invalid after one repair round become rows with `retryable=False`.
     """
+
+    provider_errors = (openai.OpenAIError,)
 
     def __init__(
         self,
@@ -177,26 +178,7 @@ class OpenAICompatibleEngine(AsyncClientEngine[AsyncOpenAI]):
         text, truncated = truncate_text_to_tokens(request.text, self.max_input_tokens)
         messages = chat_messages(self.task, text)
         prediction = Prediction(id=request.id, model=self.name, truncated=truncated)
-        try:
-            async with self._call_slot():
-                started = time.perf_counter()
-                try:
-                    await self._ask(client, messages, prediction)
-                except openai.OpenAIError as exc:
-                    prediction.error, prediction.retryable = self._transport_error(exc)
-                except _FinalAnswerError as exc:
-                    prediction.error, prediction.retryable = str(exc), False
-                finally:
-                    prediction.engine_seconds = time.perf_counter() - started
-        except SlotUnavailableError as exc:  # nothing was sent: retry on a later run
-            prediction.error, prediction.retryable = str(exc), True
-        if prediction.error is not None:
-            prediction.label, prediction.fields = None, {}
-            prediction.label_confidence, prediction.field_confidences = None, {}
-            # the reason may quote the answer, i.e. document content: keep it out of warning-level logs
-            log.warning("%s: request %s failed (retryable=%s)", self.name, request.id, prediction.retryable)
-            log.debug("%s: request %s: %s", self.name, request.id, prediction.error)
-        return prediction
+        return await self._exchange(prediction, lambda: self._ask(client, messages, prediction))
 
     async def _ask(self, client: AsyncOpenAI, messages: list[dict[str, str]], prediction: Prediction) -> None:
         """Ask once; if the answer does not fit the schema, show the model its answer and the reason, once."""
