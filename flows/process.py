@@ -163,7 +163,7 @@ def _run_job(spec: JobSpec, scratch: Path, *, full_refresh: bool) -> dict[str, A
                     result = failed_shard_result(spec, shard, run, f"{type(exc).__name__}: {exc}")
                 if allowances is not None:
                     allowances.settle(shard.index, spent)
-                results.append(_keep_state(spec, run.run_id, result, state.by_file))
+                results.append(_keep_state(spec, run.run_id, result, state.by_file, handed_over=spent is not None))
                 done += 1
                 update_progress(progress, done, shard_count)
     finally:
@@ -222,9 +222,11 @@ def _warn_if_output_is_temporary(spec: JobSpec, logger: Any) -> None:
         )
 
 
-def _keep_state(spec: JobSpec, run_id: str, result: ShardResult, spill: BucketSpill) -> ShardResult:
+def _keep_state(
+    spec: JobSpec, run_id: str, result: ShardResult, spill: BucketSpill, *, handed_over: bool = True
+) -> ShardResult:
     """Spill the state rows of a written part (handed over in-process, or read back from it) to local buckets."""
-    spill.add(take_part_state(spec.output, run_id, result.part_url))
+    spill.add(take_part_state(spec.output, run_id, result.part_url, handed_over=handed_over))
     return result
 
 

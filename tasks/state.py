@@ -114,11 +114,15 @@ def hand_over_part_state(run_id: str, part_url: str, table: pa.Table) -> None:
         _HANDED_OVER[(run_id, part_url)] = state_of_part(table, part_url)
 
 
-def take_part_state(output: OutputSpec, run_id: str, part_url: str) -> pa.Table:
-    """The state rows of a written part: handed over in-process when there, else read back from the part."""
+def take_part_state(output: OutputSpec, run_id: str, part_url: str, *, handed_over: bool = True) -> pa.Table:
+    """The state rows of a written part: handed over in-process when there, else read back from the part.
+
+    `handed_over=False` reads the part whatever was handed over (a shard that failed after handing its rows over
+    has had its part replaced by error rows since).
+    """
     with _HANDED_OVER_LOCK:
         handed = _HANDED_OVER.pop((run_id, part_url), None)
-    return handed if handed is not None else read_part_state(output, part_url)
+    return handed if handed is not None and handed_over else read_part_state(output, part_url)
 
 
 def forget_handed_over(run_id: str) -> None:
