@@ -24,6 +24,7 @@ from docroute.tasks.budget import FrontierBudget, release_run_budget, run_budget
 from docroute.tasks.discover import Shard
 from docroute.tasks.escalate import Escalation, escalate
 from docroute.tasks.frontier_batches import StagedRequest, queue_requests, write_staging
+from docroute.tasks.harvest import labels_part_url, write_labels
 from docroute.tasks.infer import frontier_engine, run_engine, small_engine
 from docroute.tasks.ledger import LedgerEntry, summarise_part
 from docroute.tasks.read import SourceDocument, read_documents
@@ -263,6 +264,10 @@ def process_shard(spec: JobSpec, shard: Shard, run: RunContext) -> ShardResult:
         rows, staged = answer_documents(spec, run, documents, url, shard.index)
         table = rows_to_table(rows, spec)
         write_staging(spec, run.run_id, shard.index, staged)  # before the part: a committed row is never orphaned
+        if spec.frontier is not None:  # every frontier answer is labeled data (issue 8); before the part, like
+            # the staging above, so a part that a resumed run reuses never lacks its labels
+            labels_url = labels_part_url(spec, run.plan_date or run.run_date, run.plan_id or run.run_id, shard.index)
+            write_labels(spec, labels_url, table, f"{spec.frontier.provider}:{spec.frontier.model}")
         write_parquet(spec.output, url, table)
         write_errors(spec, run, shard.index, table)
     if not spec.runner.distributed:  # same process as the flow: spare it reading the part back

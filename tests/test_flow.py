@@ -192,6 +192,11 @@ def test_low_confidence_rows_are_answered_by_the_frontier(tmp_path: Path) -> Non
     assert summary["frontier_cost_usd"] == pytest.approx(frontier_spend)
     assert summary["all_frontier_usd"] >= frontier_spend > 0
     assert costs["all_frontier_usd"].sum() == pytest.approx(summary["all_frontier_usd"])
+    labels = pl.read_parquet(f"{tmp_path}/out-job/labels/**/*.parquet")  # every frontier answer kept as a label
+    assert labels.height == len(readable) and set(labels["kind"]) == {"escalation"}
+    assert set(labels["model"]) == {"openai_compatible:oracle-1"}
+    assert {_key(r): r["label"] for r in labels.to_dicts()} == {key: gold[key] for key in readable}
+    assert labels.schema["label"] == rows.schema["label"]  # typed like the results
 
 
 def test_budget_cap_defers_the_rest_and_is_never_exceeded(tmp_path: Path) -> None:
@@ -324,6 +329,9 @@ def test_audits_check_kept_rows_and_warn_when_agreement_is_low(tmp_path: Path) -
         assert row["label"] == "cooking" and row["frontier_cost_usd"] > 0
     assert summary["audit_agreement"] == pytest.approx(rows["audit_agrees"].sum() / len(readable))
     assert summary["audit_agreement"] < 0.95
+    labels = pl.read_parquet(f"{tmp_path}/out-audit/labels/**/*.parquet")
+    assert labels.height == len(readable) and set(labels["kind"]) == {"audit"}
+    assert set(labels["label"]) == {"cooking"}  # the frontier's answer, agreeing or not
 
     async def keys() -> set[str]:
         async with get_client() as client:
