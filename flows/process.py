@@ -202,6 +202,8 @@ def _run_job(spec: JobSpec, scratch: Path, *, full_refresh: bool) -> dict[str, A
         "up_to_date": todo.up_to_date,
         "retried": todo.retry,
         "resumed_from": plan.resumed_from,
+        "worker_processes": len({r.worker for r in results if r.worker}),
+        "engines_built": sum(r.engines_built for r in results),
     }
 
 

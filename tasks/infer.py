@@ -23,6 +23,12 @@ from docroute.tasks.examples import load_labeled_examples
 _ENGINES: dict[str, Engine] = {}
 _ENGINE_LOCKS: dict[str, threading.Lock] = {}
 _REGISTRY_LOCK = threading.Lock()
+_BUILT_BY_THIS_THREAD = threading.local()  # how many engines this thread built: a shard counts its own loads
+
+
+def engines_built_by_this_thread() -> int:
+    """Engines this thread has built so far (a shard compares the count before and after itself)."""
+    return getattr(_BUILT_BY_THIS_THREAD, "count", 0)
 
 
 def _cached(key: str, build: Callable[[], Engine]) -> Engine:
@@ -36,6 +42,7 @@ def _cached(key: str, build: Callable[[], Engine]) -> Engine:
         if engine is None:
             started = time.perf_counter()
             engine = build()
+            _BUILT_BY_THIS_THREAD.count = engines_built_by_this_thread() + 1
             _run_logger().info(
                 "built the %s engine %s in worker process %d in %.1f s; this process reuses it for every shard",
                 key.split(":", 1)[0],

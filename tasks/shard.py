@@ -6,9 +6,11 @@ of that. Every document read becomes exactly one row — answered, deferred or e
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 
 import pyarrow as pa
@@ -25,7 +27,7 @@ from docroute.tasks.discover import Shard
 from docroute.tasks.escalate import Escalation, escalate
 from docroute.tasks.frontier_batches import StagedRequest, queue_requests, write_staging
 from docroute.tasks.harvest import labels_part_url, write_labels
-from docroute.tasks.infer import frontier_engine, run_engine, small_engine
+from docroute.tasks.infer import engines_built_by_this_thread, frontier_engine, run_engine, small_engine
 from docroute.tasks.ledger import LedgerEntry, summarise_part
 from docroute.tasks.read import SourceDocument, read_documents
 from docroute.tasks.route import RouteDecision, decide, required_parts, spec_thresholds
@@ -80,6 +82,8 @@ class ShardResult:
     audited: int = 0
     audit_agreed: int = 0
     reused: bool = False
+    worker: str = ""  # host:pid of the process that ran the shard
+    engines_built: int = 0  # models this shard had to load (0 once its worker process has them)
 
     @property
     def frontier_usd(self) -> float:
@@ -256,6 +260,7 @@ def process_shard(spec: JobSpec, shard: Shard, run: RunContext) -> ShardResult:
     A shard of a resumed plan whose part the interrupted run already wrote is read back instead of recomputed.
     """
     started = time.perf_counter()
+    built_before = engines_built_by_this_thread()
     url = run.part_url(spec, shard.index)
     table = _reusable_part(spec, shard, url) if shard.resume else None
     reused = table is not None
@@ -273,7 +278,11 @@ def process_shard(spec: JobSpec, shard: Shard, run: RunContext) -> ShardResult:
     if not spec.runner.distributed:  # same process as the flow: spare it reading the part back
         hand_over_part_state(run.run_id, url, table)
     run.release_allowance(shard.index)
-    result = shard_result(spec, shard.index, url, table, time.perf_counter() - started, reused=reused)
+    result = replace(
+        shard_result(spec, shard.index, url, table, time.perf_counter() - started, reused=reused),
+        worker=f"{socket.gethostname()}:{os.getpid()}",
+        engines_built=engines_built_by_this_thread() - built_before,
+    )
     get_run_logger().info(
         "shard %d: %d files → %d rows %s in %.1f s%s",
         shard.index,
