@@ -42,7 +42,7 @@ from memory_flat import (  # the sibling benchmark: its corpus, job and instant-
     measure,
     write_corpus,
 )
-from publish import append_to_benchmarks  # bench/publish.py
+from publish import machine_line, publish  # bench/publish.py
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "io_path"
@@ -139,8 +139,7 @@ def measure_plain(n: int, shard_size: int, timeout: float) -> tuple[float, float
 
 def markdown(rows: Sequence[Comparison], info: dict[str, object], command: str) -> str:
     lines = [
-        f"Machine: {info['platform']}, {info['cores']} cores ({info['processor']}), Python {info['python']}; "
-        f"{info['date']}. Command: `{command}`. Fresh process per program and size; {NULL_ENGINE_NOTE}.",
+        f"{machine_line(info, command)} Fresh process per program and size; {NULL_ENGINE_NOTE}.",
         "",
         "| N documents | shard size | flow s | flow docs/s | plain s | plain docs/s | flow / plain | "
         "flow peak RSS MiB | plain peak RSS MiB |",
@@ -197,13 +196,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     table = markdown(rows, info, command)
     print()
     print(table)
-    options.results.mkdir(parents=True, exist_ok=True)
-    (options.results / "results.md").write_text(f"# I/O path: flow vs plain script\n\n{table}", encoding="utf-8")
     payload = {"machine": info, "command": command, "rows": [asdict(r) | {"ratio": r.ratio} for r in rows]}
-    (options.results / "results.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-
-    if not options.no_append:
-        append_to_benchmarks("I/O path: flow vs plain script", table)
+    publish(options.results, "I/O path: flow vs plain script", table, payload, append=not options.no_append)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from memory_flat import _start_prefect_server, machine  # the sibling benchmark's helpers
-from publish import append_to_benchmarks  # bench/publish.py
+from publish import machine_line, publish  # bench/publish.py
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "datasets"
@@ -146,8 +145,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     n = len(messages)
     table = "\n".join(
         [
-            f"Machine: {info['platform']}, {info['cores']} cores ({info['processor']}), Python {info['python']}; "
-            f"{info['date']}. Command: `{command}`. Engine: {engine.name} (built in {build_seconds:.1f} s, outside "
+            f"{machine_line(info, command)} Engine: {engine.name} (built in {build_seconds:.1f} s, outside "
             f"every timing); documents: {n} from {origin}.",
             "",
             "| run | wall s | docs/s | vs raw batched |",
@@ -161,8 +159,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         ]
     )
     print(table)
-    options.results.mkdir(parents=True, exist_ok=True)
-    (options.results / "results.md").write_text(f"# Pipeline overhead\n\n{table}\n", encoding="utf-8")
     payload = {
         "machine": info,
         "command": command,
@@ -175,10 +171,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "flow_seconds": flow_seconds,
         "flow_over_raw": flow_seconds / batched,
     }
-    (options.results / "results.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-
-    if not options.no_append:
-        append_to_benchmarks("Pipeline overhead", table)
+    publish(options.results, "Pipeline overhead", table, payload, append=not options.no_append)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,3 +15,20 @@ def append_to_benchmarks(title: str, table: str, path: Path = BENCHMARKS) -> Non
     section = f"\n### {title} · {datetime.now(UTC).date().isoformat()}\n\n{table.rstrip()}\n"
     path.write_text(text.rstrip("\n") + "\n" + section, encoding="utf-8")
     print(f"appended to {path}")
+
+
+def machine_line(info: dict[str, object], command: str) -> str:
+    """The sentence every table starts with: where and how its numbers were measured."""
+    return (
+        f"Machine: {info['platform']}, {info['cores']} cores ({info['processor']}), Python {info['python']}; "
+        f"{info['date']}. Command: `{command}`."
+    )
+
+
+def publish(results: Path, title: str, table: str, payload: dict[str, object], *, append: bool) -> None:
+    """Save the table and the raw numbers under `results`, and append the table to BENCHMARKS.md unless told not."""
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "results.md").write_text(f"# {title}\n\n{table.rstrip()}\n", encoding="utf-8")
+    (results / "results.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    if append:
+        append_to_benchmarks(title, table)

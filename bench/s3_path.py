@@ -33,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from memory_flat import LABELS, NULL_ENGINE_NOTE, SENTENCES, child_env, machine  # the sibling benchmark's parts
-from publish import append_to_benchmarks  # bench/publish.py
+from publish import machine_line, publish  # bench/publish.py
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "s3_path"
@@ -155,8 +155,7 @@ def measure(endpoint: str, counter: RequestCounter, n: int, shard_size: int, max
 def markdown(rows: Sequence[S3Measurement], info: dict[str, object], command: str) -> str:
     kinds = sorted({kind for row in rows for kind in row.requests})
     lines = [
-        f"Machine: {info['platform']}, {info['cores']} cores ({info['processor']}), Python {info['python']}; "
-        f"{info['date']}. Command: `{command}`. moto S3 server in the parent process; {NULL_ENGINE_NOTE}.",
+        f"{machine_line(info, command)} moto S3 server in the parent process; {NULL_ENGINE_NOTE}.",
         "",
         "| N documents | shard size | flow s | docs/s | requests / document | "
         + " | ".join(f"{kind}" for kind in kinds)
@@ -198,17 +197,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     table = markdown(rows, info, command)
     print()
     print(table)
-    options.results.mkdir(parents=True, exist_ok=True)
-    (options.results / "results.md").write_text(f"# Object storage path\n\n{table}", encoding="utf-8")
     payload = {
         "machine": info,
         "command": command,
         "rows": [asdict(r) | {"per_document": r.per_document} for r in rows],
     }
-    (options.results / "results.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-
-    if not options.no_append:
-        append_to_benchmarks("Object storage path (moto S3)", table)
+    publish(options.results, "Object storage path (moto S3)", table, payload, append=not options.no_append)
 
 
 if __name__ == "__main__":
