@@ -60,6 +60,7 @@ class StagedRequest:
     doc_id: str
     part_url: str
     line: str
+    text: str = ""  # the document as the model saw it: kept with the batch so its answer becomes a label
 
 
 def queue_requests(
@@ -86,7 +87,7 @@ def queue_requests(
                 f"run's cap of ${budget.limit_usd:.2f} leaves ${budget.remaining_usd or 0:.4f}",
             )
     lines = frontier.lines(queued)
-    staged = [StagedRequest(r.id, part_url, line) for r, line in zip(queued, lines, strict=True)]
+    staged = [StagedRequest(r.id, part_url, line, r.text) for r, line in zip(queued, lines, strict=True)]
     return outcomes, staged
 
 
@@ -94,7 +95,9 @@ def write_staging(spec: JobSpec, run_id: str, shard_index: int, staged: Sequence
     """Persist a shard's queued requests (overwritten on a shard retry, so nothing is queued twice)."""
     if not staged:
         return
-    payload = "\n".join(json.dumps({"doc_id": s.doc_id, "part": s.part_url, "line": s.line}) for s in staged)
+    payload = "\n".join(
+        json.dumps({"doc_id": s.doc_id, "part": s.part_url, "line": s.line, "text": s.text}) for s in staged
+    )
     url = state_url(spec, "staging", run_id, f"{shard_index:05d}.jsonl")
     fs, path = url_to_fs(url, **spec.output.fsspec_options())
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
@@ -125,6 +128,7 @@ def submit_frontier_batches(spec: JobSpec, run_id: str) -> list[str]:
     for chunk in split_lines([record["line"] for record in records]):
         batch_id = frontier.submit(chunk, metadata={"docroute_job": spec.name, "docroute_run": run_id})
         requests = {by_line[line]["doc_id"]: by_line[line]["part"] for line in chunk}
+        texts = {by_line[line]["doc_id"]: by_line[line].get("text", "") for line in chunk}
         write_json(
             spec.output,
             state_url(spec, f"{batch_id}.json"),
@@ -136,6 +140,7 @@ def submit_frontier_batches(spec: JobSpec, run_id: str) -> list[str]:
                 "submitted_at": datetime.now(UTC).isoformat(),
                 "status": "submitted",
                 "requests": requests,
+                "texts": texts,
             },
         )
         submitted.append(batch_id)
@@ -165,6 +170,7 @@ class CollectedBatch:
 @task(name="collect-frontier-batches", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
 def collect_frontier_batches(spec: JobSpec, run_id: str, run_date: Any) -> list[CollectedBatch]:
     """Collect every finished batch: rewrite its rows with the frontier's answers into this run's results."""
+    from docroute.tasks.harvest import batch_labels_url, write_labels
     from docroute.tasks.shard import finish_escalated
     from docroute.tasks.write import batch_part_url
 
@@ -205,6 +211,9 @@ def collect_frontier_batches(spec: JobSpec, run_id: str, run_date: Any) -> list[
                 rows.append(row)
         url = batch_part_url(spec.output, run_date, run_id, status.batch_id)
         table = rows_to_table(rows, spec)
+        texts = {doc_id: text for doc_id, text in state.get("texts", {}).items() if text}
+        labels_url = batch_labels_url(spec, run_date, run_id, status.batch_id)
+        write_labels(spec, labels_url, table, f"{spec.frontier.provider}:{spec.frontier.model}", texts)
         write_parquet(spec.output, url, table)
         state.update(
             status="collected",

@@ -272,7 +272,8 @@ def process_shard(spec: JobSpec, shard: Shard, run: RunContext) -> ShardResult:
         if spec.frontier is not None:  # every frontier answer is labeled data (issue 8); before the part, like
             # the staging above, so a part that a resumed run reuses never lacks its labels
             labels_url = labels_part_url(spec, run.plan_date or run.run_date, run.plan_id or run.run_id, shard.index)
-            write_labels(spec, labels_url, table, f"{spec.frontier.provider}:{spec.frontier.model}")
+            texts = {d.doc_id: d.text for d in documents if d.text is not None}
+            write_labels(spec, labels_url, table, f"{spec.frontier.provider}:{spec.frontier.model}", texts)
         write_parquet(spec.output, url, table)
         write_errors(spec, run, shard.index, table)
     if not spec.runner.distributed:  # same process as the flow: spare it reading the part back

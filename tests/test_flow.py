@@ -197,6 +197,8 @@ def test_low_confidence_rows_are_answered_by_the_frontier(tmp_path: Path) -> Non
     assert set(labels["model"]) == {"openai_compatible:oracle-1"}
     assert {_key(r): r["label"] for r in labels.to_dicts()} == {key: gold[key] for key in readable}
     assert labels.schema["label"] == rows.schema["label"]  # typed like the results
+    texts = {_key(r): r["text"] for r in labels.to_dicts()}
+    assert SPORTS in texts["a.txt"] and WEATHER in texts["b.md"]  # the text the models saw, kept with its label
 
 
 def test_budget_cap_defers_the_rest_and_is_never_exceeded(tmp_path: Path) -> None:
@@ -306,6 +308,9 @@ routing:
         assert row["frontier_cost_usd"] == pytest.approx(expected)
     state = json.loads(next((output / "state" / "frontier_batches").glob("*.json")).read_text())
     assert state["status"] == "collected" and state["batch_status"] == "completed"
+    labels = pl.read_parquet(f"{output}/labels/**/*.parquet")  # a batch's answers become labels when collected
+    assert {_key(r): r["label"] for r in labels.to_dicts()} == {key: gold[key] for key in readable}
+    assert set(labels["kind"]) == {"escalation"} and labels["text"].null_count() == 0
 
 
 def test_audits_check_kept_rows_and_warn_when_agreement_is_low(tmp_path: Path) -> None:
