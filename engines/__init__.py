@@ -7,18 +7,26 @@ missing optional back end only matters to the jobs that use it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from docroute.engines.base import Engine
+from docroute.engines.base import Engine, EngineUnavailableError
 from docroute.schemas.spec import FrontierSpec, SmallModelSpec, TaskSpec
 
+if TYPE_CHECKING:
+    from docroute.engines.head import LabelHead
 
-def build_small_engine(spec: SmallModelSpec, task: TaskSpec, examples: Sequence[tuple[str, str]] = ()) -> Engine:
-    """Create the engine that answers every document first."""
+
+def build_small_engine(
+    spec: SmallModelSpec, task: TaskSpec, examples: Sequence[tuple[str, str]] = (), head: LabelHead | None = None
+) -> Engine:
+    """Create the engine that answers every document first (with a head `docroute train` promoted, if any)."""
+    if head is not None and spec.engine != "llamacpp":
+        raise EngineUnavailableError(f"a trained classification head needs the llamacpp engine, not {spec.engine}")
     match spec.engine:
         case "llamacpp":
             from docroute.engines.llamacpp import LlamaCppEngine
 
-            return LlamaCppEngine(spec, task, examples=examples)
+            return LlamaCppEngine(spec, task, examples=examples, head=head)
         case "vllm":
             from docroute.engines.vllm import VllmEngine
 

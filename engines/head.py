@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from docroute.schemas.spec import ClassifySpec
+
 
 @dataclass(frozen=True)
 class LabelHead:
@@ -60,6 +62,20 @@ def examples_fingerprint(model: str, examples: Sequence[tuple[str, str]], labels
     for text, label in examples:
         digest.update(b"\x00T" + text.encode() + b"\x00" + label.encode())
     return digest.hexdigest()[:16]
+
+
+def head_training_data(classify: ClassifySpec, examples: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The job's own labeled data: every label's inline examples, then the examples file's rows.
+
+    A label nobody gave examples for is described by its own words, so the head can still score it (very low).
+    """
+    data = [(text, label.name) for label in classify.labels for text in label.examples]
+    data += [(text, label) for text, label in examples]
+    covered = {label for _, label in data}
+    for label in classify.labels:
+        if label.name not in covered:
+            data.append((f"{label.text}. {label.description}".strip(" ."), label.name))
+    return data
 
 
 REGULARISATION_GRID = (1.0, 10.0, 100.0, 1000.0)

@@ -23,7 +23,7 @@ from docroute.engines import fewshot
 from docroute.engines.base import EngineUnavailableError, Prediction, Request, Usage, check_complete
 from docroute.engines.candidates import candidates_for
 from docroute.engines.confidence import choose_value, contextual_calibration, pick, softmax
-from docroute.engines.head import LabelHead, examples_fingerprint, train_head
+from docroute.engines.head import LabelHead, examples_fingerprint, head_training_data, train_head
 from docroute.engines.llama_runtime import LlamaRuntime, packaged_model_path, shared_runtime
 from docroute.schemas.spec import ExtractSpec, FieldSpec, LlamaCppSpec, TaskSpec
 
@@ -83,6 +83,8 @@ class LlamaCppEngine:
         """Use the embedding head where every label has enough examples to train it, label scoring elsewhere."""
         classify = self.task.classify
         assert classify is not None
+        if self._head is not None:  # a head trained by `docroute train` and promoted with the router
+            return "embedding_head"
         if self.spec.classify_strategy != "auto":
             return self.spec.classify_strategy
         counts = {label.name: len(label.examples) for label in classify.labels}
@@ -123,15 +125,15 @@ class LlamaCppEngine:
     def _train_head(self) -> LabelHead:
         classify = self.task.classify
         assert classify is not None
-        data = [(text, label.name) for label in classify.labels for text in label.examples]
-        data += [(text, label) for text, label in self._examples]
-        covered = {label for _, label in data}
-        for label in classify.labels:  # a label nobody gave examples for is described by its own words
-            if label.name not in covered:
-                data.append((f"{label.text}. {label.description}".strip(" ."), label.name))
+        data = head_training_data(classify, self._examples)
         fingerprint = examples_fingerprint(self.name, data, classify.label_names)
-        embeddings, _ = self._runtime.embed([text for text, _ in data], max_tokens=self.spec.max_input_tokens)
+        embeddings = self.embed([text for text, _ in data])
         return train_head(embeddings, [label for _, label in data], classify.label_names, fingerprint=fingerprint)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """The vectors the classification head reads: one row per text, exactly as `predict` embeds documents."""
+        embeddings, _ = self._runtime.embed(list(texts), max_tokens=self.spec.max_input_tokens)
+        return embeddings
 
     def _prepare_extraction(self, extract: ExtractSpec) -> None:
         # candidates are scored in groups that fit beside the document; keep room for a few long ones at a time

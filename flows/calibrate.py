@@ -28,12 +28,12 @@ from docroute.tasks.certify import certify_parts
 from docroute.tasks.discover import cut_shards, list_documents
 from docroute.tasks.labels import LabelSet, load_labels
 from docroute.tasks.route import required_parts
-from docroute.tasks.router import Router, created_now, new_version, write_router
+from docroute.tasks.router import Router, created_now, new_version, usable_router, write_router
 from docroute.tasks.score import ScoredDocument, answers_of, part_arrays, score_shard
 
 
 def score_labeled(
-    spec: JobSpec, labels: LabelSet | None, *, sample: int, frontier_run_id: str | None
+    spec: JobSpec, labels: LabelSet | None, *, sample: int, frontier_run_id: str | None, head_version: str | None
 ) -> list[ScoredDocument]:
     """Answer the labeled documents (or a seeded random sample of files) shard by shard."""
     refs = list_documents(spec.source, exclude_prefix=spec.output.url)
@@ -42,7 +42,10 @@ def score_labeled(
     else:
         refs = sorted(random.Random(spec.spec_hash()).sample(refs, min(sample, len(refs))), key=lambda r: r.uri)
     wanted = frozenset(labels.answers) if labels is not None else None
-    futures = [score_shard.submit(spec, shard, wanted, frontier_run_id) for shard in cut_shards(refs, spec.shard_size)]
+    futures = [
+        score_shard.submit(spec, shard, wanted, frontier_run_id, head_version)
+        for shard in cut_shards(refs, spec.shard_size)
+    ]
     return [doc for future in futures for doc in future.result()]
 
 
@@ -89,8 +92,14 @@ def calibrate(
         raise ValueError("oracle='frontier' needs the job to configure a frontier")
     run_id = str(flow_run.get_id() or uuid.uuid4().hex)
     gold = load_labels(spec, labels) if labels is not None else None
+    current, _ = usable_router(spec)
+    head_version = current.head_version if current is not None else None  # recalibrating keeps the trained head
+    if head_version:
+        logger.info("calibrating with the trained classification head %s of router %s", head_version, current.version)
     try:
-        scored = score_labeled(spec, gold, sample=sample, frontier_run_id=run_id if oracle else None)
+        scored = score_labeled(
+            spec, gold, sample=sample, frontier_run_id=run_id if oracle else None, head_version=head_version
+        )
     finally:
         release_run_budget(run_id)
     if gold is None:
@@ -120,6 +129,7 @@ def calibrate(
         labels_source=gold.source,
         certificates=certificates,
         calibrators=calibrators,
+        head_version=head_version,
     )
     url = write_router(spec, router)
     for part, cert in certificates.items():

@@ -121,6 +121,29 @@ def calibrate(
 
 
 @app.command()
+def train(
+    job: Annotated[Path, typer.Argument(help="the job's YAML file")],
+    output: Annotated[str | None, typer.Option(help="labels and heads live here, not output.url")] = None,
+    min_holdout: Annotated[int, typer.Option(help="held-out labels needed before a head is compared")] = 30,
+) -> None:
+    """Refit the classification head on the job's examples and the frontier's labels; promote it only if better."""
+    _quiet_prefect()
+    _check_job(job)
+    from rich.console import Console
+
+    from docroute.flows.train import train as train_flow
+
+    result = train_flow(str(job), output=output, min_holdout=min_holdout)
+    console = Console(soft_wrap=True)
+    console.print(
+        f"round {result['version']}: {result['harvested']} labels ({result['distinct']} distinct), trained on "
+        f"{result['train_examples']} examples + {result['train_labels']} labels, {result['holdout']} held out"
+    )
+    console.print(result["decision"])
+    console.print(f"fine-tuning set: {result['finetune']['train']}")
+
+
+@app.command()
 def evaluate(
     job: Annotated[Path, typer.Argument(help="the job's YAML file")],
     labels: Annotated[str, typer.Option(help="gold answers: csv/jsonl/parquet with a path column")],

@@ -79,16 +79,22 @@ def evaluate_job(
     logger = get_run_logger()
     gold = load_labels(spec, labels)
     run_id = str(flow_run.get_id() or uuid.uuid4().hex)
+    router, why = usable_router(spec)
+    logger.info("operating point: %s", why)
     try:
-        scored = score_labeled(spec, gold, sample=0, frontier_run_id=run_id if frontier == "call" else None)
+        scored = score_labeled(
+            spec,
+            gold,
+            sample=0,
+            frontier_run_id=run_id if frontier == "call" else None,
+            head_version=router.head_version if router is not None else None,
+        )
     finally:
         release_run_budget(run_id)
     parts = required_parts(spec)
     aligned = align(spec, parts, scored, gold.answers)
     if not aligned.scored:
         raise ValueError("no document is labeled for every required part")
-    router, why = usable_router(spec)
-    logger.info("operating point: %s", why)
     thresholds = router.thresholds() if router is not None else spec_thresholds(spec)
     price = _frontier_price(spec, frontier_model)
     rows = aligned.scored

@@ -98,6 +98,7 @@ def _run_job(spec: JobSpec, scratch: Path, *, full_refresh: bool) -> dict[str, A
         run_id=_run_id(),
         run_date=started.date(),
         router_version=router.version if router else None,
+        head_version=router.head_version if router else None,
         thresholds=router.thresholds() if router else None,
     )
     listing_file = scratch / "listing.arrow"
@@ -187,6 +188,7 @@ def _run_job(spec: JobSpec, scratch: Path, *, full_refresh: bool) -> dict[str, A
         finished_at=datetime.now(UTC),
         parts=len(results),
         router_version=run.router_version,
+        head_version=run.head_version,
         audited=sum(r.audited for r in results),
         audit_agreed=sum(r.audit_agreed for r in results),
     )

@@ -19,6 +19,7 @@ from docroute.engines.base import Engine, EngineError, Prediction, Request
 from docroute.engines.loop_thread import AsyncClientEngine, SharedGate
 from docroute.schemas.spec import FrontierSpec, JobSpec
 from docroute.tasks.examples import load_labeled_examples
+from docroute.tasks.heads import load_head
 
 _ENGINES: dict[str, Engine] = {}
 _ENGINE_LOCKS: dict[str, threading.Lock] = {}
@@ -66,15 +67,22 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
         return logging.getLogger(__name__)
 
 
-def small_engine(spec: JobSpec) -> Engine:
-    """Return this process's small-model engine for the job."""
+def small_engine(spec: JobSpec, head_version: str | None = None) -> Engine:
+    """Return this process's small-model engine for the job, with the trained head `head_version` if given."""
     examples: list[tuple[str, str]] = []
     if spec.task.classify is not None:
         examples = load_labeled_examples(spec.task.classify)
     digest = hashlib.sha256(spec.spec_hash().encode())
     for text, label in examples:
         digest.update(text.encode() + b"\x00" + label.encode() + b"\x01")
-    return _cached("small:" + digest.hexdigest(), lambda: build_small_engine(spec.small_model, spec.task, examples))
+    if head_version is not None:
+        digest.update(b"\x02head:" + head_version.encode() + spec.output.url.encode())
+
+    def build() -> Engine:
+        head = load_head(spec, head_version) if head_version is not None else None
+        return build_small_engine(spec.small_model, spec.task, examples, head=head)
+
+    return _cached("small:" + digest.hexdigest(), build)
 
 
 def frontier_engine(spec: JobSpec) -> Engine | None:

@@ -260,6 +260,7 @@ RUN_SCHEMA = pa.schema(
         pa.field("wall_seconds", pa.float64()),
         pa.field("parts", pa.int64()),
         pa.field("router_version", pa.string()),
+        pa.field("head_version", pa.string()),
         pa.field("audited", pa.int64()),
         pa.field("audit_agreement", pa.float64()),
     ]
@@ -276,6 +277,7 @@ def run_record(
     finished_at: datetime,
     parts: int,
     router_version: str | None = None,
+    head_version: str | None = None,
     audited: int = 0,
     audit_agreed: int = 0,
 ) -> dict[str, Any]:
@@ -313,6 +315,7 @@ def run_record(
         "wall_seconds": (finished_at - started_at).total_seconds(),
         "parts": parts,
         "router_version": router_version,
+        "head_version": head_version,
         "audited": audited,
         "audit_agreement": audit_agreed / audited if audited else None,
     }

@@ -26,6 +26,15 @@ def _fmt(value: float) -> str:
     return f"{value:.3f}"
 
 
+def in_audit_sample(doc_id: str, fraction: float) -> bool:
+    """Whether a document belongs to the audit sample: a fixed `fraction` of document ids, chosen by their hash.
+
+    The sample is a random draw of documents independent of their content and of any model's confidence, and
+    every one of its documents gets a frontier answer (escalated or audited), so `docroute train` can certify on it.
+    """
+    return fraction > 0 and int(doc_id[:8], 16) / 0xFFFFFFFF < fraction
+
+
 def required_parts(spec: JobSpec) -> list[str]:
     """The parts whose confidence decides a row's route: the label, and every required field."""
     parts = ["label"] if spec.task.classify is not None else []

@@ -36,6 +36,7 @@ class Router:
     labels_source: str
     certificates: dict[str, Certificate]
     calibrators: dict[str, Calibrator] = field(default_factory=dict)
+    head_version: str | None = None  # the classification head `docroute train` fitted (None: trained from examples)
 
     def thresholds(self) -> dict[str, float | None]:
         """What routing compares each part's confidence with (None: this part always escalates)."""
@@ -58,6 +59,7 @@ class Router:
             "labels_source": self.labels_source,
             "certificates": {part: cert.to_json() for part, cert in self.certificates.items()},
             "calibrators": {part: cal.to_json() for part, cal in self.calibrators.items()},
+            "head_version": self.head_version,
         }
 
     @classmethod
@@ -74,6 +76,7 @@ class Router:
             labels_source=data.get("labels_source", ""),
             certificates={p: Certificate.from_json(c) for p, c in data["certificates"].items()},
             calibrators={p: Calibrator.from_json(c) for p, c in data.get("calibrators", {}).items()},
+            head_version=data.get("head_version"),
         )
 
 
@@ -87,11 +90,12 @@ def router_url(spec: JobSpec, version: str | None = None) -> str:
     return f"{spec.output.url}/router.json" if version is None else f"{spec.output.url}/routers/router-{version}.json"
 
 
-def write_router(spec: JobSpec, router: Router) -> str:
-    """Write the versioned router, then make it current; returns the versioned file's URL."""
+def write_router(spec: JobSpec, router: Router, *, current: bool = True) -> str:
+    """Write the versioned router, then (unless `current` is off) make it current; returns the versioned URL."""
     versioned = router_url(spec, router.version)
     write_json(spec.output, versioned, router.to_json())
-    write_json(spec.output, router_url(spec), router.to_json())
+    if current:
+        write_json(spec.output, router_url(spec), router.to_json())
     return versioned
 
 
@@ -116,7 +120,8 @@ def usable_router(spec: JobSpec) -> tuple[Router | None, str]:
             f"router {router.version} was calibrated for another task or model (spec hash {router.spec_hash}, "
             f"now {spec.spec_hash()}): thresholds from the job file until docroute calibrate runs again"
         )
-    return router, f"calibrated router {router.version}"
+    head = f" with trained head {router.head_version}" if router.head_version else ""
+    return router, f"calibrated router {router.version}{head}"
 
 
 def created_now() -> datetime:

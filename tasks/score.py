@@ -42,14 +42,18 @@ class ScoredDocument:
 
 @task(name="score-shard", retries=2, retry_delay_seconds=[2, 15], cache_policy=NO_CACHE)
 def score_shard(
-    spec: JobSpec, shard: Shard, wanted: frozenset[str] | None, frontier_run_id: str | None
+    spec: JobSpec,
+    shard: Shard,
+    wanted: frozenset[str] | None,
+    frontier_run_id: str | None,
+    head_version: str | None = None,
 ) -> list[ScoredDocument]:
     """Read a shard, keep the wanted documents, answer them with the small model and, when `frontier_run_id` names
     a run (whose budget the calls draw on), with the frontier too."""
     documents = [d for d in read_documents(spec.source, shard.refs) if wanted is None or d.doc_id in wanted]
     readable = [d for d in documents if d.ok]
     requests = [Request(d.doc_id, d.text or "") for d in readable]
-    small = {p.id: p for p in run_engine(small_engine(spec), requests)}
+    small = {p.id: p for p in run_engine(small_engine(spec, head_version), requests)}
     frontier: dict[str, Any] = {}
     engine = frontier_engine(spec) if frontier_run_id is not None else None
     if engine is not None and spec.frontier is not None and frontier_run_id is not None:

@@ -30,7 +30,7 @@ from docroute.tasks.harvest import labels_part_url, write_labels
 from docroute.tasks.infer import engines_built_by_this_thread, frontier_engine, run_engine, small_engine
 from docroute.tasks.ledger import LedgerEntry, summarise_part
 from docroute.tasks.read import SourceDocument, read_documents
-from docroute.tasks.route import RouteDecision, decide, required_parts, spec_thresholds
+from docroute.tasks.route import RouteDecision, decide, in_audit_sample, required_parts, spec_thresholds
 from docroute.tasks.score import answers_of, part_correct
 from docroute.tasks.state import hand_over_part_state
 from docroute.tasks.write import errors_part_url, part_exists, read_parquet, results_part_url, write_parquet
@@ -43,6 +43,7 @@ class RunContext:
     run_id: str
     run_date: date
     router_version: str | None = None
+    head_version: str | None = None  # the trained classification head the router names, if any
     thresholds: dict[str, float | None] | None = None  # from a calibrated router; None: the job file's
     plan_id: str = ""  # names the part files; a run resuming an interrupted one keeps that run's id
     plan_date: date | None = None
@@ -164,10 +165,9 @@ def finish_escalated(row: ResultRow, outcome: Escalation | None, decision_reason
 
 def is_audited(spec: JobSpec, doc_id: str) -> bool:
     """Pick a stable `audit_fraction` of documents: the same ones on every run and in every shard."""
-    fraction = spec.routing.audit_fraction
-    if fraction <= 0 or spec.frontier is None or spec.frontier.mode == "batch":
+    if spec.frontier is None or spec.frontier.mode == "batch":
         return False
-    return int(doc_id[:8], 16) / 0xFFFFFFFF < fraction
+    return in_audit_sample(doc_id, spec.routing.audit_fraction)
 
 
 def apply_audit(spec: JobSpec, row: ResultRow, outcome: Escalation | None, small: Prediction) -> None:
@@ -205,7 +205,7 @@ def answer_documents(
             row.error = doc.error
             rows[doc.doc_id] = row
     requests = [Request(id=d.doc_id, text=d.text or "") for d in readable]
-    small = {p.id: p for p in run_engine(small_engine(spec), requests)}
+    small = {p.id: p for p in run_engine(small_engine(spec, run.head_version), requests)}
     escalated: list[tuple[SourceDocument, RouteDecision]] = []
     for doc in readable:
         prediction = small[doc.doc_id]
@@ -224,7 +224,12 @@ def answer_documents(
             escalated.append((doc, decision))
         else:
             row.final_model = prediction.model
-    audits = [d for d in readable if rows[d.doc_id].route == "small" and is_audited(spec, d.doc_id)]
+    escalated_ids = {d.doc_id for d, _ in escalated}  # an escalated row is answered anyway: never audited as well
+    audits = [
+        d
+        for d in readable
+        if d.doc_id not in escalated_ids and rows[d.doc_id].route == "small" and is_audited(spec, d.doc_id)
+    ]
     staged: list[StagedRequest] = []
     if escalated or audits:
         outcomes: dict[str, Escalation] = {}

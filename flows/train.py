@@ -1,0 +1,230 @@
+"""`docroute train`: make the small model learn from the frontier's answers, and keep the result only if it helps.
+
+One round: read every harvested label (`<output>/labels/`), deduplicate, split off the audit sample as held-out,
+refit the classification head on the job's examples plus the other labels, certify the current model and the
+candidate on the held-out rows at the job's target accuracy, and write the candidate's head and router under a new
+version. The router becomes current (`router.json`) only when the candidate's certified escalation rate is lower;
+either way the round's report says what was compared. Every round also exports the labels as a chat-format
+fine-tuning set (train and held-out JSONL) for generative models, e.g. a LoRA adapter that `small_model.lora_path`
+then serves under vLLM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import FlowRunContext
+
+from docroute.engines.base import Request
+from docroute.engines.calibration import fit_calibrator
+from docroute.engines.confidence import pick
+from docroute.engines.head import LabelHead, examples_fingerprint, head_training_data, train_head
+from docroute.flows.process import with_output
+from docroute.schemas.load import load_job
+from docroute.schemas.spec import JobSpec
+from docroute.tasks.embeddings import EmbeddingCache
+from docroute.tasks.examples import load_labeled_examples
+from docroute.tasks.heads import write_head
+from docroute.tasks.infer import run_engine, small_engine
+from docroute.tasks.route import required_parts
+from docroute.tasks.router import Router, created_now, new_version, usable_router, write_router
+from docroute.tasks.training import (
+    HeadComparison,
+    TrainingDataError,
+    TrainingSplit,
+    compare_heads,
+    finetune_lines,
+    read_harvested_labels,
+    split_labels,
+)
+from docroute.tasks.write import atomic_write, write_json
+
+
+def training_url(spec: JobSpec, version: str, name: str) -> str:
+    return f"{spec.output.url}/training/{version}/{name}"
+
+
+def _write_lines(spec: JobSpec, url: str, lines: list[str]) -> None:
+    data = ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8")
+    atomic_write(spec.output, url, lambda handle: handle.write(data))
+
+
+def export_finetuning_set(spec: JobSpec, split: TrainingSplit, version: str) -> dict[str, str]:
+    """Write train.jsonl and holdout.jsonl in the chat format OpenAI, vLLM and most LoRA trainers read."""
+    urls = {name: training_url(spec, version, f"{name}.jsonl") for name in ("train", "holdout")}
+    _write_lines(spec, urls["train"], finetune_lines(spec, split.train))
+    _write_lines(spec, urls["holdout"], finetune_lines(spec, split.holdout))
+    return urls
+
+
+def _head_predictions(head: LabelHead, embeddings: np.ndarray) -> tuple[list[str], list[float]]:
+    labels, confidences = [], []
+    for probs in head.predict_proba(embeddings):
+        index, confidence = pick(probs)
+        labels.append(head.labels[index])
+        confidences.append(confidence)
+    return labels, confidences
+
+
+def _current_predictions(spec: JobSpec, head_version: str | None, texts: list[str]) -> tuple[list[str], list[float]]:
+    """The current small model's answers on the held-out texts, through the engine exactly as a run calls it."""
+    predictions = run_engine(small_engine(spec, head_version), [Request(str(i), t) for i, t in enumerate(texts)])
+    return [p.label or "" for p in predictions], [
+        p.label_confidence if p.ok and p.label_confidence is not None else float("nan") for p in predictions
+    ]
+
+
+def _report(spec: JobSpec, result: dict[str, Any]) -> str:
+    comparison = result.get("comparison")
+    lines = [
+        f"# docroute training · {spec.name}",
+        "",
+        f"Round `{result['version']}`: {result['harvested']} harvested labels, {result['distinct']} distinct; "
+        f"trained on {result['train_examples']} job examples + {result['train_labels']} labels, "
+        f"held out {result['holdout']} (the audit sample).",
+    ]
+    if comparison is not None:
+        lines += [
+            "",
+            "| classifier | held-out accuracy | certified threshold | certified escalation |",
+            "|---|---:|---:|---:|",
+        ]
+        for name in ("current", "candidate"):
+            cert = comparison[name]
+            threshold = "none" if cert["threshold"] is None else f"{cert['threshold']:.3f}"
+            lines.append(
+                f"| {name} | {comparison[name + '_accuracy']:.3f} | {threshold} | {cert['escalation_rate']:.1%} |"
+            )
+        lines += ["", f"**{result['decision']}**"]
+    else:
+        lines += ["", result["decision"]]
+    if result.get("finetune"):
+        lines += ["", f"Fine-tuning set: `{result['finetune']['train']}` and `{result['finetune']['holdout']}`."]
+    return "\n".join(lines)
+
+
+@flow(name="train", log_prints=False)
+def train(job: str, output: str | None = None, min_holdout: int = 30) -> dict[str, Any]:
+    """Refit the classification head from the job's examples and the harvested labels; promote it only if better."""
+    spec = with_output(load_job(Path(job)), output)
+    logger = get_run_logger()
+    if spec.frontier is None or spec.routing.audit_fraction <= 0:
+        raise TrainingDataError(
+            "docroute train certifies on the audit sample, a random share of documents that all get frontier "
+            "answers: configure a frontier and set routing.audit_fraction (e.g. 0.1); escalated rows alone are "
+            "the hard cases and say nothing certain about the rest"
+        )
+    current, why = usable_router(spec)
+    logger.info("current model: %s", why)
+    split = split_labels(spec, read_harvested_labels(spec))
+    version = new_version(spec.spec_hash(), created_now())
+    result: dict[str, Any] = {
+        "version": version,
+        "harvested": split.harvested,
+        "distinct": split.distinct,
+        "train_labels": len(split.train),
+        "holdout": len(split.holdout),
+        "dropped_as_copies": split.dropped_as_copies,
+        "train_examples": 0,
+        "promoted": False,
+        "comparison": None,
+        "finetune": export_finetuning_set(spec, split, version),
+    }
+    logger.info(
+        "%d labels, %d distinct: %d to train on, %d held out",
+        split.harvested,
+        split.distinct,
+        len(split.train),
+        len(split.holdout),
+    )
+    classify = spec.task.classify
+    if classify is None or spec.small_model.engine != "llamacpp":
+        result["decision"] = (
+            "exported the fine-tuning set; head training needs a classification task on the llamacpp engine"
+        )
+    elif len(split.holdout) < min_holdout:
+        result["decision"] = (
+            f"kept the current head: {len(split.holdout)} held-out labels, fewer than {min_holdout}; "
+            "runs with audits add more"
+        )
+    else:
+        result.update(_train_round(spec, current, split, version))
+    write_json(spec.output, training_url(spec, version, "report.json"), result)
+    logger.info("%s", result["decision"])
+    if FlowRunContext.get() is not None:
+        create_markdown_artifact(
+            markdown=_report(spec, result), key=f"{spec.name}-training", description="docroute training round"
+        )
+    return result
+
+
+def _train_round(spec: JobSpec, current: Router | None, split: TrainingSplit, version: str) -> dict[str, Any]:
+    classify = spec.task.classify
+    assert classify is not None
+    head_version = current.head_version if current is not None else None
+    engine = small_engine(spec, head_version)
+    embed = getattr(engine, "embed", None)
+    if embed is None:
+        raise TrainingDataError(f"engine {engine.name} cannot embed texts for a classification head")
+    examples = head_training_data(classify, load_labeled_examples(classify))
+    data = examples + [(text, str(answers["label"])) for text, answers in split.train]
+    cache = EmbeddingCache(spec)
+    train_vectors = cache.embed([text for text, _ in data], embed)
+    holdout_texts = [text for text, _ in split.holdout]
+    holdout_vectors = cache.embed(holdout_texts, embed)
+    cache.save(version)
+    fingerprint = examples_fingerprint(engine.name, data, classify.label_names)
+    candidate = train_head(train_vectors, [label for _, label in data], classify.label_names, fingerprint=fingerprint)
+    gold = [str(answers["label"]) for _, answers in split.holdout]
+    candidate_labels, candidate_conf = _head_predictions(candidate, holdout_vectors)
+    current_labels, current_conf = _current_predictions(spec, head_version, holdout_texts)
+    comparison = compare_heads(spec, gold, (current_labels, current_conf), (candidate_labels, candidate_conf))
+    correct = np.array([a == g for a, g in zip(candidate_labels, gold, strict=True)])
+    certificates = {"label": comparison.candidate}
+    calibrators = {"label": fit_calibrator(np.asarray(candidate_conf), correct)}
+    if current is not None:  # parts the head does not answer keep the certificates they have
+        certificates = {**current.certificates, **certificates}
+        calibrators = {**current.calibrators, **calibrators}
+    missing = [p for p in required_parts(spec) if p not in certificates]
+    if missing:
+        raise TrainingDataError(
+            f"no certificate for {', '.join(missing)}: run docroute calibrate once before training the head"
+        )
+    router = Router(
+        version=version,
+        created_at=created_now().isoformat(),
+        job=spec.name,
+        spec_hash=spec.spec_hash(),
+        small_model=spec.small_model.model_name,
+        target_accuracy=spec.routing.target_accuracy,
+        delta=spec.routing.delta,
+        sample_size=len(split.holdout),
+        labels_source="frontier labels: audit sample held out",
+        certificates=certificates,
+        calibrators=calibrators,
+        head_version=version,
+    )
+    head_file = write_head(spec, version, candidate)
+    router_file = write_router(spec, router, current=comparison.promote)
+    return {
+        "train_examples": len(examples),
+        "promoted": comparison.promote,
+        "decision": comparison.reason,
+        "comparison": _comparison_json(comparison),
+        "head": head_file,
+        "router": router_file,
+        "current_router": current.version if current is not None else None,
+    }
+
+
+def _comparison_json(comparison: HeadComparison) -> dict[str, Any]:
+    return {
+        "current": comparison.current.to_json(),
+        "candidate": comparison.candidate.to_json(),
+        "current_accuracy": comparison.current_accuracy,
+        "candidate_accuracy": comparison.candidate_accuracy,
+    }

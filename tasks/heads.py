@@ -1,0 +1,39 @@
+"""Versioned classification heads, stored beside the routers they were certified with.
+
+`docroute train` writes `<output>/heads/head-<version>.npz` for every candidate it fits; the router that certified a
+head names it (`head_version`), so promoting a head is writing `router.json` and nothing else: a run either sees the
+old router with the old head or the new router with the new head, never a mix.
+"""
+
+from __future__ import annotations
+
+from fsspec.core import url_to_fs
+
+from docroute.engines.head import LabelHead
+from docroute.schemas.spec import JobSpec
+from docroute.tasks.write import atomic_write
+
+
+class HeadMissingError(FileNotFoundError):
+    """The router names a head whose file is gone: the run cannot use the router's certificate without it."""
+
+
+def head_url(spec: JobSpec, version: str) -> str:
+    return f"{spec.output.url}/heads/head-{version}.npz"
+
+
+def write_head(spec: JobSpec, version: str, head: LabelHead) -> str:
+    url = head_url(spec, version)
+    data = head.to_bytes()
+    atomic_write(spec.output, url, lambda handle: handle.write(data))
+    return url
+
+
+def load_head(spec: JobSpec, version: str) -> LabelHead:
+    url = head_url(spec, version)
+    fs, path = url_to_fs(url, **spec.output.fsspec_options())
+    try:
+        with fs.open(path, "rb") as handle:
+            return LabelHead.from_bytes(handle.read())
+    except FileNotFoundError as exc:
+        raise HeadMissingError(f"the router's classification head {url} does not exist") from exc

@@ -1,0 +1,238 @@
+"""The distillation loop: frontier answers become labels, `docroute train` refits the head, escalations fall.
+
+Everything real: the packaged Gemma 3 270M under llama.cpp embeds the texts, an OpenAI-compatible server on
+127.0.0.1 plays the frontier (it knows each document's gold label by its reference), Prefect runs the flows.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from oracle_server import OracleServer
+
+from docroute.flows.calibrate import calibrate
+from docroute.flows.process import process_documents
+from docroute.flows.train import train
+from docroute.schemas.load import load_job
+from docroute.tasks.router import load_router
+from docroute.tasks.training import TrainingDataError, finetune_lines, latest_per_document, split_labels
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+PHRASES = {
+    "sports": [
+        "the striker scored twice",
+        "a late penalty decided the derby",
+        "the goalkeeper made a fine save",
+        "the relay team broke the record",
+        "the tennis final went to five sets",
+        "the coach named an unchanged side",
+        "the cyclists climbed the mountain stage",
+        "fans filled the stadium",
+    ],
+    "weather": [
+        "heavy rain is expected overnight",
+        "a cold front moves in from the west",
+        "fog will clear by late morning",
+        "strong winds may bring down trees",
+        "temperatures drop below freezing",
+        "the heatwave continues into the weekend",
+        "snow showers reach the hills",
+        "a flood warning was issued for the valley",
+    ],
+    "cooking": [
+        "simmer the sauce until it thickens",
+        "knead the dough for ten minutes",
+        "roast the chicken with lemon and thyme",
+        "whisk the eggs with a pinch of salt",
+        "fry the onions until golden",
+        "season the soup to taste",
+        "rest the meat before carving",
+        "fold the flour into the batter",
+    ],
+    "finance": [
+        "shares fell after the profit warning",
+        "the central bank held interest rates",
+        "the bond market rallied",
+        "quarterly revenue beat forecasts",
+        "the currency slipped against the dollar",
+        "investors sold technology stocks",
+        "the company announced a dividend cut",
+        "inflation rose for a third month",
+    ],
+}
+FILLERS = ["on Tuesday", "local reports say", "as expected", "in the north", "this week", "officials said"]
+
+
+def _document(rng: random.Random, label: str, reference: str) -> str:
+    """Two phrases of the topic and one of another, so a handful of examples leaves the small model unsure."""
+    other = rng.choice([name for name in PHRASES if name != label])
+    parts = [*rng.sample(PHRASES[label], 2), rng.choice(PHRASES[other])]
+    rng.shuffle(parts)
+    return f"{parts[0].capitalize()}, {rng.choice(FILLERS)}; {parts[1]} and {parts[2]}. Ref {reference}."
+
+
+def _corpus(folder: Path, start: int, count: int, gold: dict[str, str]) -> None:
+    rng = random.Random(start)
+    folder.mkdir(parents=True)
+    for i in range(start, start + count):
+        label = list(PHRASES)[i % len(PHRASES)]
+        reference = f"R{i:05d}"
+        (folder / f"doc-{i:05d}.txt").write_text(_document(rng, label, reference) + "\n", encoding="utf-8")
+        gold[reference] = label
+
+
+def _job(path: Path, source: Path, output: Path, server: OracleServer) -> str:
+    rng = random.Random(99)
+    labels = "\n".join(
+        f"      - name: {name}\n        examples:\n"
+        + "\n".join(f"          - {json.dumps(_document(rng, name, 'X'))}" for _ in range(4))
+        for name in PHRASES
+    )
+    path.write_text(
+        f"""name: distil
+source:
+  url: {source}
+task:
+  instructions: Short news and recipe snippets.
+  classify:
+    labels:
+{labels}
+small_model:
+  engine: llamacpp
+  classify_strategy: embedding_head
+frontier:
+  provider: openai_compatible
+  model: oracle-1
+  base_url: {server.base_url}
+  api_key: sk-test
+  price: {{input_per_million: 1.0, output_per_million: 4.0}}
+  max_retries: 0
+routing:
+  target_accuracy: 0.8
+  delta: 0.2
+  audit_fraction: 0.5
+  max_frontier_usd: null
+output:
+  url: {output}
+shard_size: 32
+""",
+        encoding="utf-8",
+    )
+    return str(path)
+
+
+def _kept_accuracy(output: Path, run_id: str, gold: dict[str, str]) -> tuple[float, int]:
+    rows = pl.read_parquet(f"{output}/results/**/*.parquet").filter(pl.col("run_id") == run_id)
+    kept = rows.filter(pl.col("route") == "small")
+    refs = ["R" + uri.rsplit("doc-", 1)[1].removesuffix(".txt") for uri in kept["source_uri"]]
+    right = sum(label == gold[ref] for label, ref in zip(kept["label"].to_list(), refs, strict=True))
+    return right / max(kept.height, 1), kept.height
+
+
+def test_two_rounds_escalate_less_at_the_same_certified_accuracy(tmp_path: Path) -> None:
+    gold: dict[str, str] = {}
+    first, second, output = tmp_path / "round1", tmp_path / "round2", tmp_path / "out"
+    _corpus(first, 0, 200, gold)
+    _corpus(second, 1000, 200, gold)
+    with OracleServer([(f"Ref {ref}", {"label": label}) for ref, label in gold.items()]) as server:
+        job1 = _job(tmp_path / "round1.yaml", first, output, server)
+        job2 = _job(tmp_path / "round2.yaml", second, output, server)
+        calibrate(job1, oracle="frontier", sample=80)  # round 0: a router for the head trained on the examples
+        router0 = load_router(load_job(Path(job1)))
+        assert router0 is not None and router0.head_version is None
+        run1 = process_documents(job1)
+        result = train(job1)
+        router1 = load_router(load_job(Path(job2)))
+        run2 = process_documents(job2)
+
+    labels = pl.read_parquet(f"{output}/labels/**/*.parquet").filter(pl.col("run_id") == run1["run_id"])
+    assert labels.height == run1["frontier"] + run1["audited"] - _audited_and_replaced(output, run1["run_id"])
+    assert result["holdout"] >= 60 and result["train_labels"] > 0
+    comparison = result["comparison"]
+    assert comparison["current"]["target_accuracy"] == comparison["candidate"]["target_accuracy"] == 0.8
+    assert result["promoted"], result["decision"]
+    assert comparison["candidate"]["escalation_rate"] < comparison["current"]["escalation_rate"]
+    assert comparison["candidate"]["lower_bound"] >= 0.8  # the promoted head's certificate meets the target
+
+    assert router1 is not None and router1.head_version == result["version"] == router1.version
+    assert Path(result["head"]).exists() and run2["router_version"] == router1.version
+    assert run2["head_version"] == router1.head_version and run1["head_version"] is None
+
+    escalation1 = (run1["frontier"] + run1["deferred"] - _audited_and_replaced(output, run1["run_id"])) / 200
+    escalation2 = (run2["frontier"] + run2["deferred"] - _audited_and_replaced(output, run2["run_id"])) / 200
+    assert escalation2 < escalation1, (escalation1, escalation2)
+    print(f"escalation {escalation1:.3f} -> {escalation2:.3f}; comparison {comparison}")
+    accuracy2, kept2 = _kept_accuracy(output, run2["run_id"], gold)
+    assert kept2 > 0 and accuracy2 >= 0.8, (accuracy2, kept2)
+
+    finetune = [json.loads(line) for line in Path(result["finetune"]["train"]).read_text().splitlines()]
+    assert len(finetune) == result["train_labels"]
+    assert [m["role"] for m in finetune[0]["messages"]] == ["system", "user", "assistant"]
+    reference = finetune[0]["messages"][1]["content"].rsplit("Ref ", 1)[1].split(".")[0]
+    assert json.loads(finetune[0]["messages"][2]["content"]) == {"label": gold[reference]}
+
+
+def _audited_and_replaced(output: Path, run_id: str) -> int:
+    """Audited rows whose answer the frontier replaced count under route frontier but were not escalated."""
+    rows = pl.read_parquet(f"{output}/results/**/*.parquet").filter(pl.col("run_id") == run_id)
+    return rows.filter((pl.col("route") == "frontier") & pl.col("audited").fill_null(False)).height
+
+
+def test_labels_are_deduplicated_and_the_audit_sample_is_held_out(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"""name: split
+source: {{url: {tmp_path}}}
+task:
+  classify:
+    labels: [{{name: a}}, {{name: b}}]
+frontier: {{provider: openai, model: gpt-4o-mini, api_key: k}}
+routing: {{audit_fraction: 0.5}}
+output: {{url: {tmp_path / "out"}}}
+""",
+        encoding="utf-8",
+    )
+    spec = load_job(job)
+    ids = [f"{i:032x}" for i in (0, 1 << 124, 9 << 124, 15 << 124)]  # first two in the audit half, last two not
+    frame = pl.DataFrame(
+        {
+            "doc_id": [ids[0], ids[1], ids[2], ids[3], ids[2]],
+            "content_sha256": ["c0", "c1", "c2", "c3", "c2"],
+            "processed_at": [1, 1, 1, 1, 2],
+            "text": ["zero", "one", "two", "one", "two again"],
+            "kind": ["audit", "escalation", "escalation", "escalation", "escalation"],
+            "model": ["m"] * 5,
+            "label": ["a", "b", "a", "b", "b"],
+        }
+    )
+    assert latest_per_document(frame, ["label"]).height == 4  # c2 answered twice: the later answer wins
+    split = split_labels(spec, frame)
+    assert split.distinct == 4 and [t for t, _ in split.holdout] == ["zero", "one"]
+    assert split.train == [("two again", {"label": "b"})]  # "one" under another id is a held-out copy: dropped
+    assert split.dropped_as_copies == 1
+    lines = [json.loads(line) for line in finetune_lines(spec, split.train)]
+    assert lines[0]["messages"][-1] == {"role": "assistant", "content": '{"label": "b"}'}
+    assert "two again" in lines[0]["messages"][1]["content"]
+
+
+def test_training_without_an_audit_sample_says_why(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"""name: noaudit
+source: {{url: {tmp_path}}}
+task:
+  classify:
+    labels: [{{name: a}}, {{name: b}}]
+output: {{url: {tmp_path / "out"}}}
+""",
+        encoding="utf-8",
+    )
+    with pytest.raises(TrainingDataError, match="audit_fraction"):
+        train(str(job))
+    assert not np.any([p.exists() for p in (tmp_path / "out" / "router.json",)])
