@@ -191,6 +191,7 @@ def _run_job(spec: JobSpec, scratch: Path, *, full_refresh: bool) -> dict[str, A
         head_version=run.head_version,
         audited=sum(r.audited for r in results),
         audit_agreed=sum(r.audit_agreed for r in results),
+        escalated=sum(r.escalated for r in results),
     )
     parts = [{"url": r.part_url, "rows": r.rows, "shard": r.shard_index, "reused": r.reused} for r in results]
     files = write_ledger(spec, record, entries, parts, snapshot)

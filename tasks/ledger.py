@@ -261,6 +261,8 @@ RUN_SCHEMA = pa.schema(
         pa.field("parts", pa.int64()),
         pa.field("router_version", pa.string()),
         pa.field("head_version", pa.string()),
+        pa.field("escalated", pa.int64()),
+        pa.field("escalation_rate", pa.float64()),
         pa.field("audited", pa.int64()),
         pa.field("audit_agreement", pa.float64()),
     ]
@@ -280,6 +282,7 @@ def run_record(
     head_version: str | None = None,
     audited: int = 0,
     audit_agreed: int = 0,
+    escalated: int = 0,
 ) -> dict[str, Any]:
     """One row describing the whole run: counts by route, spend, and the counterfactual."""
     small_entries = [e for e in entries if e.role == "small"]
@@ -316,6 +319,8 @@ def run_record(
         "parts": parts,
         "router_version": router_version,
         "head_version": head_version,
+        "escalated": escalated,
+        "escalation_rate": escalated / sum(by_route.values()) if sum(by_route.values()) else None,
         "audited": audited,
         "audit_agreement": audit_agreed / audited if audited else None,
     }

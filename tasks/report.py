@@ -29,6 +29,7 @@ from prefect.exceptions import MissingContextError
 from docroute.schemas.spec import JobSpec
 from docroute.tasks.ledger import RUN_SCHEMA, LedgerEntry, cost_table
 from docroute.tasks.state import latest_manifest, prune_snapshots
+from docroute.tasks.trend import read_run_records, version_trend
 from docroute.tasks.write import write_json, write_parquet
 
 
@@ -184,6 +185,13 @@ def write_ledger(
             key=f"{spec.name}-output",
             description=f"where run {run_id} wrote its Parquet; its manifest is {manifest}",
         )
+        trend = version_trend(read_run_records(spec))
+        if trend:
+            create_table_artifact(
+                table=trend,
+                key=f"{spec.name}-versions",
+                description=f"escalation rate and cost per 1,000 documents by router/head version (run {run_id})",
+            )
         agreement = record.get("audit_agreement")
         if agreement is not None and agreement < spec.routing.target_accuracy:
             create_markdown_artifact(

@@ -82,6 +82,7 @@ class ShardResult:
     seconds: float = 0.0
     audited: int = 0
     audit_agreed: int = 0
+    escalated: int = 0  # rows the router sent to the frontier (answered, deferred or failed there)
     reused: bool = False
     worker: str = ""  # host:pid of the process that ran the shard
     engines_built: int = 0  # models this shard had to load (0 once its worker process has them)
@@ -314,6 +315,7 @@ def shard_result(
         seconds=seconds,
         audited=int(pc.sum(table["audited"]).as_py() or 0),
         audit_agreed=int(pc.sum(pc.fill_null(table["audit_agrees"], False)).as_py() or 0),
+        escalated=escalated_rows(table),
         reused=reused,
     )
 
@@ -338,6 +340,19 @@ def write_errors(spec: JobSpec, run: RunContext, shard_index: int, table: pa.Tab
     errors = table.filter(pc.equal(pc.cast(table["route"], pa.string()), "error"))
     if errors.num_rows:
         write_parquet(spec.output, run.errors_url(spec, shard_index), errors)
+
+
+def escalated_rows(table: pa.Table) -> int:
+    """Rows the router escalated: not kept, answered by the small model (or failed there), and not an audit.
+
+    An unreadable document never reached the router, and an audited row the frontier corrected was kept first.
+    """
+    if table.num_rows == 0:
+        return 0
+    not_kept = pc.not_equal(pc.cast(table["route"], pa.string()), "small")
+    routed = pc.and_(not_kept, pc.is_valid(table["small_model"]))
+    escalated = pc.and_(routed, pc.invert(pc.fill_null(table["audited"], False)))
+    return int(pc.sum(escalated).as_py() or 0)
 
 
 def _route_counts(table: pa.Table) -> dict[str, int]:

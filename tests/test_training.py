@@ -21,6 +21,7 @@ from docroute.flows.train import train
 from docroute.schemas.load import load_job
 from docroute.tasks.router import load_router
 from docroute.tasks.training import TrainingDataError, finetune_lines, latest_per_document, split_labels
+from docroute.tasks.trend import read_run_records, version_trend
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -167,7 +168,18 @@ def test_two_rounds_escalate_less_at_the_same_certified_accuracy(tmp_path: Path)
     escalation1 = (run1["frontier"] + run1["deferred"] - _audited_and_replaced(output, run1["run_id"])) / 200
     escalation2 = (run2["frontier"] + run2["deferred"] - _audited_and_replaced(output, run2["run_id"])) / 200
     assert escalation2 < escalation1, (escalation1, escalation2)
-    print(f"escalation {escalation1:.3f} -> {escalation2:.3f}; comparison {comparison}")
+    assert run1["escalation_rate"] == pytest.approx(escalation1) and run2["escalation_rate"] == pytest.approx(
+        escalation2
+    )
+    trend = version_trend(read_run_records(load_job(Path(job2))))  # the ledger by version, as the UI shows it
+    assert [(t["router_version"], t["runs"], t["documents"]) for t in trend] == [
+        (router0.version, 1, 200),
+        (router1.version, 1, 200),
+    ]
+    assert trend[1]["head_version"] == router1.head_version
+    assert [t["escalation_rate"] for t in trend] == pytest.approx([escalation1, escalation2], abs=1e-4)
+    assert trend[1]["cost_per_1k_docs_usd"] < trend[0]["cost_per_1k_docs_usd"]
+    assert "distil-versions" in _artifact_keys()
     accuracy2, kept2 = _kept_accuracy(output, run2["run_id"], gold)
     assert kept2 > 0 and accuracy2 >= 0.8, (accuracy2, kept2)
 
@@ -176,6 +188,22 @@ def test_two_rounds_escalate_less_at_the_same_certified_accuracy(tmp_path: Path)
     assert [m["role"] for m in finetune[0]["messages"]] == ["system", "user", "assistant"]
     reference = finetune[0]["messages"][1]["content"].rsplit("Ref ", 1)[1].split(".")[0]
     assert json.loads(finetune[0]["messages"][2]["content"]) == {"label": gold[reference]}
+
+
+def _artifact_keys() -> set[str]:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def keys() -> set[str]:
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["distil-versions", "distil-training"]))
+            )
+            return {a.key for a in found}
+
+    return asyncio.run(keys())
 
 
 def _audited_and_replaced(output: Path, run_id: str) -> int:
