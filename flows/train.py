@@ -181,7 +181,11 @@ def _train_round(spec: JobSpec, current: Router | None, split: TrainingSplit, ve
     candidate = train_head(train_vectors, [label for _, label in data], classify.label_names, fingerprint=fingerprint)
     gold = [str(answers["label"]) for _, answers in split.holdout]
     candidate_labels, candidate_conf = _head_predictions(candidate, holdout_vectors)
-    current_labels, current_conf = _current_predictions(spec, head_version, holdout_texts)
+    current_head = getattr(engine, "head", None)
+    if current_head is not None and getattr(engine, "strategy", "") == "embedding_head":
+        current_labels, current_conf = _head_predictions(current_head, holdout_vectors)  # what predict computes
+    else:
+        current_labels, current_conf = _current_predictions(spec, head_version, holdout_texts)
     comparison = compare_heads(spec, gold, (current_labels, current_conf), (candidate_labels, candidate_conf))
     correct = np.array([a == g for a, g in zip(candidate_labels, gold, strict=True)])
     certificates = {"label": comparison.candidate}
