@@ -48,7 +48,9 @@ def test_prefect_deploy_creates_the_scheduled_deployments_from_the_file() -> Non
     with get_client(sync_client=True) as client:
         nightly = client.read_deployment_by_name("process-documents/nightly")
         weekly = client.read_deployment_by_name("calibrate/weekly-calibrate")
-    assert nightly.work_pool_name == weekly.work_pool_name == "docroute-process"
+        training = client.read_deployment_by_name("train/weekly-train")
+    assert nightly.work_pool_name == weekly.work_pool_name == training.work_pool_name == "docroute-process"
+    assert training.schedules[0].schedule.cron == "0 3 * * 0"  # before the weekly calibration re-certifies
     assert nightly.parameters["job"] == "examples/demo_classify.yaml"
     assert nightly.global_concurrency_limit is not None and nightly.global_concurrency_limit.limit == 1
     schedule = nightly.schedules[0].schedule
