@@ -151,6 +151,8 @@ def test_two_rounds_escalate_less_at_the_same_certified_accuracy(tmp_path: Path)
         result = train(job1)
         router1 = load_router(load_job(Path(job2)))
         run2 = process_documents(job2)
+        calibrate(job2, oracle="frontier", sample=40)  # recalibrating certifies the promoted head, not the old one
+        recalibrated = load_router(load_job(Path(job2)))
 
     labels = pl.read_parquet(f"{output}/labels/**/*.parquet").filter(pl.col("run_id") == run1["run_id"])
     assert labels.height == run1["frontier"] + run1["audited"] - _audited_and_replaced(output, run1["run_id"])
@@ -164,6 +166,8 @@ def test_two_rounds_escalate_less_at_the_same_certified_accuracy(tmp_path: Path)
     assert router1 is not None and router1.head_version == result["version"] == router1.version
     assert Path(result["head"]).exists() and run2["router_version"] == router1.version
     assert run2["head_version"] == router1.head_version and run1["head_version"] is None
+    assert recalibrated is not None and recalibrated.version != router1.version
+    assert recalibrated.head_version == router1.head_version
 
     escalation1 = (run1["frontier"] + run1["deferred"] - _audited_and_replaced(output, run1["run_id"])) / 200
     escalation2 = (run2["frontier"] + run2["deferred"] - _audited_and_replaced(output, run2["run_id"])) / 200
@@ -264,3 +268,83 @@ output: {{url: {tmp_path / "out"}}}
     with pytest.raises(TrainingDataError, match="audit_fraction"):
         train(str(job))
     assert not np.any([p.exists() for p in (tmp_path / "out" / "router.json",)])
+
+
+def test_an_extraction_job_exports_a_chat_finetuning_set(tmp_path: Path) -> None:
+    import datetime as dt
+    from decimal import Decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"""name: invoices
+source: {{url: {tmp_path / "docs"}}}
+task:
+  extract:
+    fields:
+      - {{name: vendor, type: str}}
+      - {{name: invoice_date, type: date}}
+      - {{name: total, type: decimal, precision: 12, scale: 2}}
+frontier: {{provider: openai, model: gpt-4o-mini, api_key: k}}
+routing: {{audit_fraction: 0.5}}
+output: {{url: {tmp_path / "out"}}}
+""",
+        encoding="utf-8",
+    )
+    folder = tmp_path / "out" / "labels" / "run_date=2026-11-28"
+    folder.mkdir(parents=True)
+    ids = [f"{i:032x}" for i in (0, 15 << 124)]  # one held out (audit sample), one to train on
+    pq.write_table(
+        pa.table(
+            {
+                "doc_id": ids,
+                "content_sha256": ["c0", "c1"],
+                "processed_at": pa.array([dt.datetime(2026, 11, 28, tzinfo=dt.UTC)] * 2, pa.timestamp("us", "UTC")),
+                "text": ["Invoice from ACME, 3 March 2026, total 12.50", "Globex invoice 1/2/2026 due 99.00"],
+                "kind": ["audit", "escalation"],
+                "model": ["openai:gpt-4o-mini"] * 2,
+                "vendor": ["ACME", "Globex"],
+                "invoice_date": pa.array([dt.date(2026, 3, 3), dt.date(2026, 2, 1)], pa.date32()),
+                "total": pa.array([Decimal("12.50"), Decimal("99.00")], pa.decimal128(12, 2)),
+            }
+        ),
+        folder / "labels-run-00000.parquet",
+    )
+    result = train(str(job))
+    assert result["promoted"] is False and "fine-tuning set" in result["decision"]
+    (train_line,) = Path(result["finetune"]["train"]).read_text().splitlines()
+    (holdout_line,) = Path(result["finetune"]["holdout"]).read_text().splitlines()
+    messages = json.loads(train_line)["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+    assert "Globex invoice" in messages[1]["content"] and "invoice_date" in messages[0]["content"]
+    assert json.loads(messages[2]["content"]) == {"vendor": "Globex", "invoice_date": "2026-02-01", "total": "99.00"}
+    assert json.loads(json.loads(holdout_line)["messages"][2]["content"])["vendor"] == "ACME"
+    report = json.loads((tmp_path / "out" / "training" / result["version"] / "report.json").read_text())
+    assert report["train_labels"] == 1 and report["holdout"] == 1
+
+
+def test_the_version_trend_reads_runs_written_before_it_existed() -> None:
+    import datetime as dt
+
+    start = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    runs = pl.DataFrame(
+        {
+            "run_id": ["a", "b", "c"],
+            "started_at": [start, start + dt.timedelta(days=1), start + dt.timedelta(days=2)],
+            "documents": [100, 100, 200],
+            "frontier": [60, 50, 40],
+            "deferred": [0, 10, 0],
+            "cost_usd": [0.6, 0.6, 0.4],
+            "frontier_cost_usd": [0.6, 0.6, 0.4],
+            "router_version": [None, None, "r2"],
+        }
+    )  # the first runs' rows predate head_version and escalated: their frontier + deferred rows count
+    trend = version_trend(runs.with_columns(pl.Series("head_version", [None, None, "r2"], pl.String)))
+    assert [(t["router_version"], t["runs"], t["documents"], t["escalation_rate"]) for t in trend] == [
+        ("none (job thresholds)", 2, 200, 0.6),
+        ("r2", 1, 200, 0.2),
+    ]
+    assert trend[0]["cost_per_1k_docs_usd"] == pytest.approx(6.0) and trend[1]["cost_per_1k_docs_usd"] == 2.0
+    assert version_trend(runs)[1]["head_version"] == "from the job's examples"
