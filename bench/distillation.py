@@ -82,6 +82,20 @@ shard_size: 256
 """
 
 
+def kept_accuracy(output: Path, run_id: str, gold: dict[str, str]) -> tuple[int, int]:
+    """How many of the rows the small model kept in this run carry the gold intent (the certificate's claim)."""
+    import polars as pl
+
+    rows = pl.read_parquet(f"{output}/results/**/*.parquet").filter(
+        (pl.col("run_id") == run_id) & (pl.col("route") == "small")
+    )
+    right = 0
+    for uri, label in zip(rows["source_uri"].to_list(), rows["label"].to_list(), strict=True):
+        text = Path(uri.removeprefix("file://").removeprefix("file:")).read_text(encoding="utf-8").strip()
+        right += gold[text] == label
+    return right, rows.height
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -97,9 +111,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     left.set_xticks(rounds)
     right = left.twinx()
     right.plot(rounds, [r["cost_per_1k"] for r in rows], "s--", color="tab:blue", label="cost per 1,000 documents")
-    right.plot(
-        rounds, [r["all_frontier_per_1k"] for r in rows], ":", color="tab:gray", label="all-frontier per 1,000"
-    )
+    right.plot(rounds, [r["all_frontier_per_1k"] for r in rows], ":", color="tab:gray", label="all-frontier per 1,000")
     right.set_ylabel("USD per 1,000 documents", color="tab:blue")
     right.set_ylim(0, max(r["all_frontier_per_1k"] for r in rows) * 1.15)
     lines = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
@@ -164,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             started = time.perf_counter()
             run = process_documents(job)
             run_seconds = time.perf_counter() - started
+            kept_right, kept = kept_accuracy(scratch / "out", run["run_id"], gold)
             started = time.perf_counter()
             trained = train(job)
             train_seconds = time.perf_counter() - started
@@ -175,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "documents": run["documents"],
                 "escalated": run["escalated"],
                 "escalation_rate": run["escalation_rate"],
+                "kept": kept,
+                "kept_accuracy": kept_right / kept if kept else None,
                 "audited": run["audited"],
                 "cost_usd": run["cost_usd"],
                 "cost_per_1k": 1000 * run["cost_usd"] / run["documents"],
@@ -195,16 +210,34 @@ def main(argv: Sequence[str] | None = None) -> None:
     plot(rows, options.results / "escalation_and_cost.png")
     info = machine()
     command = "python bench/distillation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    publish(
+        options.results,
+        "Distillation loop · banking77",
+        table(rows, options, machine_line(info, command.strip()), calibrate_seconds),
+        {
+            "machine": info,
+            "command": command.strip(),
+            "calibrate_seconds": calibrate_seconds,
+            "options": {k: str(v) for k, v in vars(options).items()},
+            "rounds": rows,
+        },
+        append=not options.no_append,
+    )
+
+
+def table(rows: list[dict[str, Any]], options: argparse.Namespace, machine: str, calibrate_seconds: float) -> str:
+    """The BENCHMARKS.md table: one line per run, with the training round that followed it."""
     lines = [
-        machine_line(info, command.strip()),
-        f"{options.examples_per_label} examples per intent to start (308); round 0 calibrated on "
+        machine,
+        f"{options.examples_per_label} examples per intent to start ({77 * options.examples_per_label}); round 0 on "
         f"{options.calibration_sample} frontier-labeled messages in {calibrate_seconds:.0f} s; target accuracy "
         f"{options.target} with probability ≥ {1 - options.delta}; audit sample {options.audit:.0%} (the held-out "
         "set). Frontier played by the gold labels at gpt-4o-mini's list price; costs include the audits.",
         "",
-        "| run | head used | escalation | cost / 1k docs | all-frontier / 1k | then trained on | held out "
-        "| certified escalation: current → candidate | candidate held-out accuracy | promoted | run s + train s |",
-        "|---:|---|---:|---:|---:|---:|---:|---|---:|---|---|",
+        "| run | head used | escalation | kept rows right | cost / 1k docs | all-frontier / 1k | then trained on "
+        "| held out | certified escalation: current → candidate | candidate held-out accuracy | promoted "
+        "| run s + train s |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|",
     ]
     for r in rows:
         certified = (
@@ -213,20 +246,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             else f"{r['current_escalation']:.1%} → {r['candidate_escalation']:.1%}"
         )
         accuracy = "—" if r["candidate_accuracy"] is None else f"{r['candidate_accuracy']:.3f}"
+        kept = "—" if not r["kept"] else f"{r['kept_accuracy']:.3f} of {r['kept']}"
         lines.append(
-            f"| {r['round']} | {r['head']} | {r['escalation_rate']:.1%} | ${r['cost_per_1k']:.4f} "
+            f"| {r['round']} | {r['head']} | {r['escalation_rate']:.1%} | {kept} | ${r['cost_per_1k']:.4f} "
             f"| ${r['all_frontier_per_1k']:.4f} | {r['train_labels']} labels + examples | {r['holdout']} "
             f"| {certified} | {accuracy} | {'yes' if r['promoted'] else 'no'} "
             f"| {r['run_seconds']:.0f} + {r['train_seconds']:.0f} |"
         )
     lines += ["", "![escalation and cost per run](bench/results/distillation/escalation_and_cost.png)"]
-    publish(
-        options.results,
-        "Distillation loop · banking77",
-        "\n".join(lines),
-        {"machine": info, "options": {k: str(v) for k, v in vars(options).items()}, "rounds": rows},
-        append=not options.no_append,
-    )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

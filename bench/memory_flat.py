@@ -148,7 +148,7 @@ def run_child(job: Path, result_path: Path) -> None:
     assert spec.task.classify is not None, "the benchmark job is a classification job"
     engine = NullEngine(spec.task.classify.labels[0].name)
 
-    def null_small_engine(_spec: JobSpec) -> Engine:
+    def null_small_engine(_spec: JobSpec, _head_version: str | None = None) -> Engine:
         return engine
 
     # tasks/shard.py does `from docroute.tasks.infer import small_engine`: its own name is what shards call
