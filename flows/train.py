@@ -118,6 +118,11 @@ def train(job: str, output: str | None = None, min_holdout: int = 30) -> dict[st
             "answers: configure a frontier and set routing.audit_fraction (e.g. 0.1); escalated rows alone are "
             "the hard cases and say nothing certain about the rest"
         )
+    if spec.frontier.mode == "batch":
+        raise TrainingDataError(
+            "docroute train needs the audit sample fully labeled, and audits run only with the synchronous "
+            "frontier (frontier.mode: sync); in batch mode the sample's kept rows get no frontier answer"
+        )
     current, why = usable_router(spec)
     logger.info("current model: %s", why)
     split = split_labels(spec, read_harvested_labels(spec))

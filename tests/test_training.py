@@ -267,6 +267,17 @@ output: {{url: {tmp_path / "out"}}}
     )
     with pytest.raises(TrainingDataError, match="audit_fraction"):
         train(str(job))
+    batch = tmp_path / "batch.yaml"
+    batch.write_text(
+        job.read_text(encoding="utf-8").replace(
+            "output:",
+            "frontier: {provider: openai, model: gpt-4o-mini, api_key: k, mode: batch}\n"
+            "routing: {audit_fraction: 0.2}\noutput:",
+        ),
+        encoding="utf-8",
+    )
+    with pytest.raises(TrainingDataError, match="synchronous"):  # batch mode never audits: no unbiased held-out
+        train(str(batch))
     assert not np.any([p.exists() for p in (tmp_path / "out" / "router.json",)])
 
 
