@@ -29,7 +29,7 @@ def test_validate_prints_the_spec_with_secrets_masked(tmp_path: Path) -> None:
 def test_invalid_job_exits_2_naming_field_and_line(tmp_path: Path) -> None:
     job = tmp_path / "bad.yaml"
     job.write_text("name: bad\nsource: {url: docs}\ntask:\n  classify:\n    labels: [{name: only}]\noutput: {url: o}\n")
-    for command in ("validate", "run"):
+    for command in ("validate", "run", "train"):
         result = runner.invoke(app, [command, str(job)])
         assert result.exit_code == 2
         assert "line 5: task.classify.labels" in result.output

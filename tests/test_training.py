@@ -335,6 +335,15 @@ output: {{url: {tmp_path / "out"}}}
     report = json.loads((tmp_path / "out" / "training" / result["version"] / "report.json").read_text())
     assert report["train_labels"] == 1 and report["holdout"] == 1
 
+    from typer.testing import CliRunner
+
+    from docroute.flows.cli import app
+
+    printed = CliRunner().invoke(app, ["train", str(job)])  # the same round from the command line
+    assert printed.exit_code == 0, printed.output
+    assert "2 labels (2 distinct), trained on 0 examples + 1 labels, 1 held out" in printed.output
+    assert "fine-tuning set: " in printed.output and "train.jsonl" in printed.output
+
 
 def test_the_version_trend_reads_runs_written_before_it_existed() -> None:
     import datetime as dt
