@@ -134,6 +134,7 @@ def train(job: str, output: str | None = None, min_holdout: int = 30) -> dict[st
         "train_labels": len(split.train),
         "holdout": len(split.holdout),
         "dropped_as_copies": split.dropped_as_copies,
+        "unknown_labels": split.unknown_labels,
         "train_examples": 0,
         "promoted": False,
         "comparison": None,

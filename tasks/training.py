@@ -81,12 +81,18 @@ class TrainingSplit:
     harvested: int  # label rows read
     distinct: int  # after deduplication
     dropped_as_copies: int  # training texts equal to a held-out text
+    unknown_labels: int = 0  # answers naming a label the job no longer defines
 
 
 def split_labels(spec: JobSpec, frame: pl.DataFrame) -> TrainingSplit:
     """Split deduplicated labels into training and held-out (the audit sample), as (text, answers) pairs."""
     parts = answer_columns(spec)
-    distinct = latest_per_document(frame, ["label"] if spec.task.classify is not None else [])
+    classify = spec.task.classify
+    distinct = latest_per_document(frame, ["label"] if classify is not None else [])
+    unknown = 0
+    if classify is not None:  # labels answered under an earlier label set the job no longer has
+        known = distinct.filter(pl.col("label").cast(pl.String).is_in(classify.label_names))
+        unknown, distinct = distinct.height - known.height, known
     fraction = spec.routing.audit_fraction
     in_holdout = [in_audit_sample(doc_id, fraction) for doc_id in distinct["doc_id"].to_list()]
     records = distinct.select(["text", *parts]).to_dicts()
@@ -94,7 +100,7 @@ def split_labels(spec: JobSpec, frame: pl.DataFrame) -> TrainingSplit:
     held_texts = {text_key(text) for text, _ in holdout}
     train_all = [(r["text"], {p: r[p] for p in parts}) for r, held in zip(records, in_holdout, strict=True) if not held]
     train = [(text, answers) for text, answers in train_all if text_key(text) not in held_texts]
-    return TrainingSplit(train, holdout, frame.height, distinct.height, len(train_all) - len(train))
+    return TrainingSplit(train, holdout, frame.height, distinct.height, len(train_all) - len(train), unknown)
 
 
 @dataclass(frozen=True)

@@ -234,17 +234,18 @@ output: {{url: {tmp_path / "out"}}}
     ids = [f"{i:032x}" for i in (0, 1 << 124, 9 << 124, 15 << 124)]  # first two in the audit half, last two not
     frame = pl.DataFrame(
         {
-            "doc_id": [ids[0], ids[1], ids[2], ids[3], ids[2]],
-            "content_sha256": ["c0", "c1", "c2", "c3", "c2"],
-            "processed_at": [1, 1, 1, 1, 2],
-            "text": ["zero", "one", "two", "one", "two again"],
-            "kind": ["audit", "escalation", "escalation", "escalation", "escalation"],
-            "model": ["m"] * 5,
-            "label": ["a", "b", "a", "b", "b"],
+            "doc_id": [ids[0], ids[1], ids[2], ids[3], ids[2], ids[3]],
+            "content_sha256": ["c0", "c1", "c2", "c3", "c2", "c4"],
+            "processed_at": [1, 1, 1, 1, 2, 1],
+            "text": ["zero", "one", "two", "one", "two again", "renamed"],
+            "kind": ["audit", "escalation", "escalation", "escalation", "escalation", "escalation"],
+            "model": ["m"] * 6,
+            "label": ["a", "b", "a", "b", "b", "old-label"],
         }
     )
-    assert latest_per_document(frame, ["label"]).height == 4  # c2 answered twice: the later answer wins
+    assert latest_per_document(frame, ["label"]).height == 5  # c2 answered twice: the later answer wins
     split = split_labels(spec, frame)
+    assert split.unknown_labels == 1  # a label the job no longer defines is not trained on
     assert split.distinct == 4 and [t for t, _ in split.holdout] == ["zero", "one"]
     assert split.train == [("two again", {"label": "b"})]  # "one" under another id is a held-out copy: dropped
     assert split.dropped_as_copies == 1
