@@ -171,6 +171,12 @@ def train(job: str, output: str | None = None, min_holdout: int = 30) -> dict[st
 def _train_round(spec: JobSpec, current: Router | None, split: TrainingSplit, version: str) -> dict[str, Any]:
     classify = spec.task.classify
     assert classify is not None
+    kept_certificates = current.certificates if current is not None else {}
+    missing = [p for p in required_parts(spec) if p != "label" and p not in kept_certificates]
+    if missing:  # checked before any embedding: the head answers only the label
+        raise TrainingDataError(
+            f"no certificate for {', '.join(missing)}: run docroute calibrate once before training the head"
+        )
     head_version = current.head_version if current is not None else None
     engine = small_engine(spec, head_version)
     embed = getattr(engine, "embed", None)
@@ -199,11 +205,6 @@ def _train_round(spec: JobSpec, current: Router | None, split: TrainingSplit, ve
     if current is not None:  # parts the head does not answer keep the certificates they have
         certificates = {**current.certificates, **certificates}
         calibrators = {**current.calibrators, **calibrators}
-    missing = [p for p in required_parts(spec) if p not in certificates]
-    if missing:
-        raise TrainingDataError(
-            f"no certificate for {', '.join(missing)}: run docroute calibrate once before training the head"
-        )
     router = Router(
         version=version,
         created_at=created_now().isoformat(),
