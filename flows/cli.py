@@ -70,9 +70,14 @@ def _check_job(job: Path) -> None:
 
 def _run(job: Path, output: str | None = None, full_refresh: bool = False) -> dict[str, Any]:
     from docroute.flows.process import process_documents
+    from docroute.tasks.lease import LeaseLostError, RunInProgressError
 
     _check_job(job)
-    return process_documents(str(job), output=output, full_refresh=full_refresh)
+    try:
+        return process_documents(str(job), output=output, full_refresh=full_refresh)
+    except (RunInProgressError, LeaseLostError) as exc:  # another run owns the output: say so, in one line
+        typer.echo(f"docroute: {exc}", err=True)
+        raise typer.Exit(3) from None
 
 
 @app.command()
@@ -167,6 +172,29 @@ def evaluate(
     typer.echo(
         f"{metrics['n_documents']} documents · small-only accuracy {metrics['small_only']['accuracy']:.3f} · routed "
         f"{routed['accuracy']:.3f} at {routed['escalation_rate']:.1%} escalation · report: {result['files']['report']}"
+    )
+
+
+@app.command()
+def unlock(
+    job: Annotated[Path, typer.Argument(help="the job's YAML file")],
+    output: Annotated[str | None, typer.Option(help="the output to unlock instead of the job's output.url")] = None,
+) -> None:
+    """End the output's lease now, for a run that died on a host this machine cannot see (normally not needed:
+    a dead run's lease lapses after output.lease_ttl_s and the next run takes over by itself)."""
+    from docroute.flows.process import with_output
+    from docroute.schemas.load import load_job
+    from docroute.tasks.lease import force_release
+
+    _check_job(job)
+    spec = with_output(load_job(job), output)
+    ended = force_release(spec.output, "docroute unlock")
+    if ended is None:
+        typer.echo(f"{spec.output.url}: no run holds the lease")
+        return
+    typer.echo(
+        f"ended the lease of {ended.describe()} on {spec.output.url}; if that run is still alive it stops before "
+        "committing, and the next run resumes its work"
     )
 
 

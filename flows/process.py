@@ -7,7 +7,6 @@ still yields one error row per document; the manifest, written last, commits the
 
 from __future__ import annotations
 
-import tempfile
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -28,22 +27,25 @@ from docroute.tasks.budget import AllowanceBook, release_run_budget
 from docroute.tasks.discover import Shard, discover_documents
 from docroute.tasks.frontier_batches import collect_frontier_batches, submit_frontier_batches
 from docroute.tasks.infer import require_concurrency_limit
+from docroute.tasks.lease import OutputLease, acquire_lease
 from docroute.tasks.ledger import merge_entries, run_record
 from docroute.tasks.plan import clean_up_after_commit, make_plan, write_plan
 from docroute.tasks.read import document_id
 from docroute.tasks.report import start_progress, update_progress, write_ledger
 from docroute.tasks.router import usable_router
+from docroute.tasks.scratch import run_scratch, sweep_stale_scratch
 from docroute.tasks.shard import RunContext, ShardResult, process_shard, shard_result, write_errors
 from docroute.tasks.spill import BucketSpill
 from docroute.tasks.state import (
     forget_handed_over,
+    latest_manifest,
     open_run_state,
     select_todo,
     state_snapshot_url,
     take_part_state,
     write_merged_state,
 )
-from docroute.tasks.write import read_parquet, write_parquet
+from docroute.tasks.write import manifest_url, read_parquet, write_parquet
 
 
 def _run_id() -> str:
@@ -78,14 +80,43 @@ def failed_shard_result(spec: JobSpec, shard: Shard, run: RunContext, reason: st
 def run_job(spec: JobSpec, *, full_refresh: bool = False) -> dict[str, Any]:
     """Process the job's new, changed and retryable documents; must run inside a Prefect flow (it submits tasks).
 
-    `full_refresh` ignores the state and processes every listed document again. Per-document metadata (listing,
-    state, to-do list) lives in hash buckets on local disk for the run, so memory does not grow with the bucket.
+    `full_refresh` ignores the state and processes every listed document again. The run holds the output's lease
+    from before it lists anything until its clean-up is done (tasks/lease.py), so runs of one output never
+    overlap and a dead run's work is taken over without a person. Per-document metadata (listing, state, to-do
+    list) lives in hash buckets on local disk for the run, so memory does not grow with the bucket.
     """
-    with tempfile.TemporaryDirectory(prefix="docroute-run-") as scratch:
-        return _run_job(spec, Path(scratch), full_refresh=full_refresh)
+    logger = get_run_logger()
+    run_id = _run_id()
+    lease = acquire_lease(spec.output, run_id=run_id, flow_run_id=_flow_run_id(), ttl_s=spec.output.lease_ttl_s)
+    if lease.takeover is not None:
+        dead = lease.takeover.previous
+        logger.warning(
+            "%s was dead (%s) and never released the output: this run took over its lease%s and resumes its work",
+            dead.describe(),
+            lease.takeover.verdict.value,
+            ", and marked its flow run Crashed" if lease.takeover.flow_run_marked_crashed else "",
+        )
+    if swept := sweep_stale_scratch():
+        logger.info("removed %d scratch folder(s) that killed runs left behind", swept)
+    outcome = "failed"
+    try:
+        with run_scratch() as scratch:
+            summary = _run_job(spec, scratch, run_id, lease, full_refresh=full_refresh)
+        outcome = "committed"
+        return summary
+    except BaseException as exc:
+        outcome = f"failed: {type(exc).__name__}"
+        raise
+    finally:
+        lease.release(outcome)
 
 
-def _run_job(spec: JobSpec, scratch: Path, *, full_refresh: bool) -> dict[str, Any]:
+def _flow_run_id() -> str | None:
+    current = flow_run.get_id()
+    return str(current) if current else None
+
+
+def _run_job(spec: JobSpec, scratch: Path, run_id: str, lease: OutputLease, *, full_refresh: bool) -> dict[str, Any]:
     logger = get_run_logger()
     started = datetime.now(UTC)
     router, why = usable_router(spec)
@@ -95,7 +126,7 @@ def _run_job(spec: JobSpec, scratch: Path, *, full_refresh: bool) -> dict[str, A
         slots = require_concurrency_limit(spec.frontier.concurrency_limit)
         logger.info("frontier calls hold slots of %r: at most %d in flight", spec.frontier.concurrency_limit, slots)
     run = RunContext(
-        run_id=_run_id(),
+        run_id=run_id,
         run_date=started.date(),
         router_version=router.version if router else None,
         head_version=router.head_version if router else None,
@@ -176,7 +207,10 @@ def _run_job(spec: JobSpec, scratch: Path, *, full_refresh: bool) -> dict[str, A
         except Exception as exc:  # the queued requests stay staged; the next run submits them
             logger.warning("could not submit the frontier batch, the next run will: %s", exc)
     results.sort(key=lambda r: r.shard_index)
+    # the commit: state snapshot, then the manifest that makes this run's files count, then the clean-up
+    previous = latest_manifest(spec.output)
     snapshot = state_snapshot_url(spec.output, run.run_id)
+    lease.check()
     write_merged_state(spec.output, snapshot, state, run_id=run.run_id, processed_at=started)
     entries = merge_entries([e for r in results for e in r.entries])
     record = run_record(
@@ -194,8 +228,18 @@ def _run_job(spec: JobSpec, scratch: Path, *, full_refresh: bool) -> dict[str, A
         escalated=sum(r.escalated for r in results),
     )
     parts = [{"url": r.part_url, "rows": r.rows, "shard": r.shard_index, "reused": r.reused} for r in results]
-    files = write_ledger(spec, record, entries, parts, snapshot)
-    clean_up_after_commit(spec.output, plan)
+    lease.check()
+    files = write_ledger(
+        spec,
+        record,
+        entries,
+        parts,
+        manifest=manifest_url(spec, run.run_id, datetime.now(UTC)),
+        plan_id=plan.plan_id,
+        snapshot=snapshot,
+        previous_snapshot=previous.get("state") if previous else None,
+    )
+    clean_up_after_commit(spec, plan, committed=[part["url"] for part in parts])
     return {
         **record,
         **files,

@@ -130,6 +130,14 @@ class SourceSpec(StorageAccess):
     id_field: str | None = Field(default=None, description="json/jsonl: dotted path of a stable record key")
     max_bytes: int = Field(default=20 * 1024 * 1024, gt=0, description="larger files become error rows")
     encoding: str | None = Field(default=None, description="force a text encoding instead of detecting it")
+    change_detection: Literal["metadata", "content"] = Field(
+        default="metadata",
+        description=(
+            "how a run tells a changed file: metadata trusts the listing (an object store's content ETag, else "
+            "modification time and size); content also hashes, on every run, the bytes of each file whose listing "
+            "has no content ETag (local folders, SFTP…), so an edit that keeps size and mtime is seen too"
+        ),
+    )
 
     @field_validator("url")
     @classmethod
@@ -489,6 +497,16 @@ class OutputSpec(StorageAccess):
 
     url: str = Field(min_length=1)
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    lease_ttl_s: float = Field(
+        default=60.0,
+        ge=1.0,
+        le=86_400.0,
+        description=(
+            "a run renews its lease on the output every quarter of this; a run on another host that stops "
+            "renewing for this long is taken for dead and the next run takes over its work (same-host deaths "
+            "are seen at once)"
+        ),
+    )
 
     @field_validator("url")
     @classmethod

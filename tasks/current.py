@@ -33,16 +33,26 @@ def committed_parts(output: OutputSpec) -> list[str]:
     return parts
 
 
-def current_rows(output: OutputSpec) -> pl.DataFrame:
-    """One row per document the source still lists: its current answer, result, deferral or error."""
+def current_rows(output: OutputSpec, *, include_deleted: bool = False) -> pl.DataFrame:
+    """One row per document: its current answer, result, deferral or error.
+
+    Documents whose file has left the source are left out, unless `include_deleted`: then they are there too,
+    with the time a run first missed their file in `deleted_at` (null for the others).
+    """
     state = load_state(output)
     if latest_manifest(output) is None or state is None or state.height == 0:
         return pl.DataFrame()
+    if not include_deleted:
+        state = state.filter(pl.col("deleted_at").is_null())
     tables = []
     for (part,), docs in state.group_by(["part_url"], maintain_order=True):
         table = read_parquet(output, str(part))
         wanted = pa.array(docs["doc_id"].to_list(), type=pa.string())
         tables.append(table.filter(pc.is_in(table["doc_id"], value_set=wanted)))
+    if not tables:
+        return pl.DataFrame()
     frame = pl.from_arrow(pa.concat_tables(tables, promote_options="permissive"))
     assert isinstance(frame, pl.DataFrame)
+    if include_deleted:
+        frame = frame.join(state.select("doc_id", "deleted_at"), on="doc_id", how="left")
     return frame

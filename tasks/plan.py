@@ -3,19 +3,24 @@
 A run's parts are committed only by its manifest. When a run dies mid-way, its plan stays behind without a
 manifest; the next run with the same spec adopts it: it keeps the plan's id (and with it every part file name),
 reuses each part the dead run finished whose documents are unchanged, processes the rest, and commits them all
-in its own manifest. Parts no plan will use any more (from a plan for another spec, or a shard whose documents
-left the source) are deleted at commit. So a crash followed by a re-run yields exactly one committed row per
-document: never a duplicate, never a gap. Runs over one output must not overlap (deployments set
-`concurrency_limit: 1`): a live run's plan looks like a dead one's.
+in its own manifest, which names the plan it commits. Parts no plan will use any more (from a plan for another
+spec, or a shard whose documents left the source) are deleted after the commit, and only parts of plans no
+manifest commits are ever deleted: a crash between the manifest and the clean-up leaves a plan file whose work is
+committed, which the next run recognises from the manifest and merely removes. So a crash followed by a re-run
+yields exactly one committed row per document: never a duplicate, never a gap, never a deleted committed file.
+Runs over one output never overlap: each holds the output's lease (tasks/lease.py) from before it plans until
+after it cleans up, so an open plan always belongs to a dead run.
 
-A plan is a Parquet table (shard, uri, path, size, etag) with its id, date and spec hash in the schema metadata:
-a few dozen bytes per document, so planning a million-file bucket stays cheap.
+A plan is a Parquet table (shard, uri, path, size, etag) with its id, date, spec hash and the runs that executed
+it in the schema metadata: a few dozen bytes per document, so planning a million-file bucket stays cheap.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -24,13 +29,21 @@ from typing import IO
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 
 from docroute.schemas.spec import JobSpec, OutputSpec
 from docroute.tasks.discover import LISTING_SCHEMA, Shard, refs_of
 from docroute.tasks.spill import stream_files
-from docroute.tasks.state import committed_run_ids
-from docroute.tasks.write import atomic_write, read_parquet, results_part_url
+from docroute.tasks.state import committed_plan_ids, committed_run_ids
+from docroute.tasks.write import (
+    atomic_write,
+    costs_url,
+    errors_part_url,
+    read_parquet,
+    results_part_url,
+    runs_url,
+)
 
 PLAN_SCHEMA = pa.schema([pa.field("shard", pa.int64()), *LISTING_SCHEMA])
 
@@ -58,6 +71,8 @@ class RunPlan:
     resumed_from: str | None = None
     obsolete_parts: list[str] = field(default_factory=list)  # parts of abandoned plans or dropped shards
     obsolete_plans: list[str] = field(default_factory=list)  # plan ids to delete once committed
+    executors: list[Executor] = field(default_factory=list)  # runs that worked on this plan, this one last
+    dead_executors: list[Executor] = field(default_factory=list)  # runs of every plan found: uncommitted ledgers go
 
     @property
     def documents(self) -> int:
@@ -113,8 +128,28 @@ def _assign(todo: pa.Table, shard_size: int, first_index: int = 0) -> pa.Table:
     return todo.select(LISTING_SCHEMA.names).add_column(0, "shard", shard).cast(PLAN_SCHEMA)
 
 
-def _open_plans(output: OutputSpec) -> list[tuple[str, dict[str, str]]]:
-    """(url, metadata) of every plan file, read from the Parquet footers only."""
+@dataclass(frozen=True)
+class PlanFile:
+    """A plan file found under the output, from its Parquet footer only."""
+
+    url: str
+    plan_id: str
+    run_date: date
+    spec_hash: str
+    written_at: datetime
+    executors: tuple[Executor, ...]
+
+
+@dataclass(frozen=True)
+class Executor:
+    """A run that worked on a plan: its ledger files are named by its id and its own start date."""
+
+    run_id: str
+    run_date: date
+
+
+def _plan_files(output: OutputSpec) -> list[PlanFile]:
+    """Every plan file under the output, oldest first."""
     fs, root = url_to_fs(plans_dir(output), **output.fsspec_options())
     fs.invalidate_cache(root)
     try:
@@ -124,59 +159,46 @@ def _open_plans(output: OutputSpec) -> list[tuple[str, dict[str, str]]]:
     plans = []
     for path in paths:
         with fs.open(path, "rb") as handle:
-            metadata = pq.read_schema(handle).metadata or {}
-        plans.append((fs.unstrip_protocol(path), {k.decode(): v.decode() for k, v in metadata.items()}))
-    return plans
-
-
-class RunInProgressError(RuntimeError):
-    """Another run is writing to the same output right now; two runs would delete each other's parts."""
-
-
-def _still_running(flow_run_id: str | None) -> bool:
-    """Whether Prefect says the flow run that wrote a plan has not ended (unknown runs count as ended)."""
-    if not flow_run_id:
-        return False
-    from uuid import UUID
-
-    from prefect.client.orchestration import get_client
-
-    try:
-        with get_client(sync_client=True) as client:
-            state = client.read_flow_run(UUID(flow_run_id)).state
-    except Exception:  # not a flow run id, or another Prefect server's: nothing says it is alive
-        return False
-    return state is not None and not state.is_final()
+            raw = pq.read_schema(handle).metadata or {}
+        meta = {k.decode(): v.decode() for k, v in raw.items()}
+        recorded = json.loads(meta.get("executors", "[]"))
+        executors = [Executor(e["run_id"], date.fromisoformat(e["run_date"])) for e in recorded]
+        if not executors and meta.get("run_id"):  # plans written before executors were recorded
+            executors = [Executor(meta["run_id"], date.fromisoformat(meta["run_date"]))]
+        plans.append(
+            PlanFile(
+                fs.unstrip_protocol(path),
+                meta["plan_id"],
+                date.fromisoformat(meta["run_date"]),
+                meta["spec_hash"],
+                datetime.fromisoformat(meta["written_at"]),
+                tuple(executors),
+            )
+        )
+    return sorted(plans, key=lambda plan: plan.written_at)
 
 
 def make_plan(spec: JobSpec, todo_files: list[Path], todo_rows: int, run_id: str, run_date: date) -> RunPlan:
     """Cut this run's documents into shards, adopting a dead run's plan for the same spec when there is one.
 
-    A new plan streams from the local to-do files; only adopting a dead run's plan (after a crash) reads the
-    to-do list into memory, to match it with that plan. Raises RunInProgressError when a plan without a manifest
-    belongs to a flow run Prefect still shows as running.
+    Must be called while holding the output's lease: every plan file without a manifest then belongs to a dead
+    run. A plan some manifest commits (its run died between the manifest and the clean-up) is done: only its file
+    goes. A new plan streams from the local to-do files; only adopting a dead run's plan reads the to-do list into
+    memory, to match it with that plan.
     """
-    committed = committed_run_ids(spec.output)
-    open_plans = [(url, meta) for url, meta in _open_plans(spec.output) if meta["plan_id"] not in committed]
-    for _, meta in open_plans:
-        executor = meta.get("run_id")
-        if executor != run_id and _still_running(executor):
-            raise RunInProgressError(
-                f"flow run {executor} is still writing to {spec.output.url} (its plan {meta['plan_id']} is open); "
-                "runs of one output must not overlap. If that run is dead, cancel it "
-                f"(`prefect flow-run cancel {executor}`) and run again: this run will resume its work."
-            )
-    open_plans.sort(key=lambda plan: plan[1]["written_at"])
-    adopt = next((plan for plan in reversed(open_plans) if plan[1]["spec_hash"] == spec.spec_hash()), None)
+    found = _plan_files(spec.output)
+    committed = committed_plan_ids(spec.output, {plan.plan_id: plan.written_at for plan in found})
+    open_plans = [plan for plan in found if plan.plan_id not in committed]
+    adopt = next((plan for plan in reversed(open_plans) if plan.spec_hash == spec.spec_hash()), None)
     obsolete_parts: list[str] = []
-    obsolete_plans: list[str] = []
-    for url, meta in open_plans:
-        if adopt is not None and url == adopt[0]:
+    obsolete_plans = [plan.plan_id for plan in found if plan.plan_id in committed]
+    executors = [executor for plan in found for executor in plan.executors]
+    for plan in open_plans:
+        if adopt is not None and plan.url == adopt.url:
             continue
-        obsolete_plans.append(meta["plan_id"])
-        day = date.fromisoformat(meta["run_date"])
-        shards = read_parquet(spec.output, url).column("shard").unique().to_pylist()
-        obsolete_parts += [results_part_url(spec.output, day, meta["plan_id"], s) for s in shards]
+        obsolete_plans.append(plan.plan_id)
+        shards = read_parquet(spec.output, plan.url).column("shard").unique().to_pylist()
+        obsolete_parts += [u for s in shards for u in _shard_files(spec.output, plan.run_date, plan.plan_id, s)]
     if adopt is None:
         return RunPlan(
             run_id,
@@ -187,12 +209,13 @@ def make_plan(spec: JobSpec, todo_files: list[Path], todo_rows: int, run_id: str
             todo_rows=todo_rows,
             obsolete_parts=obsolete_parts,
             obsolete_plans=obsolete_plans,
+            executors=[Executor(run_id, run_date)],
+            dead_executors=executors,
         )
     batches = list(stream_files(todo_files))
     todo = pa.Table.from_batches(batches, schema=LISTING_SCHEMA) if batches else LISTING_SCHEMA.empty_table()
-    url, meta = adopt
-    day = date.fromisoformat(meta["run_date"])
-    planned = pl.from_arrow(read_parquet(spec.output, url))
+    day = adopt.run_date
+    planned = pl.from_arrow(read_parquet(spec.output, adopt.url))
     wanted = pl.from_arrow(todo)
     assert isinstance(planned, pl.DataFrame) and isinstance(wanted, pl.DataFrame)
     planned = planned.with_row_index("order")
@@ -208,7 +231,7 @@ def make_plan(spec: JobSpec, todo_files: list[Path], todo_rows: int, run_id: str
     # same files, same ETags: the dead run's part for that shard can be reused
     resumable = frozenset(status.filter((pl.col("kept") == pl.col("planned")) & pl.col("same"))["shard"].to_list())
     dropped = status.filter(pl.col("kept").is_null())["shard"].to_list()
-    obsolete_parts += [results_part_url(spec.output, day, meta["plan_id"], int(s)) for s in dropped]
+    obsolete_parts += [u for s in dropped for u in _shard_files(spec.output, day, adopt.plan_id, int(s))]
     adopted = kept.sort("order").select(PLAN_SCHEMA.names)
     left = wanted.join(planned.select("uri"), on="uri", how="anti")
     first = int(planned["shard"].max()) + 1 if planned.height else 0  # type: ignore[arg-type]
@@ -216,16 +239,24 @@ def make_plan(spec: JobSpec, todo_files: list[Path], todo_rows: int, run_id: str
         [adopted.to_arrow().cast(PLAN_SCHEMA), _assign(left.to_arrow(), spec.shard_size, first)]
     )
     return RunPlan(
-        meta["plan_id"],
+        adopt.plan_id,
         day,
         spec.spec_hash(),
         spec.shard_size,
         assignments,
         resumable=resumable,
-        resumed_from=meta["plan_id"],
+        resumed_from=adopt.plan_id,
         obsolete_parts=obsolete_parts,
         obsolete_plans=obsolete_plans,
+        executors=[*adopt.executors, Executor(run_id, run_date)],
+        dead_executors=executors,
     )
+
+
+def _shard_files(output: OutputSpec, day: date, plan_id: str, shard: int) -> list[str]:
+    """The files a shard of a plan writes that only its commit would make count (its labels are kept: they are
+    the frontier's answers, paid for, and valid training data whatever happens to the run)."""
+    return [results_part_url(output, day, plan_id, shard), errors_part_url(output, day, plan_id, shard)]
 
 
 def write_plan(output: OutputSpec, plan: RunPlan, run_id: str) -> None:
@@ -233,6 +264,7 @@ def write_plan(output: OutputSpec, plan: RunPlan, run_id: str) -> None:
     metadata = {
         "plan_id": plan.plan_id,
         "run_id": run_id,  # the flow run executing the plan now (a resumed plan keeps its first run's plan_id)
+        "executors": json.dumps([{"run_id": e.run_id, "run_date": e.run_date.isoformat()} for e in plan.executors]),
         "run_date": plan.run_date.isoformat(),
         "spec_hash": plan.spec_hash,
         "written_at": datetime.now(UTC).isoformat(),
@@ -248,12 +280,32 @@ def write_plan(output: OutputSpec, plan: RunPlan, run_id: str) -> None:
     atomic_write(output, plan_url(output, plan.plan_id), write)
 
 
-def clean_up_after_commit(output: OutputSpec, plan: RunPlan) -> None:
-    """Delete the committed plan, abandoned plans and parts nothing will commit (best effort: a leftover is harmless
-    to readers that follow manifests, and the next commit tries again)."""
+def clean_up_after_commit(spec: JobSpec, plan: RunPlan, committed: Collection[str]) -> None:
+    """Delete the committed plan, plans whose work is committed or abandoned, the parts no manifest will ever
+    commit, and ledger files of dead runs that never committed; `committed` are the files this run's manifest
+    names, which are never deleted whatever the lists say.
+
+    Best effort: a leftover is harmless to readers that follow manifests, and the next commit tries again.
+    """
+    output = spec.output
     fs, _ = url_to_fs(output.url, **output.fsspec_options())
-    urls = [*plan.obsolete_parts, *(plan_url(output, p) for p in [plan.plan_id, *plan.obsolete_plans])]
-    for url in urls:
-        _, path = url_to_fs(url, **output.fsspec_options())
-        if fs.exists(path):
-            fs.rm(path)
+    runs = committed_run_ids(output)
+    ledgers = [
+        url
+        for executor in plan.dead_executors
+        if executor.run_id not in runs
+        for url in (
+            costs_url(spec, executor.run_date, executor.run_id),
+            runs_url(spec, executor.run_date, executor.run_id),
+        )
+    ]
+    keep = set(committed)
+    plans = [plan_url(output, p) for p in dict.fromkeys([plan.plan_id, *plan.obsolete_plans])]
+    for url in [*plan.obsolete_parts, *ledgers, *plans]:
+        if url not in keep:
+            _delete(fs, url_to_fs(url, **output.fsspec_options())[1])
+
+
+def _delete(fs: AbstractFileSystem, path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -28,9 +27,9 @@ from prefect.exceptions import MissingContextError
 
 from docroute.schemas.spec import JobSpec
 from docroute.tasks.ledger import RUN_SCHEMA, LedgerEntry, cost_table
-from docroute.tasks.state import latest_manifest, prune_snapshots
+from docroute.tasks.state import prune_snapshots
 from docroute.tasks.trend import read_run_records, version_trend
-from docroute.tasks.write import write_json, write_parquet
+from docroute.tasks.write import costs_url, runs_url, write_json, write_parquet
 
 
 def _in_run() -> bool:
@@ -74,26 +73,15 @@ def update_progress(progress: Progress | None, done: int, total: int) -> None:
     progress.last_sent = now
 
 
-def costs_url(spec: JobSpec, run_date: date, run_id: str) -> str:
-    return f"{spec.output.url}/costs/run_date={run_date.isoformat()}/costs-{run_id}.parquet"
-
-
-def runs_url(spec: JobSpec, run_date: date, run_id: str) -> str:
-    return f"{spec.output.url}/runs/run_date={run_date.isoformat()}/run-{run_id}.parquet"
-
-
-def manifest_url(spec: JobSpec, run_id: str, committed_at: datetime) -> str:
-    """Manifest names start with the commit time, so the newest committed run is the last name in the listing."""
-    return f"{spec.output.url}/manifests/{committed_at.strftime('%Y%m%dT%H%M%S%fZ')}--{run_id}.json"
-
-
 def output_link(url: str) -> str:
     """A link the UI can render: a local folder as a file:// URI, anything else (s3://, gs://…) as it is."""
     return url if "://" in url else Path(url).resolve().as_uri()
 
 
 def _money(value: float | None) -> str:
-    return "—" if value is None else f"${value:,.4f}"
+    from docroute.schemas.pricing import format_usd
+
+    return "—" if value is None else format_usd(value)
 
 
 def summary_markdown(spec: JobSpec, record: dict[str, Any], entries: list[LedgerEntry]) -> str:
@@ -139,23 +127,31 @@ def write_ledger(
     record: dict[str, Any],
     entries: list[LedgerEntry],
     parts: list[dict[str, Any]],
+    *,
+    manifest: str,
+    plan_id: str,
     snapshot: str | None = None,
+    previous_snapshot: str | None = None,
 ) -> dict[str, str]:
-    """Write the cost table and run row, then the manifest that commits them and the state `snapshot` (already
-    written); publish the artifacts.
+    """Write the cost table and run row, then the manifest that commits them, the plan's parts and the state
+    `snapshot` (already written); publish the artifacts.
 
     Until the manifest exists none of this run's files count: the next run reads the previous committed state.
+    The flow fixes the manifest's name before the first try, so a retry after the manifest was written rewrites
+    the same file instead of committing the run twice.
     """
     run_id, run_date = record["run_id"], record["run_date"]
     costs = costs_url(spec, run_date, run_id)
     runs = runs_url(spec, run_date, run_id)
-    previous = latest_manifest(spec.output)
     write_parquet(spec.output, costs, cost_table(entries, spec, run_id=run_id, run_date=run_date))
     write_parquet(spec.output, runs, pa.Table.from_pylist([record], schema=RUN_SCHEMA))
-    manifest = manifest_url(spec, run_id, datetime.now(UTC))
-    write_json(spec.output, manifest, {"run": record, "parts": parts, "costs": costs, "runs": runs, "state": snapshot})
+    write_json(
+        spec.output,
+        manifest,
+        {"run": record, "plan_id": plan_id, "parts": parts, "costs": costs, "runs": runs, "state": snapshot},
+    )
     if snapshot is not None:  # readers part-way through the previous snapshot keep it; older ones go
-        prune_snapshots(spec.output, [snapshot, *([previous["state"]] if previous and previous.get("state") else [])])
+        prune_snapshots(spec.output, [snapshot, *([previous_snapshot] if previous_snapshot else [])])
     if _in_run():
         create_markdown_artifact(
             markdown=summary_markdown(spec, record, entries),

@@ -15,6 +15,7 @@ import posixpath
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,6 +30,7 @@ from docroute.schemas.spec import JobSpec, OutputSpec
 from docroute.tasks.discover import LISTING_SCHEMA
 from docroute.tasks.frontier_batches import QUEUED
 from docroute.tasks.spill import BUCKET_ROWS, BucketSpill, RowSpill, bucket_count, stream_files
+from docroute.tasks.write import MANIFEST_TIME_FORMAT
 
 _REPEATED = pa.dictionary(pa.int32(), pa.string())
 """Values shared by many documents (a part's URL, a run id, a spec hash) are stored once, in memory and on disk."""
@@ -45,8 +47,20 @@ STATE_SCHEMA = pa.schema(
         pa.field("part_url", _REPEATED),
         pa.field("run_id", _REPEATED),
         pa.field("processed_at", pa.timestamp("us", tz="UTC")),
+        # when a run first found the document's file gone from the source; null while it is listed. Its rows stay
+        # in the history: readers of current answers exclude these, readers of history can.
+        pa.field("deleted_at", pa.timestamp("us", tz="UTC")),
     ]
 )
+
+
+def conform_state(table: pa.Table) -> pa.Table:
+    """A state snapshot in today's schema: snapshots written before a column existed get it as nulls."""
+    for field_ in STATE_SCHEMA:
+        if field_.name not in table.column_names:
+            table = table.append_column(field_.name, pa.nulls(table.num_rows, field_.type))
+    return table.select(STATE_SCHEMA.names).cast(STATE_SCHEMA)
+
 
 TRANSIENT_ERRORS = ("shard failed after retries", "small model failed")
 """Error reasons that a later run may not meet again (the same bytes always fail to parse the same way)."""
@@ -75,16 +89,69 @@ def latest_manifest(output: OutputSpec) -> dict[str, Any] | None:
     return None
 
 
-def committed_run_ids(output: OutputSpec) -> set[str]:
-    """Runs whose manifest exists: their parts are committed."""
+def _manifest_paths(output: OutputSpec) -> tuple[Any, list[str]]:
     fs, root = url_to_fs(manifests_dir(output), **output.fsspec_options())
     fs.invalidate_cache(root)
     try:
-        names = fs.ls(root, detail=False)
+        return fs, sorted(p for p in fs.ls(root, detail=False) if p.endswith(".json"))
     except FileNotFoundError:
+        return fs, []
+
+
+def _manifest_run_id(path: str) -> str:
+    return posixpath.basename(path)[: -len(".json")].split("--", 1)[-1]
+
+
+def committed_run_ids(output: OutputSpec) -> set[str]:
+    """Runs whose manifest exists: their parts are committed."""
+    _, paths = _manifest_paths(output)
+    return {_manifest_run_id(p) for p in paths}
+
+
+def manifest_for_run(output: OutputSpec, run_id: str) -> str | None:
+    """The URL of the manifest a run already wrote, if any: a retried commit rewrites that one, never a second."""
+    fs, paths = _manifest_paths(output)
+    found = [p for p in paths if _manifest_run_id(p) == run_id]
+    return fs.unstrip_protocol(found[-1]) if found else None
+
+
+def commits_plan(manifest: dict[str, Any], plan_id: str) -> bool:
+    """Whether a manifest commits the parts of a plan (manifests before `plan_id` was recorded name its parts)."""
+    if manifest.get("plan_id") == plan_id:
+        return True
+    prefix = f"part-{plan_id}-"
+    return any(posixpath.basename(part["url"]).startswith(prefix) for part in manifest.get("parts", []))
+
+
+def committed_plan_ids(output: OutputSpec, plans: dict[str, datetime]) -> set[str]:
+    """Those of `plans` (plan id → when its plan file was last written) that a manifest commits.
+
+    A manifest that commits a plan is written by the run that last wrote the plan file, after writing it, so
+    only manifests newer than the oldest of those files are read (none at all after an ordinary crash).
+    """
+    if not plans:
         return set()
-    # manifest names are <commit time>--<run id>.json
-    return {posixpath.basename(p)[: -len(".json")].split("--", 1)[-1] for p in names if p.endswith(".json")}
+    fs, paths = _manifest_paths(output)
+    committed = {_manifest_run_id(p) for p in paths} & set(plans)
+    pending = {plan_id: at for plan_id, at in plans.items() if plan_id not in committed}
+    if not pending:
+        return committed
+    oldest = min(pending.values()) - _CLOCK_SLACK
+    for path in reversed(paths):
+        stamp = posixpath.basename(path).split("--", 1)[0]
+        try:
+            written = datetime.strptime(stamp, MANIFEST_TIME_FORMAT).replace(tzinfo=UTC)
+        except ValueError:
+            written = None
+        if written is not None and written < oldest:
+            break
+        manifest = json.loads(fs.cat_file(path))
+        committed |= {plan_id for plan_id in pending if commits_plan(manifest, plan_id)}
+    return committed
+
+
+_CLOCK_SLACK = timedelta(minutes=10)
+"""Margin for a manifest stamped a little before its plan file (clock steps on one host)."""
 
 
 def load_state(output: OutputSpec) -> pl.DataFrame | None:
@@ -95,7 +162,7 @@ def load_state(output: OutputSpec) -> pl.DataFrame | None:
     fs, path = url_to_fs(manifest["state"], **output.fsspec_options())
     with fs.open(path, "rb") as handle:
         table = pq.read_table(handle)
-    return pl.from_arrow(table.cast(STATE_SCHEMA))  # type: ignore[return-value]
+    return pl.from_arrow(conform_state(table))  # type: ignore[return-value]
 
 
 STATE_SOURCE_COLUMNS = ["doc_id", "source_uri", "source_etag", "spec_hash", "small_model", "route", "route_reason"]
@@ -174,6 +241,7 @@ def state_of_part(table: pa.Table, part_url: str) -> pa.Table:
             pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array([part_url])),
             pa.nulls(n, repeated),
             pa.nulls(n, pa.timestamp("us", tz="UTC")),
+            pa.nulls(n, pa.timestamp("us", tz="UTC")),
         ],
         schema=STATE_SCHEMA,
     )
@@ -197,7 +265,8 @@ def merge_state(
 ) -> pa.Table:
     """The state after a run: the previous one, with batch answers, then reprocessed files, replacing their rows.
 
-    Files no longer listed in the source are dropped, so the state never outgrows the source.
+    Files no longer listed in the source keep their row, marked `deleted_at` (the first run that missed them), so
+    a current view can leave them out and a history query can too; a file that comes back is unmarked.
     """
     if (previous is None or previous.height == 0) and not update.by_document:
         return _stamped(update.by_file, run_id, processed_at)  # a first run: nothing to replace, no joins
@@ -221,7 +290,18 @@ def merge_state(
     if previous is not None and previous.height:  # only an earlier run's rows can name files gone from the source
         listed = pl.from_arrow(pa.table({"source_uri": listed_uris}))
         assert isinstance(listed, pl.DataFrame)
-        state = state.join(listed, on="source_uri", how="semi")
+        listed = listed.unique().with_columns(pl.lit(True).alias("_listed"))
+        gone = pl.col("_listed").is_null()
+        state = (
+            state.join(listed, on="source_uri", how="left")
+            .with_columns(
+                pl.when(gone)
+                .then(pl.coalesce(pl.col("deleted_at"), pl.lit(processed_at).cast(pl.Datetime("us", "UTC"))))
+                .otherwise(None)
+                .alias("deleted_at")
+            )
+            .drop("_listed")
+        )
     return state.to_arrow().cast(STATE_SCHEMA)
 
 
@@ -353,7 +433,8 @@ def open_run_state(
     if snapshot:
         fs, path = url_to_fs(snapshot, **output.fsspec_options())
         with fs.open(path, "rb") as handle:
-            state.previous.add_batches(pq.ParquetFile(handle).iter_batches(batch_size=BUCKET_ROWS))
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=BUCKET_ROWS):
+                state.previous.add(conform_state(pa.Table.from_batches([batch])))
     state.close_inputs()
     return state
 

@@ -7,17 +7,19 @@ On a local disk a file is written under a temporary name and renamed; an object 
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import uuid
 from collections.abc import Callable
-from datetime import date
+from datetime import date, datetime
+from pathlib import Path
 from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from docroute.schemas.spec import OutputSpec
+from docroute.schemas.spec import JobSpec, OutputSpec
 
 
 def results_part_url(output: OutputSpec, run_date: date, run_id: str, shard_index: int) -> str:
@@ -33,6 +35,23 @@ def batch_part_url(output: OutputSpec, run_date: date, run_id: str, batch_id: st
     """Where a run writes the rows a collected frontier batch answered."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in batch_id)
     return f"{output.url}/results/run_date={run_date.isoformat()}/part-{run_id}-batch-{safe}.parquet"
+
+
+def costs_url(spec: JobSpec, run_date: date, run_id: str) -> str:
+    return f"{spec.output.url}/costs/run_date={run_date.isoformat()}/costs-{run_id}.parquet"
+
+
+def runs_url(spec: JobSpec, run_date: date, run_id: str) -> str:
+    return f"{spec.output.url}/runs/run_date={run_date.isoformat()}/run-{run_id}.parquet"
+
+
+MANIFEST_TIME_FORMAT = "%Y%m%dT%H%M%S%fZ"
+"""Manifest names are `<commit time>--<run id>.json`, so the listing's order is the commit order."""
+
+
+def manifest_url(spec: JobSpec, run_id: str, committed_at: datetime) -> str:
+    """Manifest names start with the commit time, so the newest committed run is the last name in the listing."""
+    return f"{spec.output.url}/manifests/{committed_at.strftime(MANIFEST_TIME_FORMAT)}--{run_id}.json"
 
 
 def atomic_write(output: OutputSpec, url: str, write: Callable[[IO[bytes]], None]) -> None:
@@ -52,6 +71,43 @@ def atomic_write(output: OutputSpec, url: str, write: Callable[[IO[bytes]], None
     else:
         with fs.open(path, "wb") as handle:
             write(handle)
+
+
+def create_exclusive(output: OutputSpec, url: str, data: bytes) -> bool:
+    """Create the file with `data` only if nothing is there yet; True when this call created it.
+
+    This is what makes one run per output a guarantee rather than a convention (tasks/lease.py): of two writers
+    racing for one name exactly one wins. A local disk gets the whole file under a temporary name and then a hard
+    link to the final name, which the kernel refuses when the name exists (so a reader never sees half a file);
+    S3 gets a conditional PUT (`If-None-Match: *`, s3fs's `mode="create"`), which S3 and moto enforce. Other fsspec
+    stores get their own `mode="create"` where they implement it.
+    """
+    fs, path = url_to_fs(url, **output.fsspec_options())
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        temporary = f"{posixpath.dirname(path)}/.{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp"
+        staged = Path(temporary)
+        with staged.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            Path(path).hardlink_to(staged)
+        except FileExistsError:
+            return False
+        finally:
+            staged.unlink()
+        return True
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    except OSError as exc:  # a store that reports the failed precondition without naming it (412 / 409 conflict)
+        text = str(exc)
+        if any(marker in text for marker in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")):
+            return False
+        raise
+    return True
 
 
 def write_parquet(

@@ -39,3 +39,12 @@ def runtime(model_path: Path):
     from docroute.engines.llama_runtime import shared_runtime
 
     return shared_runtime(model_path, n_ctx=2048, n_threads=None)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1, shared by the session's object-storage tests (each uses its own bucket)."""
+    from s3_server import moto_server
+
+    with moto_server() as endpoint:
+        yield endpoint

@@ -67,3 +67,30 @@ def test_engine_example_jobs_are_valid(name: str) -> None:
     spec = load_job(path, env={"OPENAI_API_KEY": "sk-test", "ANTHROPIC_API_KEY": "sk-ant-test"})
     assert spec.frontier is not None and spec.frontier.api_key is not None
     assert spec.small_model.engine in ("llamacpp", "vllm", "openai_compatible")
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_unlock_ends_a_held_lease_and_run_refuses_a_held_output_in_one_line(tmp_path: Path) -> None:
+    from docroute.schemas.load import load_job
+    from docroute.tasks.lease import acquire_lease, newest_lease
+
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "name: ok\nsource: {url: docs}\ntask: {classify: {labels: [{name: a}, {name: b}]}}\noutput: {url: out}\n"
+    )
+    (tmp_path / "docs").mkdir()
+    output = load_job(job).output
+    nothing = runner.invoke(app, ["unlock", str(job)])
+    assert nothing.exit_code == 0 and "no run holds the lease" in nothing.output
+
+    held = acquire_lease(output, run_id="holder-run", flow_run_id=None, ttl_s=60)  # this process: alive
+    refused = runner.invoke(app, ["run", str(job)])
+    assert refused.exit_code == 3, refused.output
+    assert "holder-run" in refused.output and "holds the lease" in refused.output and "Traceback" not in refused.output
+
+    result = runner.invoke(app, ["unlock", str(job)])
+    assert result.exit_code == 0 and "holder-run" in result.output
+    newest = newest_lease(output)
+    assert newest is not None and newest.released_by == "forced: docroute unlock"
+    held.release("late")  # it lost the output: nothing written
+    assert newest_lease(output) == newest

@@ -407,11 +407,27 @@ def test_spec_hash_changes_with_task_and_small_model(path: tuple[str, ...], valu
         (("shard_size",), 7),
         (("runner",), {"max_workers": 9}),
         (("source",), {"url": "memory://other"}),
+        (("source",), {"url": "memory://docs", "change_detection": "content"}),
         (("frontier",), {"provider": "openai", "model": "gpt-4o"}),
     ],
 )
 def test_spec_hash_ignores_routing_output_and_runtime_knobs(path: tuple[str, ...], value: Any) -> None:
     assert _hash(_changed(path, value)) == _hash(_job())
+
+
+def test_spec_hash_of_an_existing_job_is_unchanged_by_newer_options() -> None:
+    """Pinned: an option added with its default must not change the hash, or every existing output reprocesses.
+
+    The value is this job's hash before source.change_detection existed; change it only on purpose.
+    """
+    assert _hash(_job()) == "1f8d8a8ffe6a4d1d"
+    assert _hash(_job(source={"url": "memory://docs", "change_detection": "content"})) == "1f8d8a8ffe6a4d1d"
+
+
+def test_change_detection_is_metadata_or_content() -> None:
+    assert JobSpec.model_validate(_job()).source.change_detection == "metadata"
+    with pytest.raises(ValidationError, match="change_detection"):
+        JobSpec.model_validate(_job(source={"url": "memory://docs", "change_detection": "hash"}))
 
 
 def test_spec_hash_ignores_transport_knobs_of_a_served_small_model() -> None:

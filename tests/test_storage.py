@@ -7,14 +7,14 @@ parts; nothing is read from the flow's return value alone.
 from __future__ import annotations
 
 import json
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
 import pytest
 from corpus import COOKING, SPORTS, WEATHER, topic_job_yaml
 from oracle_server import OracleServer
+from s3_server import KEY, SECRET, s3_access_yaml
+from s3_server import make_bucket as _bucket
 
 from docroute.flows.process import process_documents
 from docroute.schemas.load import load_job
@@ -23,43 +23,7 @@ from docroute.tasks.write import read_parquet
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
-KEY, SECRET = "AKIAMOTOTESTKEY", "moto-secret-that-must-never-leak"
 TEXTS = [SPORTS, WEATHER, COOKING]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    """moto's S3 server on 127.0.0.1: real HTTP, real s3fs, no AWS."""
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
-def _s3(endpoint: str):
-    import s3fs
-
-    return s3fs.S3FileSystem(
-        key=KEY, secret=SECRET, endpoint_url=endpoint, client_kwargs={"region_name": "us-east-1"},
-        skip_instance_cache=True,
-    )  # fmt: skip
-
-
-def _bucket(endpoint: str, name: str):
-    import boto3
-
-    client = boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET, region_name="us-east-1"
-    )
-    client.create_bucket(Bucket=name)
-    return _s3(endpoint)
 
 
 def _put_docs(fs, bucket: str, start: int, count: int) -> None:
@@ -68,7 +32,7 @@ def _put_docs(fs, bucket: str, start: int, count: int) -> None:
 
 
 def _s3_job(tmp_path: Path, endpoint: str, bucket: str, *, extra: str = "", shard_size: int = 2) -> Path:
-    access = f"  s3: {{endpoint_url: '{endpoint}', region: us-east-1, key: {KEY}, secret: {SECRET}}}\n"
+    access = s3_access_yaml(endpoint)
     text = topic_job_yaml(Path("/placeholder-in"), Path("/placeholder-out"), extra=extra, shard_size=shard_size)
     text = text.replace("  url: /placeholder-in\n", f"  url: s3://{bucket}/in\n{access}")
     text = text.replace("  url: /placeholder-out\n", f"  url: s3://{bucket}/out\n{access}")
@@ -248,7 +212,7 @@ def test_a_second_run_over_the_same_output_refuses_while_the_first_is_running(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import docroute.flows.process as process_module
-    from docroute.tasks.plan import RunInProgressError
+    from docroute.tasks.lease import RunInProgressError
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -269,7 +233,7 @@ def test_a_second_run_over_the_same_output_refuses_while_the_first_is_running(
 
     monkeypatch.setattr(process_module, "update_progress", start_another_run_mid_way)
     summary = process_documents(str(job))
-    assert len(refusals) == 1 and "must not overlap" in refusals[0] and summary["run_id"] in refusals[0]
+    assert len(refusals) == 1 and "never overlap" in refusals[0] and summary["run_id"] in refusals[0]
     rows = current_rows(load_job(job).output)
     assert rows.height == 2 and rows["doc_id"].n_unique() == 2  # the first run was not disturbed
 
