@@ -108,7 +108,12 @@ def run_job(spec: JobSpec, *, full_refresh: bool = False) -> dict[str, Any]:
         outcome = f"failed: {type(exc).__name__}"
         raise
     finally:
-        lease.release(outcome)
+        try:
+            lease.release(outcome)
+        except Exception as exc:  # must not hide the run's own error; the lease lapses by itself
+            logger.warning(
+                "could not release the lease on %s (%s): it lapses in %.0f s", spec.output.url, exc, lease.record.ttl_s
+            )
 
 
 def _flow_run_id() -> str | None:

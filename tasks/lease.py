@@ -206,11 +206,6 @@ class ProcessIdentity:
         )
 
 
-def _process_alive(record: LeaseRecord) -> bool:
-    started = _process_started(record.pid)
-    return started is not None and (record.process_started is None or started == record.process_started)
-
-
 def _flow_run_ended(flow_run_id: str | None) -> bool:
     """Whether Prefect reports the holder's flow run in a final state (False when it cannot tell)."""
     if not flow_run_id:
@@ -235,7 +230,16 @@ def judge(record: LeaseRecord | None, me: ProcessIdentity, now: datetime) -> Hol
         if record.pid == me.pid and record.process_started == me.process_started:
             with _HELD_LOCK:
                 return HolderVerdict.ALIVE if record.lease_id in _HELD else HolderVerdict.PROCESS_GONE
-        return HolderVerdict.ALIVE if _process_alive(record) else HolderVerdict.PROCESS_GONE
+        started = _process_started(record.pid)
+        if started is None:
+            return HolderVerdict.PROCESS_GONE
+        if record.process_started is None or started == record.process_started:
+            # the same process (or, without a recorded start time, maybe another that reused the PID: then only
+            # expiry below can tell)
+            if record.process_started is not None or now < record.expires_at:
+                return HolderVerdict.ALIVE
+        else:
+            return HolderVerdict.PROCESS_GONE  # the PID now names another process
     if now >= record.expires_at:
         return HolderVerdict.EXPIRED
     if _flow_run_ended(record.flow_run_id):
