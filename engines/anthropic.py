@@ -36,6 +36,8 @@ from anthropic import AsyncAnthropic
 
 from docroute.engines.base import (
     EngineUnavailableError,
+    ExchangeGate,
+    ExchangeKind,
     Prediction,
     Request,
     Usage,
@@ -45,6 +47,7 @@ from docroute.engines.loop_thread import AsyncClientEngine, FinalAnswerError
 from docroute.engines.prompts import (
     INVALID_ANSWER_FEEDBACK,
     AnswerError,
+    answer_bytes_bound,
     answer_schema,
     chat_messages,
     estimate_prompt_tokens,
@@ -77,10 +80,16 @@ The answer is sent back as an object the API re-renders, so its input size is bo
 not by the tokens generated. Six bytes a token covers English (about 4) and CJK (3 bytes a character); a
 larger answer is not sent back, which keeps `usage_bound` an actual bound.
 """
+_ANSWER_MARGIN_TOKENS = 96
+"""Output tokens a forced tool call counts beyond its input object's own text (the tool_use block's framing)."""
 
 
 class _FinalAnswerError(FinalAnswerError):
     """An answer that asking again will not fix: a refusal, output cut at the limit, an oversized prompt."""
+
+
+class _CutShortError(AnswerError):
+    """An answer cut at its schema's length bound, below max_output_tokens: asking with the full limit may do."""
 
 
 def _short(text: str) -> str:
@@ -129,6 +138,7 @@ class AnthropicEngine(AsyncClientEngine[AsyncAnthropic]):
     """
 
     provider_errors = (anthropic.AnthropicError,)
+    connection_errors = (anthropic.APIConnectionError,)  # timeouts included: the request may have been served
 
     def __init__(
         self,
@@ -144,12 +154,18 @@ class AnthropicEngine(AsyncClientEngine[AsyncAnthropic]):
         max_input_tokens: int = 32000,
         extra_body: dict[str, Any] | None = None,
         name_prefix: str = "anthropic",
+        bound_output_by_schema: bool = True,
     ) -> None:
         """Configure the engine; nothing connects until the first `predict`.
 
         `api_key` is required: without one the SDK would fall back to environment variables and profile files
         on disk, and which credential a job spends should be decided by its spec alone. `base_url` is the API
         root without `/v1` (the SDK appends `/v1/messages`); None means the SDK's default.
+
+        `bound_output_by_schema`: where the answer schema bounds an answer's length (labels, enums, dates,
+        numbers; not free text), each call's `max_tokens` is that bound (`answer_tokens`), so a budget reserves
+        what an answer can really cost; an answer cut there is asked for once more with `max_output_tokens`.
+        Off when `extra_body` turns on extended thinking, whose tokens are output too.
         """
         if not api_key:
             raise EngineUnavailableError("the Anthropic engine needs an API key")
@@ -176,6 +192,12 @@ class AnthropicEngine(AsyncClientEngine[AsyncAnthropic]):
         self._tool_bytes = len(json.dumps([self._tool, self._tool_choice]).encode("utf-8"))
         self._echo_limit_bytes = _ECHO_BYTES_PER_OUTPUT_TOKEN * max_output_tokens
         self._field_names: list[str] = [f.name for f in task.extract.fields] if task.extract else []
+        thinks = "thinking" in (self.extra_body or {})
+        answer_bytes = answer_bytes_bound(task) if bound_output_by_schema and not thinks else None
+        self.answer_tokens = (
+            max_output_tokens if answer_bytes is None else min(max_output_tokens, answer_bytes + _ANSWER_MARGIN_TOKENS)
+        )
+        """The `max_tokens` of a call: the answer schema's bound where it has one, else max_output_tokens."""
 
     def __repr__(self) -> str:
         return f"AnthropicEngine(name={self.name!r}, base_url={self.base_url!r})"
@@ -183,26 +205,42 @@ class AnthropicEngine(AsyncClientEngine[AsyncAnthropic]):
     # -- public API (predict, close and the context manager come from AsyncClientEngine) ---------------------
 
     def usage_bound(self, request: Request) -> Usage:
-        """Return an upper bound on the tokens one request can be billed for, to reserve budget beforehand.
+        """Return an upper bound on the tokens one request can be billed for, all its calls together.
 
-        Two calls at most (the answer and one repair round), each producing at most `max_output_tokens`. Input
-        is bounded by UTF-8 bytes (a token spells at least one byte): the messages, the tool definition and the
-        tokens the API adds for tool use. The repair round resends the prompt plus the bad answer (sent back
-        only when it fits `_ECHO_BYTES_PER_OUTPUT_TOKEN` bytes a token) and a reason of bounded length. Calls
-        the SDK retries after 429/5xx/connection errors return no usage and are not counted; cache writes,
-        billed at 1.25x, are counted as plain input (see `_usage_of`).
+        Two calls at most: the answer (at most `answer_tokens` out), then either one repair round or, for an
+        answer cut at `answer_tokens`, the same question with `max_output_tokens`. Input is bounded by UTF-8
+        bytes (a token spells at least one byte): the messages, the tool definition and the tokens the API adds
+        for tool use. The repair round resends the prompt plus the bad answer (sent back only when it fits
+        `_ECHO_BYTES_PER_OUTPUT_TOKEN` bytes a token) and a reason of bounded length. Calls the SDK retries
+        after 429/5xx/connection errors return no usage and are not counted; cache writes, billed at 1.25x, are
+        counted as plain input (see `_usage_of`). A gated `predict` reserves per call instead: `answer_bound`,
+        then the bound of the second call's actual messages.
         """
-        text, _ = truncate_text_to_tokens(request.text, self.max_input_tokens)
-        first = estimate_prompt_tokens(chat_messages(self.task, text)) + self._tool_bytes + _TOOL_USE_SYSTEM_TOKENS
+        first = self.answer_bound(request)
         feedback = len(INVALID_ANSWER_FEEDBACK.encode("utf-8")) + 4 * _ERROR_CHARS
         echo = self._echo_limit_bytes + _REPAIR_OVERHEAD_TOKENS
-        repair = first + echo + feedback + 2 * _TOKENS_PER_MESSAGE
-        return Usage(input_tokens=first + repair, output_tokens=2 * self.max_output_tokens)
+        repair = first.input_tokens + echo + feedback + 2 * _TOKENS_PER_MESSAGE
+        return Usage(
+            input_tokens=first.input_tokens + repair, output_tokens=first.output_tokens + self.max_output_tokens
+        )
+
+    def answer_bound(self, request: Request) -> Usage:
+        """An upper bound on the tokens of the first call answering `request`."""
+        text, _ = truncate_text_to_tokens(request.text, self.max_input_tokens)
+        return self._call_bound(chat_messages(self.task, text), [], self.answer_tokens)
+
+    def _call_bound(self, prompt: list[dict[str, str]], turns: list[dict[str, Any]], output_tokens: int) -> Usage:
+        """Bound one call: the chat prompt's bytes, the repair turns' JSON bytes, the tool and tool-use tokens."""
+        inputs = estimate_prompt_tokens(prompt) + self._tool_bytes + _TOOL_USE_SYSTEM_TOKENS
+        if turns:
+            turn_bytes = len(json.dumps(turns, ensure_ascii=False, default=str).encode("utf-8"))
+            inputs += turn_bytes + _REPAIR_OVERHEAD_TOKENS + len(turns) * _TOKENS_PER_MESSAGE
+        return Usage(input_tokens=inputs, output_tokens=output_tokens)
 
     def request_body(self, request: Request) -> dict[str, Any]:
         """The Messages request answering `request` (first attempt), as sent; a batch API's `params` reuse it."""
         text, _ = truncate_text_to_tokens(request.text, self.max_input_tokens)
-        system, messages = self._prompt(text)
+        system, messages = self._split(chat_messages(self.task, text))
         return {**self._create_kwargs(system, messages), **(self.extra_body or {})}
 
     def read_message(self, request_id: str, message: Any) -> Prediction:
@@ -229,46 +267,57 @@ class AnthropicEngine(AsyncClientEngine[AsyncAnthropic]):
 
     # -- one document ----------------------------------------------------------------------------------------
 
-    def _prompt(self, text: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def _split(self, prompt: list[dict[str, str]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Split the shared chat prompt into Anthropic's cached `system` blocks and the user turn."""
-        system, user = chat_messages(self.task, text)
+        system, user = prompt
         blocks = [{"type": "text", "text": system["content"], "cache_control": dict(_CACHE_CONTROL)}]
         return blocks, [{"role": "user", "content": user["content"]}]
 
-    async def _answer(self, client: AsyncAnthropic, request: Request) -> Prediction:
+    async def _answer(self, client: AsyncAnthropic, request: Request, gate: ExchangeGate | None) -> Prediction:
         text, truncated = truncate_text_to_tokens(request.text, self.max_input_tokens)
-        system, messages = self._prompt(text)
         prediction = Prediction(id=request.id, model=self.name, truncated=truncated)
-        return await self._exchange(prediction, lambda: self._ask(client, system, messages, prediction))
+        prompt = chat_messages(self.task, text)
+        return await self._exchange(prediction, lambda: self._ask(client, gate, prompt, prediction))
 
     async def _ask(
         self,
         client: AsyncAnthropic,
-        system: list[dict[str, Any]],
-        messages: list[dict[str, Any]],
+        gate: ExchangeGate | None,
+        prompt: list[dict[str, str]],
         prediction: Prediction,
     ) -> None:
-        """Ask once; if the answer does not fit the schema, show the model its answer and the reason, once."""
-        message = await self._create(client, system, messages)
+        """Ask once; if the answer does not fit the schema, show the model its answer and the reason, once.
+
+        An answer cut at `answer_tokens` (below max_output_tokens) is instead asked for again, unchanged, with
+        max_output_tokens. Each call is admitted by `gate` with the bound of its own messages and output limit.
+        """
+        message = await self._create(client, prompt, [], gate=gate, request_id=prediction.id, kind=ExchangeKind.ANSWER)
         prediction.usage += _usage_of(message)
         try:
-            self._read(message, prediction)
+            self._read(message, prediction, self.answer_tokens)
             return
+        except _CutShortError:
+            log.debug("%s: answer cut at %d tokens, asking again with more", self.name, self.answer_tokens)
+            kind, turns = ExchangeKind.WIDEN, []
         except AnswerError as exc:
             reason = _short(str(exc))
-        turns = self._repair_turns(message, reason)
-        if turns is None:
-            raise _FinalAnswerError(
-                f"invalid answer from {self.role}: {reason} (too long to send back for a repair round)"
-            )
-        log.debug("%s: invalid answer, asking again: %s", self.name, reason)
-        message = await self._create(client, system, [*messages, *turns])
+            repair = self._repair_turns(message, reason)
+            if repair is None:
+                raise _FinalAnswerError(
+                    f"invalid answer from {self.role}: {reason} (too long to send back for a repair round)"
+                ) from None
+            log.debug("%s: invalid answer, asking again: %s", self.name, reason)
+            kind, turns = ExchangeKind.REPAIR, repair
+        message = await self._create(client, prompt, turns, gate=gate, request_id=prediction.id, kind=kind)
         prediction.usage += _usage_of(message)
         try:
-            self._read(message, prediction)
+            self._read(message, prediction, self._output_limit(kind))
         except AnswerError as exc:
             prediction.error = f"invalid answer from {self.role}: {_short(str(exc))}"
             prediction.retryable = False
+
+    def _output_limit(self, kind: ExchangeKind) -> int:
+        return self.max_output_tokens if kind is ExchangeKind.WIDEN else self.answer_tokens
 
     def _repair_turns(self, message: Any, reason: str) -> list[dict[str, Any]] | None:
         """The assistant turn as answered plus the feedback, or None when the answer is too big to send back.
@@ -299,10 +348,12 @@ class AnthropicEngine(AsyncClientEngine[AsyncAnthropic]):
         turns: list[dict[str, Any]] = [{"role": "assistant", "content": text}] if text else []
         return [*turns, {"role": "user", "content": feedback}]
 
-    def _create_kwargs(self, system: list[dict[str, Any]], messages: list[dict[str, Any]]) -> dict[str, Any]:
+    def _create_kwargs(
+        self, system: list[dict[str, Any]], messages: list[dict[str, Any]], output_tokens: int | None = None
+    ) -> dict[str, Any]:
         return {
             "model": self.model,
-            "max_tokens": self.max_output_tokens,
+            "max_tokens": self.answer_tokens if output_tokens is None else output_tokens,
             "system": system,
             "messages": messages,
             "tools": [self._tool],
@@ -310,14 +361,29 @@ class AnthropicEngine(AsyncClientEngine[AsyncAnthropic]):
         }
 
     async def _create(
-        self, client: AsyncAnthropic, system: list[dict[str, Any]], messages: list[dict[str, Any]]
+        self,
+        client: AsyncAnthropic,
+        prompt: list[dict[str, str]],
+        turns: list[dict[str, Any]],
+        *,
+        gate: ExchangeGate | None,
+        request_id: str,
+        kind: ExchangeKind,
     ) -> Any:
-        kwargs = self._create_kwargs(system, messages)
+        """Send one Messages call: the prompt plus `turns` (a repair round's), admitted by `gate` first."""
+        system, messages = self._split(prompt)
+        output_tokens = self._output_limit(kind)
+        kwargs = self._create_kwargs(system, [*messages, *turns], output_tokens)
         if self.extra_body:
             kwargs["extra_body"] = self.extra_body
-        return await client.messages.create(**kwargs)
+        bound = self._call_bound(prompt, turns, output_tokens)
 
-    def _read(self, message: Any, prediction: Prediction) -> None:
+        async def call() -> Any:
+            return await client.messages.create(**kwargs)
+
+        return await self._send(call, _usage_of, gate=gate, request_id=request_id, kind=kind, bound=bound)
+
+    def _read(self, message: Any, prediction: Prediction, output_tokens: int | None = None) -> None:
         """Fill label and fields from a response, or raise AnswerError (ask again) / _FinalAnswerError (don't)."""
         stop = getattr(message, "stop_reason", None)
         if stop == "refusal":
@@ -328,6 +394,9 @@ class AnthropicEngine(AsyncClientEngine[AsyncAnthropic]):
             raise _FinalAnswerError(f"{self.role} refused to answer{said}")
         if stop == "max_tokens":
             # a tool input cut short can still parse, minus the fields it never reached: never accept it
+            limit = self.answer_tokens if output_tokens is None else output_tokens
+            if limit < self.max_output_tokens:
+                raise _CutShortError(f"cut off at the answer's length bound of {limit} tokens")
             raise _FinalAnswerError(
                 f"invalid answer from {self.role}: cut off at max_output_tokens={self.max_output_tokens}"
             )

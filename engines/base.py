@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
 
@@ -77,17 +78,55 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+class ExchangeKind(StrEnum):
+    """Which of a document's calls to a paid provider is about to be sent (at most two per document)."""
+
+    ANSWER = "answer"  # the first call
+    REPAIR = "repair"  # the answer did not fit the schema: shown its answer and the reason, asked again once
+    WIDEN = "widen"  # the answer was cut at its schema's length bound: asked again with the full max_output_tokens
+
+
+class ExchangeTicket(Protocol):
+    """A budget reservation held by one call in flight."""
+
+    def settle(self, used: Usage | None) -> None:
+        """Release the reservation, recording the tokens the call was billed; None: unknown, the bound counts."""
+        ...
+
+
+class ExchangeGate(Protocol):
+    """What a paid engine asks before each call it sends, in tokens (it never sees dollars).
+
+    `admit` runs on the engine's event loop and must not block it: it waits (asynchronously) while the budget is
+    held by other calls in flight that may give some back, and raises ExchangeRefusedError when the call cannot
+    be paid for. The engine then does not send it. The ticket is settled once, with the call's real usage, the
+    moment its answer (or failure) arrives.
+    """
+
+    async def admit(self, request_id: str, kind: ExchangeKind, bound: Usage) -> ExchangeTicket:
+        """Reserve `bound` (an upper bound on this one call's tokens) for request `request_id`."""
+        ...
+
+
 @runtime_checkable
 class FrontierEngine(Engine, Protocol):
-    """An engine whose calls cost money: it can bound a call's tokens before making it, for budget reservations."""
+    """An engine whose calls cost money: it bounds each call's tokens and asks a gate before sending it."""
 
     def usage_bound(self, request: Request) -> Usage:
         """Return an upper bound on the tokens answering this request can consume (all attempts included)."""
         ...
 
+    def predict(self, batch: Sequence[Request], gate: ExchangeGate | None = None) -> list[Prediction]:
+        """Answer every request; with a gate, every call is admitted by it first (see ExchangeGate)."""
+        ...
+
 
 class EngineError(Exception):
     """Base of the errors engines raise when a whole batch cannot be answered."""
+
+
+class ExchangeRefusedError(EngineError):
+    """An ExchangeGate would not admit a call: it was not sent, and a later run may send it."""
 
 
 class EngineUnavailableError(EngineError):

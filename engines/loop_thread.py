@@ -13,6 +13,11 @@ document is answered.
 
 A `SharedGate` extends the bound past one process: when set, every call also holds a slot of a limit that all
 workers share (a Prefect global concurrency limit, tasks/infer.py) for as long as it is in flight.
+
+An `ExchangeGate` (engines/base.py), passed to one `predict`, meters money: each call to the provider (the
+answer, and a repair round if one happens) is admitted by the gate with a token bound for that call alone, just
+before it is sent and inside its call slot, and settled with the tokens it was billed as soon as it returns
+(`_send`). A call the gate refuses is not sent; its document becomes a retryable error row.
 """
 
 from __future__ import annotations
@@ -27,7 +32,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Seque
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Generic, Protocol, Self, TypeVar
 
-from docroute.engines.base import EngineError, Prediction, Request, check_complete
+from docroute.engines.base import (
+    EngineError,
+    ExchangeGate,
+    ExchangeKind,
+    ExchangeRefusedError,
+    Prediction,
+    Request,
+    Usage,
+    check_complete,
+)
 
 log = logging.getLogger(__name__)
 
@@ -185,14 +199,18 @@ class AsyncClientEngine(ABC, Generic[ClientT]):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def predict(self, batch: Sequence[Request]) -> list[Prediction]:
-        """Answer every request; exactly one prediction per request, in request order."""
+    def predict(self, batch: Sequence[Request], gate: ExchangeGate | None = None) -> list[Prediction]:
+        """Answer every request; exactly one prediction per request, in request order.
+
+        With a `gate`, every call to the provider is admitted by it first and settled when it returns (see the
+        module docstring); a refused call is not sent and its prediction is a retryable error.
+        """
         requests = list(batch)
         if not requests:
             return []
         if len({request.id for request in requests}) != len(requests):
             raise EngineError("a batch holds the same request id twice")  # refuse before spending money
-        return check_complete(requests, self._loop_thread.run(self._predict_all(requests)), self.name)
+        return check_complete(requests, self._loop_thread.run(self._predict_all(requests, gate)), self.name)
 
     def close(self) -> None:
         """Close the HTTP client and stop the loop thread; a later `predict` starts afresh."""
@@ -205,20 +223,61 @@ class AsyncClientEngine(ABC, Generic[ClientT]):
     provider_errors: tuple[type[Exception], ...] = ()
     """The SDK's own failures (transport, status), described by `_transport_error`."""
 
+    connection_errors: tuple[type[Exception], ...] = ()
+    """The provider errors after which the request may have been served and billed (timeouts, lost connections)."""
+
     @abstractmethod
-    async def _answer(self, client: ClientT, request: Request) -> Prediction:
-        """Answer one request (through `_exchange`); failures become error rows."""
+    async def _answer(self, client: ClientT, request: Request, gate: ExchangeGate | None) -> Prediction:
+        """Answer one request (through `_exchange`, each call through `_send`); failures become error rows."""
 
     @abstractmethod
     def _transport_error(self, exc: Exception) -> tuple[str, bool]:
         """Describe a failure the SDK gave up on, without secrets, and say whether a later try may succeed."""
 
+    def _billing_unknown(self, exc: BaseException) -> bool:
+        """Whether a call that raised `exc` may still have been billed (the request may have reached the model).
+
+        True for timeouts, dropped connections and cancellation; an HTTP error status is an answer: not billed.
+        """
+        return isinstance(exc, self.connection_errors) or not isinstance(exc, self.provider_errors)
+
+    async def _send(
+        self,
+        call: Callable[[], Awaitable[T]],
+        usage_of: Callable[[T], Usage],
+        *,
+        gate: ExchangeGate | None,
+        request_id: str,
+        kind: ExchangeKind,
+        bound: Usage,
+    ) -> T:
+        """Make one call to the provider, admitted by `gate` for at most `bound` tokens and settled on return.
+
+        Raises ExchangeRefusedError, without calling, when the gate refuses. A call that fails settles as unbilled
+        when the provider answered with an error status, and at its whole bound when the bill is unknown.
+        """
+        if gate is None:
+            return await call()
+        ticket = await gate.admit(request_id, kind, bound)
+        used: Usage | None = None
+        try:
+            result = await call()
+            used = usage_of(result)
+            return result
+        except BaseException as exc:
+            used = None if self._billing_unknown(exc) else Usage()
+            raise
+        finally:
+            ticket.settle(used)
+
     async def _exchange(self, prediction: Prediction, ask: Callable[[], Awaitable[None]]) -> Prediction:
         """Run one document's talk with the provider inside a call slot; every failure becomes the row's error.
 
-        `ask` fills `prediction` (and may ask again once for a repair). A refusal or cut-off is final, a transport
-        failure may be retried on a later run, and a shared slot that could not be taken means nothing was sent.
+        `ask` fills `prediction` (and may ask again once, for a repair or a longer answer). A refusal or cut-off
+        is final, a transport failure may be retried on a later run, and a shared slot that could not be taken or
+        a call the budget gate refused means that call was not sent: retryable as well.
         """
+        refused = False
         try:
             async with self._call_slot():
                 started = time.perf_counter()
@@ -226,6 +285,8 @@ class AsyncClientEngine(ABC, Generic[ClientT]):
                     await ask()
                 except FinalAnswerError as exc:
                     prediction.error, prediction.retryable = str(exc), False
+                except ExchangeRefusedError as exc:  # this call was not sent: a later run may afford it
+                    prediction.error, prediction.retryable, refused = str(exc), True, True
                 except self.provider_errors as exc:
                     prediction.error, prediction.retryable = self._transport_error(exc)
                 finally:
@@ -236,7 +297,8 @@ class AsyncClientEngine(ABC, Generic[ClientT]):
             prediction.label, prediction.fields = None, {}
             prediction.label_confidence, prediction.field_confidences = None, {}
             # the reason may quote the answer, i.e. document content: keep it out of warning-level logs
-            log.warning("%s: request %s failed (retryable=%s)", self.name, prediction.id, prediction.retryable)
+            if not refused:  # a call the budget gate held back did not fail: its caller reports it
+                log.warning("%s: request %s failed (retryable=%s)", self.name, prediction.id, prediction.retryable)
             log.debug("%s: request %s: %s", self.name, prediction.id, prediction.error)
         return prediction
 
@@ -273,13 +335,15 @@ class AsyncClientEngine(ABC, Generic[ClientT]):
         if client is not None:
             await client.close()
 
-    async def _predict_all(self, requests: list[Request]) -> list[Prediction]:
+    async def _predict_all(self, requests: list[Request], gate: ExchangeGate | None = None) -> list[Prediction]:
         if self._client is None:
             self._client = self._make_client()
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.max_concurrency)
         client = self._client
-        results = await asyncio.gather(*(self._answer(client, request) for request in requests), return_exceptions=True)
+        results = await asyncio.gather(
+            *(self._answer(client, request, gate) for request in requests), return_exceptions=True
+        )
         predictions: list[Prediction] = []
         for result in results:
             if isinstance(result, BaseException):

@@ -61,8 +61,11 @@ class OpenAIBatchFrontier:
         )
 
     def usage_bound(self, request: Request) -> Usage:
-        """Worst-case tokens of one batched request (no repair round: a batch answer is final)."""
-        return self.engine.usage_bound(request)
+        """Worst-case tokens of one batched request: its one call (no repair round: a batch answer is final).
+
+        The body asks for at most `answer_tokens`, the answer schema's length bound where it has one.
+        """
+        return self.engine.answer_bound(request)
 
     def lines(self, requests: Sequence[Request]) -> list[str]:
         """The batch input file's lines, one per request, keyed by the request id."""

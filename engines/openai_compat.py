@@ -27,6 +27,8 @@ from openai import AsyncOpenAI
 from docroute.engines.base import (
     PLACEHOLDER_API_KEY,
     EngineUnavailableError,
+    ExchangeGate,
+    ExchangeKind,
     Prediction,
     Request,
     Usage,
@@ -36,6 +38,7 @@ from docroute.engines.loop_thread import AsyncClientEngine, FinalAnswerError
 from docroute.engines.prompts import (
     INVALID_ANSWER_FEEDBACK,
     AnswerError,
+    answer_bytes_bound,
     answer_schema,
     chat_messages,
     estimate_prompt_tokens,
@@ -52,11 +55,21 @@ TokenLimitParam = Literal["max_tokens", "max_completion_tokens"]
 _ERROR_CHARS = 300
 _RETOKENIZE_MARGIN = 16
 """Tokens a generated answer may gain when sent back as input (generation need not split text canonically)."""
+_ANSWER_MARGIN_TOKENS = 16
+"""Tokens a completion may count beyond the answer's own text (an end-of-message token, a stray newline)."""
 _OPENAI_REASONING = re.compile(r"^(?:o[1-9]|gpt-5)(?!.*-chat)")
+_REASONING_OPTIONS = frozenset(
+    {"reasoning_effort", "reasoning", "thinking", "include_reasoning", "chat_template_kwargs"}
+)
+"""extra_body keys that may make a model think before answering; thinking counts as output tokens."""
 
 
 class _FinalAnswerError(FinalAnswerError):
     """An answer that asking again will not fix: a refusal, a content filter, output cut at the limit."""
+
+
+class _CutShortError(AnswerError):
+    """An answer cut at its schema's length bound, below max_output_tokens: asking with the full limit may do."""
 
 
 def is_openai_reasoning_model(model: str) -> bool:
@@ -92,6 +105,7 @@ class OpenAICompatibleEngine(AsyncClientEngine[AsyncOpenAI]):
     """
 
     provider_errors = (openai.OpenAIError,)
+    connection_errors = (openai.APIConnectionError,)  # timeouts included: the request may have been served
 
     def __init__(
         self,
@@ -112,6 +126,7 @@ class OpenAICompatibleEngine(AsyncClientEngine[AsyncOpenAI]):
         send_temperature: bool = True,
         role: str = "frontier",
         schema_style: Literal["json_schema", "json_object"] = "json_schema",
+        bound_output_by_schema: bool = True,
     ) -> None:
         """Configure the engine; nothing connects until the first `predict`.
 
@@ -121,6 +136,12 @@ class OpenAICompatibleEngine(AsyncClientEngine[AsyncOpenAI]):
         `max_tokens`), while older vLLM and llama.cpp servers only read `max_tokens`. `send_temperature=False`
         omits temperature for models that reject 0 (OpenAI reasoning models). `role` names the model in error
         rows.
+
+        `bound_output_by_schema`: where the answer schema bounds an answer's length (labels, enums, dates,
+        numbers; not free text), each call asks for at most that many tokens (`answer_tokens`) instead of
+        `max_output_tokens`, so a budget reserves what an answer can really cost. An answer cut at that bound
+        is asked for once more with `max_output_tokens`. Off for models that may think before answering (OpenAI
+        reasoning models, an `extra_body` naming reasoning or thinking), whose thoughts are output tokens too.
         """
         super().__init__(
             name=f"{name_prefix}:{model}", max_concurrency=max_concurrency, timeout_s=timeout_s, max_retries=max_retries
@@ -144,6 +165,12 @@ class OpenAICompatibleEngine(AsyncClientEngine[AsyncOpenAI]):
         self._schema_bytes = len(json.dumps(self._response_format).encode("utf-8"))
         self._field_names: list[str] = [f.name for f in task.extract.fields] if task.extract else []
         self._keys: list[str] = (["label"] if task.classify else []) + self._field_names
+        thinks = is_openai_reasoning_model(model) or bool(_REASONING_OPTIONS & set(self.extra_body or {}))
+        answer_bytes = answer_bytes_bound(task) if bound_output_by_schema and not thinks else None
+        self.answer_tokens = (
+            max_output_tokens if answer_bytes is None else min(max_output_tokens, answer_bytes + _ANSWER_MARGIN_TOKENS)
+        )
+        """The output limit of a call: the answer schema's bound where it has one, else max_output_tokens."""
 
     def __repr__(self) -> str:
         return f"OpenAICompatibleEngine(name={self.name!r}, base_url={self.base_url!r})"
@@ -151,18 +178,29 @@ class OpenAICompatibleEngine(AsyncClientEngine[AsyncOpenAI]):
     # -- public API (predict, close and the context manager come from AsyncClientEngine) ---------------------
 
     def usage_bound(self, request: Request) -> Usage:
-        """Return an upper bound on the tokens one request can be billed for, to reserve budget beforehand.
+        """Return an upper bound on the tokens one request can be billed for, all its calls together.
 
-        Two calls at most (the answer and one repair round), each producing at most `max_output_tokens`. Input
-        is bounded by UTF-8 bytes (a token spells at least one byte) plus the response schema, which providers
-        count as input too; the repair round resends the prompt with the bad answer and a reason of bounded
-        length. Calls the SDK retries after 429/5xx/connection errors return no usage and are not counted.
+        Two calls at most: the answer (at most `answer_tokens` out), then either one repair round or, for an
+        answer cut at `answer_tokens`, the same question with `max_output_tokens`. Input is bounded by UTF-8
+        bytes (a token spells at least one byte) plus the response schema, which providers count as input too;
+        the repair round resends the prompt with the bad answer and a reason of bounded length. Calls the SDK
+        retries after 429/5xx/connection errors return no usage and are not counted. A gated `predict` reserves
+        per call instead: `answer_bound`, then the bound of the second call's actual messages.
         """
-        text, _ = truncate_text_to_tokens(request.text, self.max_input_tokens)
-        first = estimate_prompt_tokens(chat_messages(self.task, text)) + self._schema_bytes
+        first = self.answer_bound(request)
         feedback = len(INVALID_ANSWER_FEEDBACK.encode("utf-8")) + 4 * _ERROR_CHARS
-        repair = first + (self.max_output_tokens + _RETOKENIZE_MARGIN) + feedback + 2 * 8
-        return Usage(input_tokens=first + repair, output_tokens=2 * self.max_output_tokens)
+        repair = first.input_tokens + (self.answer_tokens + _RETOKENIZE_MARGIN) + feedback + 2 * 8
+        return Usage(
+            input_tokens=first.input_tokens + repair, output_tokens=first.output_tokens + self.max_output_tokens
+        )
+
+    def answer_bound(self, request: Request) -> Usage:
+        """An upper bound on the tokens of the first call answering `request` (a batch request's only call)."""
+        text, _ = truncate_text_to_tokens(request.text, self.max_input_tokens)
+        return self._call_bound(chat_messages(self.task, text), self.answer_tokens)
+
+    def _call_bound(self, messages: list[dict[str, str]], output_tokens: int) -> Usage:
+        return Usage(input_tokens=estimate_prompt_tokens(messages) + self._schema_bytes, output_tokens=output_tokens)
 
     def _make_client(self) -> AsyncOpenAI:
         return AsyncOpenAI(
@@ -174,41 +212,55 @@ class OpenAICompatibleEngine(AsyncClientEngine[AsyncOpenAI]):
 
     # -- one document ----------------------------------------------------------------------------------------
 
-    async def _answer(self, client: AsyncOpenAI, request: Request) -> Prediction:
+    async def _answer(self, client: AsyncOpenAI, request: Request, gate: ExchangeGate | None) -> Prediction:
         text, truncated = truncate_text_to_tokens(request.text, self.max_input_tokens)
         messages = chat_messages(self.task, text)
         prediction = Prediction(id=request.id, model=self.name, truncated=truncated)
-        return await self._exchange(prediction, lambda: self._ask(client, messages, prediction))
+        return await self._exchange(prediction, lambda: self._ask(client, gate, messages, prediction))
 
-    async def _ask(self, client: AsyncOpenAI, messages: list[dict[str, str]], prediction: Prediction) -> None:
-        """Ask once; if the answer does not fit the schema, show the model its answer and the reason, once."""
-        completion = await self._complete(client, messages)
+    async def _ask(
+        self, client: AsyncOpenAI, gate: ExchangeGate | None, messages: list[dict[str, str]], prediction: Prediction
+    ) -> None:
+        """Ask once; if the answer does not fit the schema, show the model its answer and the reason, once.
+
+        An answer cut at `answer_tokens` (below max_output_tokens) is instead asked for again, unchanged, with
+        max_output_tokens. Each call is admitted by `gate` with the bound of its own messages and output limit.
+        """
+        completion = await self._complete(
+            client, messages, gate=gate, request_id=prediction.id, kind=ExchangeKind.ANSWER
+        )
         prediction.usage += _usage_of(completion)
         try:
-            self._read(completion, prediction)
+            self._read(completion, prediction, self.answer_tokens)
             return
+        except _CutShortError:
+            log.debug("%s: answer cut at %d tokens, asking again with more", self.name, self.answer_tokens)
+            kind, again = ExchangeKind.WIDEN, messages
         except AnswerError as exc:
-            reason = str(exc)
-        log.debug("%s: invalid answer, asking again: %s", self.name, reason)
-        repair = [
-            *messages,
-            {"role": "assistant", "content": _content_of(completion)},
-            {"role": "user", "content": INVALID_ANSWER_FEEDBACK.format(reason=_short(reason))},
-        ]
-        completion = await self._complete(client, repair)
+            log.debug("%s: invalid answer, asking again: %s", self.name, exc)
+            kind = ExchangeKind.REPAIR
+            again = [
+                *messages,
+                {"role": "assistant", "content": _content_of(completion)},
+                {"role": "user", "content": INVALID_ANSWER_FEEDBACK.format(reason=_short(str(exc)))},
+            ]
+        completion = await self._complete(client, again, gate=gate, request_id=prediction.id, kind=kind)
         prediction.usage += _usage_of(completion)
         try:
-            self._read(completion, prediction)
+            self._read(completion, prediction, self._output_limit(kind))
         except AnswerError as exc:
             prediction.error = f"invalid answer from {self.role}: {_short(str(exc))}"
             prediction.retryable = False
 
-    def _request_kwargs(self, messages: list[dict[str, str]]) -> dict[str, Any]:
+    def _output_limit(self, kind: ExchangeKind) -> int:
+        return self.max_output_tokens if kind is ExchangeKind.WIDEN else self.answer_tokens
+
+    def _request_kwargs(self, messages: list[dict[str, str]], output_tokens: int | None = None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
             "response_format": self._response_format,
-            self.token_limit_param: self.max_output_tokens,
+            self.token_limit_param: self.answer_tokens if output_tokens is None else output_tokens,
         }
         if self.send_temperature:
             kwargs["temperature"] = 0
@@ -236,13 +288,28 @@ class OpenAICompatibleEngine(AsyncClientEngine[AsyncOpenAI]):
             prediction.retryable = False
         return prediction
 
-    async def _complete(self, client: AsyncOpenAI, messages: list[dict[str, str]]) -> Any:
-        kwargs = self._request_kwargs(messages)
+    async def _complete(
+        self,
+        client: AsyncOpenAI,
+        messages: list[dict[str, str]],
+        *,
+        gate: ExchangeGate | None,
+        request_id: str,
+        kind: ExchangeKind,
+    ) -> Any:
+        """Send one chat call with the output limit of its kind, admitted by `gate` first."""
+        output_tokens = self._output_limit(kind)
+        kwargs = self._request_kwargs(messages, output_tokens)
         if self.extra_body:
             kwargs["extra_body"] = self.extra_body
-        return await client.chat.completions.create(**kwargs)
+        bound = self._call_bound(messages, output_tokens)
 
-    def _read(self, completion: Any, prediction: Prediction) -> None:
+        async def call() -> Any:
+            return await client.chat.completions.create(**kwargs)
+
+        return await self._send(call, _usage_of, gate=gate, request_id=request_id, kind=kind, bound=bound)
+
+    def _read(self, completion: Any, prediction: Prediction, output_tokens: int | None = None) -> None:
         """Fill label, fields and confidences from a completion, or raise AnswerError / _FinalAnswerError."""
         choices = getattr(completion, "choices", None) or []
         if not choices:
@@ -258,6 +325,9 @@ class OpenAICompatibleEngine(AsyncClientEngine[AsyncOpenAI]):
             label, fields = parse_answer(self.task, content)
         except AnswerError:
             if choice.finish_reason == "length":
+                limit = self.answer_tokens if output_tokens is None else output_tokens
+                if limit < self.max_output_tokens:
+                    raise _CutShortError(f"cut off at the answer's length bound of {limit} tokens") from None
                 raise _FinalAnswerError(
                     f"invalid answer from {self.role}: cut off at max_output_tokens={self.max_output_tokens}"
                 ) from None
@@ -342,4 +412,5 @@ def engine_from_small_spec(spec: OpenAICompatibleSmallSpec, task: TaskSpec) -> O
         name_prefix=spec.engine,
         role="small model",
         schema_style="json_object" if spec.server == "llamacpp" else "json_schema",
+        bound_output_by_schema=False,  # no budget meters the small model: keep its own limit
     )

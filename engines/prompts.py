@@ -370,6 +370,61 @@ def estimate_prompt_tokens(messages: Sequence[Mapping[str, str]]) -> int:
     return sum(len(str(m.get("content") or "").encode("utf-8")) + _TOKENS_PER_MESSAGE for m in messages)
 
 
+_INT64_BYTES = len(str(-(2**63)))
+_FLOAT_BYTES = 32
+"""A float's JSON: float64's longest repr is 24 bytes (-1.7976931348623157e+308); a few more for long decimals."""
+_DATETIME_BYTES = len('"2024-03-12T14:30:00.000000+00:00"')
+_DATE_BYTES = len('"2024-03-12"')
+_WHITESPACE_PER_KEY = 8
+"""Whitespace a JSON writer may put around one member: a newline, an indent, a space after the colon."""
+
+
+def _json_bytes(value: Any) -> int:
+    """Bytes of a value's longest JSON spelling: `\\u` escapes (ASCII form) are never shorter than raw UTF-8."""
+    return len(json.dumps(value, ensure_ascii=True))
+
+
+def _value_bytes_bound(field: FieldSpec) -> int | None:
+    """The most bytes a valid JSON value of this field can take (null included), or None when unbounded."""
+    kind = field.type
+    if kind == "enum":
+        return max(_json_bytes(value) for value in [*(field.values or []), None])
+    if kind == "bool":
+        return len("false")
+    if kind == "date":
+        return _DATE_BYTES
+    if kind == "datetime":
+        return _DATETIME_BYTES
+    if kind == "int":
+        return _INT64_BYTES
+    if kind == "float":
+        return _FLOAT_BYTES
+    if kind == "decimal":
+        # quotes, sign, every digit the column holds, the point, and a leading zero before a pure fraction
+        return field.precision + 5
+    return None  # str and list[str]: the spec sets no length, so only max_output_tokens bounds them
+
+
+def answer_bytes_bound(task: TaskSpec) -> int | None:
+    """The most UTF-8 bytes a valid answer object can take, or None when a value of the task has no bound.
+
+    A classification answer is `{"label": <one of the label names>}`; extracted dates, datetimes, numbers,
+    booleans and enums have a longest valid spelling too; free text and lists have none. Whitespace between the
+    members is allowed for (`_WHITESPACE_PER_KEY`). A BPE token spells at least one byte, so the result also
+    bounds the answer's tokens, up to the few tokens a provider adds around an answer.
+    """
+    members: list[int] = []
+    if task.classify is not None:
+        members.append(_json_bytes("label") + 1 + max(_json_bytes(name) for name in task.classify.label_names))
+    if task.extract is not None:
+        for field in task.extract.fields:
+            value = _value_bytes_bound(field)
+            if value is None:
+                return None
+            members.append(_json_bytes(field.name) + 1 + value)
+    return 2 + sum(members) + (len(members) - 1) + _WHITESPACE_PER_KEY * (len(members) + 1)
+
+
 def truncate_text_to_tokens(text: str, max_tokens: int) -> tuple[str, bool]:
     """Cut text to about `max_tokens` tokens (4 characters each), at whitespace; return (text, truncated).
 

@@ -6,6 +6,7 @@ change is one edit and an unknown model is an error instead of a silent $0.
 
 from __future__ import annotations
 
+import math
 from datetime import date
 from decimal import Decimal
 from typing import Any
@@ -135,6 +136,30 @@ def lookup_price(model: str, override: ModelPrice | None = None) -> ModelPrice:
         if model.startswith(name + "-") and model[len(name) + 1 :][:1].isdigit():
             return DEFAULT_PRICES[name]
     raise UnknownModelPriceError(model)
+
+
+_MIN_SIGNIFICANT = 2
+_MAX_SIGNIFICANT = 4
+
+
+def format_usd(value: float) -> str:
+    """Write a dollar amount with enough digits to be true: $0.004 is `$0.0040`, never `$0.00`.
+
+    From $1 up: cents with thousands separators (`$1,234.50`). Below: at least two significant digits and at
+    least cents, and up to four significant digits where fewer would round the amount (`$0.00425`, `$0.1235`),
+    so a small cap or spend reads as itself rather than as zero or as a neighbouring amount.
+    """
+    if not math.isfinite(value):
+        return f"${value}"
+    sign, magnitude = ("-" if value < 0 else ""), abs(value)
+    if magnitude == 0 or magnitude >= 1:
+        return f"{sign}${magnitude:,.2f}"
+    exponent = math.floor(math.log10(magnitude))
+    for significant in range(_MIN_SIGNIFICANT, _MAX_SIGNIFICANT + 1):
+        text = f"{magnitude:.{max(2, significant - 1 - exponent)}f}"
+        if math.isclose(float(text), magnitude, rel_tol=1e-9):
+            break
+    return f"{sign}${text}"
 
 
 def self_hosted_cost_usd(engine_seconds: float, usd_per_hour: float) -> float:

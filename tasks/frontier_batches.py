@@ -28,7 +28,7 @@ from docroute.engines.base import Request
 from docroute.schemas.rows import ResultRow, row_from_record, rows_to_table
 from docroute.schemas.spec import JobSpec
 from docroute.tasks.budget import FrontierBudget
-from docroute.tasks.escalate import Escalation
+from docroute.tasks.escalate import DeferReason, Escalation, budget_exhausted_message
 from docroute.tasks.ledger import summarise_part
 from docroute.tasks.write import write_json, write_parquet
 
@@ -66,7 +66,12 @@ class StagedRequest:
 def queue_requests(
     spec: JobSpec, requests: Sequence[Request], budget: FrontierBudget, part_url: str
 ) -> tuple[dict[str, Escalation], list[StagedRequest]]:
-    """Reserve each request's worst case at the batch price; queue what fits, defer the rest for the budget."""
+    """Reserve each request's worst case at the batch price; queue what fits, defer the rest for the budget.
+
+    The worst case is the request's one call (a batch answer is final: no repair round), its output bounded by the
+    answer schema where it has a bound (the request body asks for no more). It counts as spent at once: the answer
+    arrives in a later run.
+    """
     assert spec.frontier is not None
     frontier = batch_frontier(spec)
     price = spec.frontier.unit_price
@@ -78,14 +83,10 @@ def queue_requests(
         if budget.try_reserve(worst):
             budget.settle(worst, worst)  # the answer arrives in a later run: count the worst case as spent here
             queued.append(request)
-            outcomes[request.id] = Escalation(None, 0.0, QUEUED, queued=True)
+            outcomes[request.id] = Escalation(None, 0.0, QUEUED, DeferReason.QUEUED)
         else:
-            outcomes[request.id] = Escalation(
-                None,
-                0.0,
-                f"frontier budget exhausted: this call could cost up to ${worst:.4f} at the batch price and the "
-                f"run's cap of ${budget.limit_usd:.2f} leaves ${budget.remaining_usd or 0:.4f}",
-            )
+            message = budget_exhausted_message(worst, budget, batch=True)
+            outcomes[request.id] = Escalation(None, 0.0, message, DeferReason.BUDGET_EXHAUSTED)
     lines = frontier.lines(queued)
     staged = [StagedRequest(r.id, part_url, line, r.text) for r, line in zip(queued, lines, strict=True)]
     return outcomes, staged

@@ -15,7 +15,15 @@ from anthropic_server import AnthropicServer
 
 from docroute.engines import build_frontier_engine
 from docroute.engines.anthropic import TOOL_NAME, AnthropicEngine, engine_from_frontier_spec
-from docroute.engines.base import Engine, EngineError, EngineUnavailableError, FrontierEngine, Request
+from docroute.engines.base import (
+    Engine,
+    EngineError,
+    EngineUnavailableError,
+    ExchangeKind,
+    FrontierEngine,
+    Request,
+    Usage,
+)
 from docroute.engines.prompts import answer_schema, chat_messages
 from docroute.schemas.spec import FrontierSpec, TaskSpec
 
@@ -418,6 +426,52 @@ def test_usage_bound_covers_every_request_in_every_outcome(
     assert prediction.usage.input_tokens == billed_input
     assert bound.input_tokens >= billed_input
     assert bound.output_tokens == 2 * 256 >= prediction.usage.output_tokens
+
+
+class _RecordingGate:
+    """An ExchangeGate admitting every call; records each call's kind, token bound and billed usage."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[ExchangeKind, Usage, Usage | None]] = []
+
+    async def admit(self, request_id: str, kind: ExchangeKind, bound: Usage) -> Any:
+        calls, index = self.calls, len(self.calls)
+        calls.append((kind, bound, None))
+
+        class Ticket:
+            def settle(self, used: Usage | None) -> None:
+                calls[index] = (kind, bound, used)
+
+        return Ticket()
+
+
+@pytest.mark.parametrize(
+    ("task", "faults", "kinds"),
+    [
+        (CLASSIFY_ONLY, [], [ExchangeKind.ANSWER]),
+        (CLASSIFY_ONLY, ["invalid"], [ExchangeKind.ANSWER, ExchangeKind.REPAIR]),
+        (CLASSIFY_ONLY, ["text"], [ExchangeKind.ANSWER, ExchangeKind.REPAIR]),
+        (CLASSIFY_ONLY, ["max_tokens"], [ExchangeKind.ANSWER, ExchangeKind.WIDEN]),  # cut at the label bound
+        (TASK, ["invalid", "invalid"], [ExchangeKind.ANSWER, ExchangeKind.REPAIR]),
+    ],
+)
+def test_each_gated_call_is_billed_within_the_bound_it_reserved(
+    task: TaskSpec, faults: list[str], kinds: list[ExchangeKind]
+) -> None:
+    answers = [("spam", {"label": "spam"}), ("INVOICE", INVOICE)]
+    with AnthropicServer(answers, faults=faults) as server:
+        with make_engine(server, task=task) as engine:
+            gate = _RecordingGate()
+            engine.predict([Request("1", "INVOICE spam " + "Rechnung über 1.234,50 € " * 20)], gate=gate)
+        limits = [r["body"]["max_tokens"] for r in server.message_requests]
+    assert [kind for kind, _, _ in gate.calls] == kinds
+    for (kind, bound, used), limit in zip(gate.calls, limits, strict=True):
+        assert used is not None
+        assert used.input_tokens <= bound.input_tokens
+        assert used.output_tokens <= bound.output_tokens == limit
+        assert limit == (512 if kind is ExchangeKind.WIDEN else engine.answer_tokens)
+    if task is CLASSIFY_ONLY:
+        assert engine.answer_tokens < 200  # a label's answer: far below max_output_tokens
 
 
 def test_usage_bound_follows_truncation() -> None:

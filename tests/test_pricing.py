@@ -12,6 +12,7 @@ from docroute.schemas.pricing import (
     PRICES_AS_OF,
     ModelPrice,
     UnknownModelPriceError,
+    format_usd,
     lookup_price,
     self_hosted_cost_usd,
 )
@@ -209,3 +210,23 @@ def test_cost_of_reads_every_kind_of_token() -> None:
     usage = Usage(input_tokens=1000, output_tokens=100, cached_tokens=200, cache_write_tokens=300)
     assert price.cost_of(usage) == price.cost_usd(1000, 100, 200, cache_write_tokens=300)
     assert price.cost_of(usage, batch=True) == pytest.approx(price.cost_of(usage) / 2)
+
+
+@pytest.mark.parametrize(
+    ("usd", "shown"),
+    [
+        (0.004, "$0.0040"),  # a small cap reads as itself, not as $0.00
+        (0.00425, "$0.00425"),
+        (0.0001747123, "$0.0001747"),
+        (0.5, "$0.50"),
+        (0.123456, "$0.1235"),
+        (0.0, "$0.00"),
+        (1.0, "$1.00"),
+        (1234.5678, "$1,234.57"),
+        (-0.004, "-$0.0040"),
+        (-12.5, "-$12.50"),
+        (3e-9, "$0.0000000030"),
+    ],
+)
+def test_format_usd_shows_enough_digits_to_be_true(usd: float, shown: str) -> None:
+    assert format_usd(usd) == shown

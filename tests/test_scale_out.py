@@ -61,7 +61,7 @@ routing:
 
 
 def _worst_call_usd(tmp_path: Path, frontier: str) -> float:
-    """What the budget reserves for one call of the topic corpus (the worst case of its longest snippet)."""
+    """What the budget reserves for one call of the topic corpus (the worst case of its longest snippet's answer)."""
     from docroute.engines.base import Request
     from docroute.schemas.load import load_job
     from docroute.tasks.infer import frontier_engine
@@ -69,7 +69,7 @@ def _worst_call_usd(tmp_path: Path, frontier: str) -> float:
     job = tmp_path / "probe.yaml"
     job.write_text(topic_job_yaml(tmp_path, tmp_path / "probe", extra=frontier), encoding="utf-8")
     spec = load_job(job)
-    bound = frontier_engine(spec).usage_bound(Request("x", max(SPORTS, WEATHER, COOKING, key=len)))
+    bound = frontier_engine(spec).answer_bound(Request("x", max(SPORTS, WEATHER, COOKING, key=len)))
     return spec.frontier.unit_price.cost_usd(bound.input_tokens, bound.output_tokens)
 
 
@@ -92,7 +92,8 @@ def test_dask_shards_share_one_frontier_cap_and_one_concurrency_limit(tmp_path: 
     with get_client(sync_client=True) as client:
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="test-frontier-one", limit=1))
     with OracleServer(ORACLE, delay_s=0.2) as server:
-        cap = round(3.5 * _worst_call_usd(tmp_path, _frontier(server)), 6)
+        # two allowances of about one call each: a shard answers one document, or two when the first came cheap
+        cap = round(2.0 * _worst_call_usd(tmp_path, _frontier(server)), 6)
         rows = _run(tmp_path, "capped", DASK + _frontier(server, cap=cap, limit="test-frontier-one", in_flight=4))
         calls, in_flight = len(server.chat_requests), server.max_in_flight
     assert in_flight == 1  # two worker processes, four calls allowed each: the shared limit holds them to one
