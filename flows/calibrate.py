@@ -1,8 +1,9 @@
 """`docroute calibrate`: certify routing thresholds on labeled documents and write a versioned router.
 
 Gold answers come from a labels file, or from the frontier on a random sample (`oracle="frontier"`). The small
-model answers the same documents; for each required part the flow picks the lowest threshold whose kept rows reach
-`routing.target_accuracy` with probability ≥ 1 − `routing.delta` (tasks/certify.py), fits a calibration of the
+model answers the same documents; for each required part the flow picks the lowest threshold that reaches
+`routing.target_accuracy` with probability ≥ 1 − `routing.delta` (tasks/certify.py) — on the kept rows, or on the
+whole routed output relative to the frontier, as `routing.guarantee` says — fits a calibration of the
 part's confidences for reporting, and writes `<output>/router.json`. When no threshold meets the target it says so
 and the router escalates that part on every row rather than pretending.
 """
@@ -24,7 +25,7 @@ from docroute.flows.process import with_output
 from docroute.schemas.load import load_job
 from docroute.schemas.spec import JobSpec
 from docroute.tasks.budget import release_run_budget
-from docroute.tasks.certify import certify_parts
+from docroute.tasks.certify import certify_parts, guarantee_of
 from docroute.tasks.discover import cut_shards, list_documents
 from docroute.tasks.labels import LabelSet, load_labels
 from docroute.tasks.route import required_parts
@@ -55,12 +56,20 @@ def oracle_answers(scored: list[ScoredDocument]) -> LabelSet:
     return LabelSet(answers, frozenset(s.uri for s in scored), "frontier")
 
 
+_GUARANTEE_WORDS = {
+    "kept": "on the rows the small model keeps (guarantee: kept)",
+    "overall": "on the whole routed output relative to the frontier (guarantee: overall)",
+    "mixed": "some parts on their kept rows, others on the whole output (guarantee: mixed)",
+}
+
+
 def _summary(router: Router, ece: dict[str, float], url: str) -> str:
     lines = [
         f"# docroute calibration · {router.job}",
         "",
         f"Router `{router.version}` from {router.sample_size} labeled documents ({router.labels_source}); target "
-        f"accuracy {router.target_accuracy:.3f} with probability ≥ {1 - router.delta:.3f}.",
+        f"accuracy {router.target_accuracy:.3f} with probability ≥ {1 - router.delta:.3f}, "
+        f"{_GUARANTEE_WORDS.get(router.guarantee, router.guarantee)}.",
         "",
         "| part | threshold | kept | kept accuracy | lower bound | escalation | ECE |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -113,6 +122,7 @@ def calibrate(
         target_accuracy=spec.routing.target_accuracy,
         delta=spec.routing.delta,
         procedure=spec.routing.certification,
+        guarantee=spec.routing.guarantee,
     )
     calibrators = {part: fit_calibrator(a.confidence, a.correct) for part, a in parts.items()}
     ece = {part: expected_calibration_error(a.confidence, a.correct) for part, a in parts.items()}
@@ -130,6 +140,7 @@ def calibrate(
         certificates=certificates,
         calibrators=calibrators,
         head_version=head_version,
+        guarantee=guarantee_of(certificates),
     )
     url = write_router(spec, router)
     for part, cert in certificates.items():

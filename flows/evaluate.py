@@ -1,10 +1,13 @@
 """`docroute evaluate`: measure small-only, frontier-only and routed accuracy and cost on labeled documents.
 
-The operating point is the current calibrated router (when it matches the job) or the job file's thresholds. The
-frontier's answers are either real calls (`frontier="call"`, which spend money within the run's budget) or played
-by the gold labels (`frontier="gold"`: escalated rows count as correct and are priced at the frontier's list price
-from their length, the usual way to evaluate a cascade offline). Writes report.md, metrics.json and the
-accuracy-against-cost plot to the report folder.
+The operating point is the current calibrated router (when it matches the job) or the job file's thresholds. Next to
+it the report shows the two certified operating points — thresholds certified on these labels under
+`routing.guarantee` "kept" and "overall", at the job's target and delta — with their escalation, routed accuracy and
+cost, so the choice between the guarantees can be made on the job's own documents. The frontier's answers are either
+real calls (`frontier="call"`, which spend money within the run's budget) or played by the gold labels
+(`frontier="gold"`: escalated rows count as correct and are priced at the frontier's list price from their length,
+the usual way to evaluate a cascade offline). Writes report.md, metrics.json and the accuracy-against-cost plot to
+the report folder.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from docroute.schemas.load import load_job
 from docroute.schemas.pricing import lookup_price, self_hosted_cost_usd
 from docroute.schemas.spec import JobSpec
 from docroute.tasks.budget import release_run_budget
-from docroute.tasks.evaluation import EvaluationInput, evaluate, write_report
+from docroute.tasks.evaluation import CertificationSettings, EvaluationInput, evaluate, write_report
 from docroute.tasks.labels import load_labels
 from docroute.tasks.ledger import estimated_frontier_cost_usd
 from docroute.tasks.route import required_parts, spec_thresholds
@@ -116,14 +119,20 @@ def evaluate_job(
             frontier_cost_per_doc=frontier_cost,
             thresholds=thresholds,
             per_label=_per_label(spec, rows, gold.answers),
+            certification=CertificationSettings(
+                target_accuracy=spec.routing.target_accuracy,
+                delta=spec.routing.delta,
+                procedure=spec.routing.certification,
+            ),
         )
     )
     metrics["operating_point"] = why
     metrics["router_version"] = router.version if router is not None else None
+    metrics["router_guarantee"] = router.guarantee if router is not None else None
     metrics["frontier"] = {
         "answers": frontier,
         "model": frontier_model or (spec.frontier.model if spec.frontier else None),
     }
-    label = f"router {router.version}" if router is not None else "job-file thresholds"
+    label = f"router {router.version} ({router.guarantee})" if router is not None else "job-file thresholds"
     files = write_report(metrics, report, title=f"docroute evaluation · {spec.name}", operating_point_label=label)
     return {"metrics": metrics, "files": {k: str(v) for k, v in files.items()}}

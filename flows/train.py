@@ -26,6 +26,7 @@ from docroute.engines.head import LabelHead, examples_fingerprint, head_training
 from docroute.flows.process import with_output
 from docroute.schemas.load import load_job
 from docroute.schemas.spec import JobSpec
+from docroute.tasks.certify import guarantee_of
 from docroute.tasks.embeddings import EmbeddingCache
 from docroute.tasks.examples import load_labeled_examples
 from docroute.tasks.heads import write_head
@@ -218,6 +219,7 @@ def _train_round(spec: JobSpec, current: Router | None, split: TrainingSplit, ve
         certificates=certificates,
         calibrators=calibrators,
         head_version=version,
+        guarantee=guarantee_of(certificates),  # "mixed" when kept parts were certified under another guarantee
     )
     head_file = write_head(spec, version, candidate)
     router_file = write_router(spec, router, current=comparison.promote)

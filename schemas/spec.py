@@ -474,7 +474,15 @@ class RoutingSpec(StrictModel):
         default="bonferroni",
         description="docroute calibrate: bonferroni tests every threshold of a fixed grid at delta/grid size; "
         "fixed-sequence orders thresholds on 20% of the labels and tests down from there at full delta (valid, "
-        "usually fewer escalations, needs more labels)",
+        "usually fewer escalations, needs more labels); with guarantee overall, fixed-sequence tests down from the "
+        "top on every label at full delta and is never more conservative than bonferroni",
+    )
+    guarantee: Literal["kept", "overall"] = Field(
+        default="kept",
+        description="docroute calibrate: what target_accuracy bounds. kept: the accuracy of the rows the small model "
+        "keeps, so every kept row is trustworthy on its own (choose it when rows feed automated actions); overall: "
+        "the accuracy of the whole routed output relative to the frontier (only kept-and-wrong rows count against "
+        "it; choose it for dataset-level quality such as analytics, where it escalates far fewer rows)",
     )
     use_router: bool = Field(
         default=True, description="use the calibrated <output>/router.json when it matches this job's spec hash"

@@ -4,7 +4,13 @@ The point of docroute is a trade: keep the small model's confident answers, pay 
 turns per-document correctness, confidence and cost into the numbers that judge that trade — small-only,
 all-frontier and routed accuracy, escalation rate, cost per 1,000 documents, savings, calibration error per part,
 a per-label or per-field breakdown — plus the accuracy-against-cost curve over every scalar threshold, and writes
-them as a JSON file, a plot and a Markdown report. Pure numpy; matplotlib is imported only inside `write_report`.
+them as a JSON file, a plot and a Markdown report. Pure numpy (and tasks/certify.py's scipy); matplotlib is imported
+only inside `write_report`.
+
+Given `EvaluationInput.certification`, it also certifies thresholds on these labels under BOTH guarantees of
+tasks/certify.py ("kept": accuracy of the kept rows; "overall": accuracy of the routed output relative to the
+frontier) and reports each operating point's escalation, routed accuracy and cost, so a reader sees what choosing
+one guarantee or the other costs on their own documents before setting `routing.guarantee`.
 
 Conventions, shared with `tasks/route.py`:
 
@@ -27,9 +33,20 @@ from typing import Any
 
 import numpy as np
 
+from docroute.tasks.certify import GUARANTEES, Procedure, certify_parts
+
 ECE_BINS = 10
 _SIGNIFICANT = 6
 _UNROUNDED_KEYS = frozenset({"threshold", "thresholds"})  # thresholds are copied into job files: keep every digit
+
+
+@dataclass(frozen=True)
+class CertificationSettings:
+    """The job's `routing` settings for certifying both guarantees' operating points on the evaluation labels."""
+
+    target_accuracy: float
+    delta: float
+    procedure: Procedure = "bonferroni"
 
 
 @dataclass
@@ -45,6 +62,9 @@ class EvaluationInput:
     optionally ``"small"`` and ``"frontier"`` with each model's predicted label (None for no answer). Labels are
     compared exactly, so map them to canonical names first (e.g. with `schemas.compare.label_match`/`match_choice`).
     Without ``"small"`` only support and recall can be known.
+
+    `certification` (the job's target, delta and procedure), when given, adds the operating points certified on
+    these rows under each guarantee ("kept" and "overall"), so both can be compared with the one in use.
     """
 
     doc_ids: list[str]
@@ -56,6 +76,7 @@ class EvaluationInput:
     frontier_cost_per_doc: np.ndarray
     thresholds: dict[str, float | None]
     per_label: dict[str, list[str]] | None = None
+    certification: CertificationSettings | None = None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -235,6 +256,54 @@ def sweep(
     return points
 
 
+def certified_points(
+    confidence: Mapping[str, np.ndarray],
+    small: Mapping[str, np.ndarray],
+    required: Sequence[str],
+    *,
+    small_row: np.ndarray,
+    frontier_row: np.ndarray,
+    small_cost: np.ndarray,
+    frontier_cost: np.ndarray,
+    settings: CertificationSettings,
+) -> dict[str, dict[str, Any]]:
+    """Certify every required part under each guarantee on these rows, and measure the resulting operating points.
+
+    Each guarantee gets its per-part thresholds (certify_parts: every part at delta / parts) and the routed numbers
+    they give here. The certificates come from the same rows they are measured on, so the numbers show where each
+    guarantee puts the thresholds and what that costs, not an independent test of either guarantee.
+    """
+    n = small_row.size
+    frontier_total = float(frontier_cost.sum())
+    points: dict[str, dict[str, Any]] = {}
+    for guarantee in GUARANTEES:
+        certificates = certify_parts(
+            {part: (confidence[part], small[part]) for part in required},
+            target_accuracy=settings.target_accuracy,
+            delta=settings.delta,
+            procedure=settings.procedure,
+            guarantee=guarantee,
+        )
+        thresholds = {part: cert.threshold for part, cert in certificates.items()}
+        escalate = _escalated(confidence, required, thresholds, n)
+        routed = np.where(escalate, frontier_row, small_row)
+        total = float(small_cost.sum() + frontier_cost[escalate].sum())
+        points[guarantee] = {
+            "target_accuracy": settings.target_accuracy,
+            "delta": settings.delta,
+            "procedure": settings.procedure,
+            "thresholds": thresholds,
+            "lower_bounds": {part: cert.lower_bound for part, cert in certificates.items()},
+            "escalation_rate": float(escalate.mean()),
+            "escalated": int(escalate.sum()),
+            "accuracy": float(routed.mean()),
+            "kept_accuracy": float(small_row[~escalate].mean()) if (~escalate).any() else None,
+            "cost_per_1000": _per_1000(total, n),
+            "savings_pct": _savings_pct(total, frontier_total),
+        }
+    return points
+
+
 def _prf(gold: Sequence[str | None], predicted: Sequence[str | None]) -> dict[str, Any]:
     """Per-label precision, recall, F1 and support, with 0 for 0/0 (scikit-learn's zero_division=0).
 
@@ -319,7 +388,8 @@ def evaluate(inp: EvaluationInput) -> dict[str, Any]:
     Keys: n_documents, parts, required, thresholds, frontier_assumed_correct, flags, small_only, frontier_only,
     routed (accuracy, escalation_rate, escalated, cost_per_1000, savings_pct), per_part (small/frontier/routed
     accuracy, threshold, ECE per part), calibration (ECE with its bins per part that has confidences), per_label
-    (classification breakdown, or None), sweep (see `sweep`).
+    (classification breakdown, or None), sweep (see `sweep`), certified ("kept" and "overall" operating points
+    certified on these rows, see `certified_points`; None without `inp.certification` or required parts).
     """
     data = _check(inp)
     n = data.n
@@ -382,6 +452,19 @@ def evaluate(inp: EvaluationInput) -> dict[str, Any]:
     else:
         curve = []
 
+    certified = None
+    if inp.certification is not None and inp.required:
+        certified = certified_points(
+            data.confidence,
+            data.small,
+            inp.required,
+            small_row=small_row,
+            frontier_row=frontier_row,
+            small_cost=data.small_cost,
+            frontier_cost=data.frontier_cost,
+            settings=inp.certification,
+        )
+
     per_label = None
     if inp.per_label is not None:
         per_label = _label_breakdown(
@@ -420,6 +503,7 @@ def evaluate(inp: EvaluationInput) -> dict[str, Any]:
         "calibration": calibration,
         "per_label": per_label,
         "sweep": curve,
+        "certified": certified,
     }
 
 
@@ -460,6 +544,10 @@ def _money(value: float | None) -> str:
 
 def _savings(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f}%"
+
+
+_GUARANTEE_NAMES = {"kept": "certified, kept rows", "overall": "certified, overall"}
+_GUARANTEE_STYLE = {"kept": ("D", "tab:purple", (0.05, 0.55)), "overall": ("P", "tab:brown", (0.05, 0.8))}
 
 
 def _plot(metrics: Mapping[str, Any], path: Path, *, title: str, operating_point_label: str) -> None:
@@ -510,6 +598,22 @@ def _plot(metrics: Mapping[str, Any], path: Path, *, title: str, operating_point
         zorder=4,
         label=operating_point_label,
     )
+    for guarantee, point in (metrics.get("certified") or {}).items():
+        marker, color, where = _GUARANTEE_STYLE.get(guarantee, ("o", "tab:gray", (0.05, 0.3)))
+        name = _GUARANTEE_NAMES.get(guarantee, guarantee)
+        axes.scatter(
+            [point["cost_per_1000"]], [point["accuracy"]], marker=marker, s=90, color=color, zorder=4, label=name
+        )
+        axes.annotate(
+            f"{name}\n{_pct(point['accuracy'])} accurate, {_pct(point['escalation_rate'])} escalated,"
+            f"\n{_money(point['cost_per_1000'])} per 1,000 docs",
+            xy=(point["cost_per_1000"], point["accuracy"]),
+            xytext=where,
+            textcoords="axes fraction",
+            arrowprops={"arrowstyle": "->", "color": color},
+            fontsize=8,
+            color=color,
+        )
     axes.annotate(
         f"{operating_point_label}\n{_pct(routed['accuracy'])} accurate, {_pct(routed['escalation_rate'])} escalated,"
         f"\n{_money(routed['cost_per_1000'])} per 1,000 docs",
@@ -526,6 +630,37 @@ def _plot(metrics: Mapping[str, Any], path: Path, *, title: str, operating_point
     axes.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, format="png")
+
+
+def _shown(thresholds: Mapping[str, float | None]) -> str:
+    return ", ".join(f"{p} ≥ {t:g}" if t is not None else f"{p}: always escalates" for p, t in thresholds.items())
+
+
+def _certified_markdown(certified: Mapping[str, Any] | None) -> list[str]:
+    """The two certified operating points side by side, with what each guarantee means (tasks/certify.py)."""
+    if not certified:
+        return []
+    first = next(iter(certified.values()))
+    lines = [
+        "## Certified operating points",
+        "",
+        f"Thresholds certified on these labels at target accuracy {_pct(first['target_accuracy'])} with probability "
+        f"≥ {1 - first['delta']:.3g} ({first['procedure']}), under each `routing.guarantee`. **kept**: the rows the "
+        "small model keeps reach the target (each kept row is trustworthy on its own). **overall**: the whole routed "
+        "output reaches the target relative to the frontier (only kept-and-wrong rows count against it). Certified "
+        "and measured on the same rows: where each guarantee puts the thresholds, not an independent test of it.",
+        "",
+        "| Guarantee | Thresholds | Escalation rate | Routed accuracy | Kept-row accuracy | Cost per 1,000 docs "
+        "| Savings vs all-frontier |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for guarantee, point in certified.items():
+        lines.append(
+            f"| {guarantee} | {_shown(point['thresholds'])} | {_pct(point['escalation_rate'])} "
+            f"| {_pct(point['accuracy'])} | {_pct(point['kept_accuracy'])} | {_money(point['cost_per_1000'])} "
+            f"| {_savings(point['savings_pct'])} |"
+        )
+    return [*lines, ""]
 
 
 def _markdown(metrics: Mapping[str, Any], *, title: str, operating_point_label: str, plot_name: str) -> str:
@@ -550,8 +685,8 @@ def _markdown(metrics: Mapping[str, Any], *, title: str, operating_point_label: 
     ]
     thresholds = metrics.get("thresholds") or {}
     if thresholds:
-        shown = ", ".join(f"{p} ≥ {t:g}" if t is not None else f"{p}: always escalates" for p, t in thresholds.items())
-        lines += [f"Operating point thresholds: {shown}.", ""]
+        lines += [f"Operating point thresholds: {_shown(thresholds)}.", ""]
+    lines += _certified_markdown(metrics.get("certified"))
 
     per_label = metrics.get("per_label")
     if per_label:
@@ -604,7 +739,8 @@ def _markdown(metrics: Mapping[str, Any], *, title: str, operating_point_label: 
         f"![Routed accuracy against cost per 1,000 documents]({plot_name})",
         "",
         f"The line applies one threshold to every required part ({len(metrics.get('sweep') or [])} points, "
-        "from nothing escalated to everything escalated); the star is the operating point above.",
+        "from nothing escalated to everything escalated); the star is the operating point above"
+        + ("; the other markers are the certified operating points." if metrics.get("certified") else "."),
         "",
     ]
     return "\n".join(lines)

@@ -37,6 +37,7 @@ class Router:
     certificates: dict[str, Certificate]
     calibrators: dict[str, Calibrator] = field(default_factory=dict)
     head_version: str | None = None  # the classification head `docroute train` fitted (None: trained from examples)
+    guarantee: str = "kept"  # what the certificates bound: "kept" rows, the "overall" output, or "mixed" parts
 
     def thresholds(self) -> dict[str, float | None]:
         """What routing compares each part's confidence with (None: this part always escalates)."""
@@ -60,6 +61,7 @@ class Router:
             "certificates": {part: cert.to_json() for part, cert in self.certificates.items()},
             "calibrators": {part: cal.to_json() for part, cal in self.calibrators.items()},
             "head_version": self.head_version,
+            "guarantee": self.guarantee,
         }
 
     @classmethod
@@ -77,6 +79,7 @@ class Router:
             certificates={p: Certificate.from_json(c) for p, c in data["certificates"].items()},
             calibrators={p: Calibrator.from_json(c) for p, c in data.get("calibrators", {}).items()},
             head_version=data.get("head_version"),
+            guarantee=str(data.get("guarantee", "kept")),  # routers written before the choice existed: "kept"
         )
 
 

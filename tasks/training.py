@@ -148,6 +148,7 @@ def compare_heads(
             target_accuracy=spec.routing.target_accuracy,
             delta=delta,
             procedure=spec.routing.certification,
+            guarantee=spec.routing.guarantee,
         )["label"]
         accuracy[name] = float(correct.mean()) if len(correct) else 0.0
     return HeadComparison(

@@ -125,7 +125,11 @@ def test_evaluate_writes_report_with_gold_and_with_real_frontier_calls(tmp_path:
     assert metrics["routed"]["accuracy"] >= metrics["small_only"]["accuracy"]  # escalations answered by the gold
     for name in ("report.md", "metrics.json", "accuracy_vs_cost.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
-    assert "job-file thresholds" in (tmp_path / "report" / "report.md").read_text()
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "job-file thresholds" in report and "## Certified operating points" in report
+    assert set(metrics["certified"]) == {"kept", "overall"}  # both guarantees' operating points, on these labels
+    for point in metrics["certified"].values():
+        assert 0 <= point["escalation_rate"] <= 1 and point["cost_per_1000"] > 0 and "label" in point["thresholds"]
 
     oracle = [(texts[name], {"label": label}) for name, label in answers]
     with OracleServer(oracle) as server:
@@ -158,3 +162,23 @@ def test_fixed_sequence_certification_is_selected_by_the_spec(tmp_path: Path) ->
     assert "fixed-sequence" in cert.method and cert.n == 30
     if cert.threshold is not None:
         assert cert.lower_bound >= 0.8
+
+
+def test_overall_guarantee_is_selected_by_the_spec_and_recorded(tmp_path: Path) -> None:
+    labels = _labeled_corpus(tmp_path / "docs", 30)
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        topic_job_yaml(
+            tmp_path / "docs",
+            tmp_path / "out",
+            extra="routing: {target_accuracy: 0.8, delta: 0.2, guarantee: overall, certification: fixed-sequence}\n",
+        ),
+        encoding="utf-8",
+    )
+    router = calibrate(str(job), labels=str(labels))["router"]
+    cert = router.certificates["label"]
+    assert router.guarantee == cert.guarantee == "overall" and "overall" in cert.method and cert.n == 30
+    if cert.threshold is not None:
+        assert cert.lower_bound >= 0.8
+    assert json.loads((tmp_path / "out" / "router.json").read_text())["guarantee"] == "overall"
+    assert load_router(load_job(job)).guarantee == "overall"

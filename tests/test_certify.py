@@ -1,8 +1,9 @@
 """Certified thresholds (tasks/certify.py) and confidence calibration (engines/calibration.py).
 
-The simulations draw many calibration sets from populations whose true accuracy above any threshold is known in
-closed form, and check that the certified threshold's TRUE accuracy falls short of the target no more often than
-delta says. Seeded and deterministic; a few seconds in all.
+The simulations draw many calibration sets from populations whose true accuracy above any threshold (the "kept"
+guarantee) and true routed accuracy relative to the frontier (the "overall" guarantee) are known in closed form, and
+check that the certified threshold's TRUE value falls short of the target no more often than delta says. Seeded and
+deterministic; a few seconds in all.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from docroute.tasks.certify import (
     certify_threshold,
     clopper_pearson_lower,
     escalation_rate,
+    guarantee_of,
 )
+from docroute.tasks.router import Router
 
 TARGET = 0.9
 DELTA = 0.1
@@ -65,6 +68,17 @@ class Population:
 
     def kept_share(self, t: float) -> float:
         return float(special.betaincc(self.a, self.b, t))
+
+    def true_overall(self, t: float) -> float:
+        """A(t) = 1 - P(c >= t, wrong) = 1 - (P(c >= t) - E[g(c) 1{c >= t}]), exactly (same moment as above)."""
+        tail = special.betaincc(self.a, self.b, t)
+        moment = special.beta(self.a + self.power, self.b) / special.beta(self.a, self.b)
+        kept_right = self.base * tail + self.scale * moment * special.betaincc(self.a + self.power, self.b, t)
+        return float(1.0 - (tail - kept_right))
+
+    def truth(self, guarantee: str, t: float) -> float:
+        """The quantity `guarantee` certifies, at threshold t."""
+        return self.true_overall(t) if guarantee == "overall" else self.true_accuracy(t)
 
 
 LINEAR = Population(a=2.0, b=1.0, base=0.5, scale=0.5, power=1.0)
@@ -147,6 +161,7 @@ def test_population_accuracy_formula_matches_monte_carlo() -> None:
         kept = confidence >= t
         assert CURVED.true_accuracy(t) == pytest.approx(correct[kept].mean(), abs=0.006)
         assert CURVED.kept_share(t) == pytest.approx(kept.mean(), abs=0.003)
+        assert CURVED.true_overall(t) == pytest.approx(1 - (kept & ~correct).mean(), abs=0.003)
 
 
 # --- the guarantee, by simulation -----------------------------------------------------------------------------------
@@ -174,8 +189,9 @@ def test_fixed_sequence_escalates_less_than_bonferroni() -> None:
     assert fixed["failure"] <= DELTA + SLACK
 
 
+@pytest.mark.parametrize("guarantee", ["kept", "overall"])
 @pytest.mark.parametrize("procedure", ["bonferroni", "fixed-sequence"])
-def test_parts_hold_jointly_with_probability_one_minus_delta(procedure: str) -> None:
+def test_parts_hold_jointly_with_probability_one_minus_delta(procedure: str, guarantee: str) -> None:
     """Three parts with dependent confidences (a Gaussian copula), each certified at delta/3."""
     populations = {"label": LINEAR, "amount": CURVED, "date": STEEP}
     rng = np.random.default_rng(3)
@@ -188,15 +204,170 @@ def test_parts_hold_jointly_with_probability_one_minus_delta(procedure: str) -> 
             latent = (shared + rng.standard_normal(rows)) / math.sqrt(2)
             confidence = special.betaincinv(pop.a, pop.b, special.ndtr(latent))
             parts[name] = (confidence, pop.correct(rng, confidence))
-        certs = certify_parts(parts, target_accuracy=TARGET, delta=DELTA, procedure=procedure)
-        assert all(cert.delta == pytest.approx(DELTA / 3) for cert in certs.values())
+        certs = certify_parts(
+            parts,
+            target_accuracy=TARGET,
+            delta=DELTA,
+            procedure=procedure,
+            guarantee=guarantee,  # type: ignore[arg-type]
+        )
+        assert all(cert.delta == pytest.approx(DELTA / 3) and cert.guarantee == guarantee for cert in certs.values())
         all_found += all(cert.threshold is not None for cert in certs.values())
         failures += any(
-            cert.threshold is not None and populations[name].true_accuracy(cert.threshold) < TARGET
+            cert.threshold is not None and populations[name].truth(guarantee, cert.threshold) < TARGET
             for name, cert in certs.items()
         )
     assert failures / DRAWS <= DELTA + SLACK
     assert all_found / DRAWS >= 0.75
+
+
+# --- the "overall" guarantee, by simulation -------------------------------------------------------------------------
+
+
+@functools.cache
+def _simulate_overall(population: Population, procedure: str, seed: int) -> dict[str, float]:
+    """Like `_simulate` for guarantee="overall", with the "kept" certificate of the same draws for comparison."""
+    rng = np.random.default_rng(seed)
+    failures = found = naive_failures = 0
+    overall_escalations, kept_escalations = [], []
+    for _ in range(DRAWS):
+        confidence, correct = population.sample(rng, ROWS)
+        common = {"part": "label", "target_accuracy": TARGET, "delta": DELTA, "procedure": procedure}
+        cert = certify_threshold(confidence, correct, guarantee="overall", **common)  # type: ignore[arg-type]
+        kept_cert = certify_threshold(confidence, correct, guarantee="kept", **common)  # type: ignore[arg-type]
+        overall_escalations.append(cert.escalation_rate)
+        kept_escalations.append(kept_cert.escalation_rate)
+        if cert.threshold is not None:
+            found += 1
+            failures += population.true_overall(cert.threshold) < TARGET
+        kept, right = _grid_counts(confidence, correct)
+        naive = _smallest(1 - (kept - right) / ROWS >= TARGET)  # an invalid rival: the point estimate of A(t)
+        naive_failures += naive is not None and population.true_overall(naive) < TARGET
+    return {
+        "failure": failures / DRAWS,
+        "found": found / DRAWS,
+        "escalation": float(np.mean(overall_escalations)),
+        "kept_escalation": float(np.mean(kept_escalations)),
+        "naive_failure": naive_failures / DRAWS,
+    }
+
+
+@pytest.mark.parametrize("procedure", ["bonferroni", "fixed-sequence"])
+@pytest.mark.parametrize(("population", "seed"), [(LINEAR, 1), (CURVED, 2)], ids=["linear", "curved"])
+def test_overall_threshold_meets_target_with_probability_one_minus_delta(
+    population: Population, seed: int, procedure: str
+) -> None:
+    oracle = min(t for t in DEFAULT_GRID if population.true_overall(t) >= TARGET)
+    assert population.true_overall(0.0) < TARGET < population.true_overall(oracle)  # reachable, and not by all
+    result = _simulate_overall(population, procedure, seed)
+    assert result["failure"] <= DELTA + SLACK, result
+    assert result["found"] >= 0.75, result
+    assert result["escalation"] >= 1 - population.kept_share(oracle) - 0.02, result  # never beats the oracle by much
+    assert result["naive_failure"] > 3 * DELTA, result  # the same draws catch an invalid rule
+
+
+@pytest.mark.parametrize("procedure", ["bonferroni", "fixed-sequence"])
+@pytest.mark.parametrize(("population", "seed"), [(LINEAR, 1), (CURVED, 2)], ids=["linear", "curved"])
+def test_overall_escalates_far_fewer_rows_than_kept(population: Population, seed: int, procedure: str) -> None:
+    result = _simulate_overall(population, procedure, seed)  # the same draws as the test above (cached)
+    assert result["escalation"] < result["kept_escalation"] - 0.2, result
+
+
+def _overall_bound(confidence: np.ndarray, correct: np.ndarray, t: float, alpha: float) -> float:
+    """1 - the Clopper-Pearson upper bound on P(c >= t, wrong), straight from scipy."""
+    n = confidence.size
+    wrong = int(((confidence >= t) & ~correct).sum())
+    return 1 - (1.0 if wrong == n else float(stats.beta.ppf(1 - alpha, wrong + 1, n - wrong)))
+
+
+def test_overall_fixed_sequence_is_the_smallest_passing_threshold_at_full_delta() -> None:
+    """Monotone risk makes the top-down sequence equal to "smallest t whose bound passes at delta", below bonferroni."""
+    rng = np.random.default_rng(14)
+    for _ in range(20):
+        confidence, correct = CURVED.sample(rng, 600)
+        fixed = certify_threshold(
+            confidence,
+            correct,
+            part="label",
+            target_accuracy=TARGET,
+            delta=DELTA,
+            procedure="fixed-sequence",
+            guarantee="overall",
+        )
+        bonferroni = certify_threshold(
+            confidence, correct, part="label", target_accuracy=TARGET, delta=DELTA, guarantee="overall"
+        )
+
+        expected = min(t for t in DEFAULT_GRID if _overall_bound(confidence, correct, t, DELTA) >= TARGET)
+        assert fixed.threshold == expected and fixed.lower_bound == pytest.approx(
+            _overall_bound(confidence, correct, expected, DELTA)
+        )
+        assert bonferroni.threshold is not None and bonferroni.threshold >= fixed.threshold
+        alpha = DELTA / len(DEFAULT_GRID)
+        assert bonferroni.threshold == min(
+            t for t in DEFAULT_GRID if _overall_bound(confidence, correct, t, alpha) >= TARGET
+        )
+        assert fixed.guarantee == bonferroni.guarantee == "overall" and "no ordering split" in fixed.method
+        kept = confidence >= fixed.threshold
+        assert fixed.kept == kept.sum() and fixed.escalation_rate == pytest.approx(1 - kept.mean())
+        assert Certificate.from_json(json.loads(json.dumps(fixed.to_json()))) == fixed
+
+
+def test_overall_edges() -> None:
+    rng = np.random.default_rng(15)
+    confidence = rng.random(500)
+    perfect = certify_threshold(
+        confidence, np.ones(500, bool), part="x", target_accuracy=1.0, delta=0.1, guarantee="overall"
+    )
+    assert perfect.threshold is None and perfect.escalation_rate == 1.0  # 100% can never be certified
+    all_right = certify_threshold(
+        confidence, np.ones(500, bool), part="x", target_accuracy=0.9, delta=0.1, guarantee="overall"
+    )
+    assert all_right.threshold == 0.0 and all_right.escalation_rate == 0.0  # nothing kept is wrong
+    empty = certify_threshold([], [], part="x", target_accuracy=0.9, delta=0.1, guarantee="overall")
+    assert empty.threshold is None and empty.n == 0 and empty.escalation_rate == 1.0
+    nan = np.concatenate([np.full(300, np.nan), np.full(100, 0.95)])
+    wrong_when_unknown = np.concatenate([np.zeros(300, bool), np.ones(100, bool)])
+    cert = certify_threshold(nan, wrong_when_unknown, part="x", target_accuracy=0.9, delta=0.1, guarantee="overall")
+    assert cert.threshold == 0.0 and cert.kept == 100  # the wrong rows have no confidence: never kept, never count
+    with pytest.raises(ValueError):
+        certify_threshold([0.5], [True], part="x", target_accuracy=0.9, delta=0.1, guarantee="rows")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        certify_threshold(
+            [0.5],
+            [True],
+            part="x",
+            target_accuracy=0.9,
+            delta=0.1,
+            procedure="holm",
+            guarantee="overall",  # type: ignore[arg-type]
+        )
+
+
+def test_certificates_and_routers_record_their_guarantee() -> None:
+    old = _cert("label", 0.8).to_json()
+    del old["guarantee"]  # a router.json written before the choice existed
+    assert Certificate.from_json(old).guarantee == "kept"
+    overall = Certificate.from_json({**old, "guarantee": "overall"})
+    assert guarantee_of({}) == "kept" and guarantee_of({"label": overall}) == "overall"
+    assert guarantee_of({"label": overall, "date": Certificate.from_json(old)}) == "mixed"
+    router = Router(
+        "v1",
+        "2026-01-01T00:00:00+00:00",
+        "job",
+        "abc",
+        "small",
+        0.9,
+        0.1,
+        10,
+        "gold",
+        {"label": overall},
+        guarantee="overall",
+    )
+    data = json.loads(json.dumps(router.to_json()))
+    assert data["guarantee"] == "overall" and Router.from_json(data) == router
+    del data["guarantee"]
+    assert Router.from_json(data).guarantee == "kept"
 
 
 # --- certify_threshold and friends ----------------------------------------------------------------------------------

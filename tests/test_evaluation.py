@@ -16,7 +16,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from docroute.tasks.evaluation import EvaluationInput, evaluate, expected_calibration_error, write_report
+from docroute.tasks.certify import certify_threshold
+from docroute.tasks.evaluation import (
+    CertificationSettings,
+    EvaluationInput,
+    evaluate,
+    expected_calibration_error,
+    write_report,
+)
 
 T, F = True, False
 
@@ -337,3 +344,69 @@ def test_importing_evaluation_does_not_import_matplotlib() -> None:
     code = "import sys, docroute.tasks.evaluation; print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# certified operating points (both guarantees)
+
+
+def _many(rows: int = 1000) -> EvaluationInput:
+    """A classification set large enough to certify: accuracy rises with confidence (P(right | c) = c)."""
+    rng = np.random.default_rng(5)
+    confidence = rng.beta(4.0, 1.0, rows)
+    small = rng.random(rows) < confidence
+    frontier = rng.random(rows) < 0.97
+    return EvaluationInput(
+        doc_ids=[f"d{i}" for i in range(rows)],
+        small_correct={"label": small},
+        small_confidence={"label": confidence},
+        required=["label"],
+        frontier_correct={"label": frontier},
+        small_cost_per_doc=np.full(rows, 0.001),
+        frontier_cost_per_doc=np.full(rows, 0.02),
+        thresholds={"label": 0.5},
+        certification=CertificationSettings(target_accuracy=0.9, delta=0.1),
+    )
+
+
+def test_certified_operating_points_for_both_guarantees(tmp_path: Path) -> None:
+    inp = _many()
+    metrics = evaluate(inp)
+    certified = metrics["certified"]
+    assert set(certified) == {"kept", "overall"}
+    confidence, small = inp.small_confidence["label"], inp.small_correct["label"]
+    frontier = inp.frontier_correct["label"]  # type: ignore[index]
+    for guarantee, point in certified.items():
+        cert = certify_threshold(
+            confidence, small, part="label", target_accuracy=0.9, delta=0.1, guarantee=guarantee
+        )  # one part: certify_parts' delta / 1
+        assert point["thresholds"] == {"label": cert.threshold} and cert.threshold is not None
+        assert point["lower_bounds"] == {"label": cert.lower_bound}
+        escalate = confidence < cert.threshold
+        assert point["escalation_rate"] == pytest.approx(escalate.mean()) and point["escalated"] == escalate.sum()
+        assert point["accuracy"] == pytest.approx(np.where(escalate, frontier, small).mean())
+        assert point["kept_accuracy"] == pytest.approx(small[~escalate].mean())
+        assert point["cost_per_1000"] == pytest.approx(1.0 + 20.0 * escalate.mean())
+        assert point["savings_pct"] == pytest.approx((20.0 - point["cost_per_1000"]) / 20.0 * 100)
+    assert certified["overall"]["escalation_rate"] < certified["kept"]["escalation_rate"] - 0.1
+    assert certified["kept"]["kept_accuracy"] >= 0.9  # what each guarantee is about, seen on its own rows
+    assert 1 - (~small & (confidence >= certified["overall"]["thresholds"]["label"])).mean() >= 0.9
+
+    paths = write_report(metrics, tmp_path, title="Both", operating_point_label="threshold 0.5")
+    loaded = json.loads(paths["metrics"].read_text(), parse_constant=_no_nan)
+    assert loaded["certified"]["overall"]["thresholds"] == certified["overall"]["thresholds"]  # every digit
+    report = paths["report"].read_text()
+    assert "## Certified operating points" in report
+    for guarantee, point in certified.items():
+        row = (
+            f"| {guarantee} | label ≥ {point['thresholds']['label']:g} | {point['escalation_rate'] * 100:.1f}% "
+            f"| {point['accuracy'] * 100:.1f}% |"
+        )
+        assert row in report
+    assert paths["plot"].read_bytes().startswith(b"\x89PNG")
+
+
+def test_no_certified_points_without_settings() -> None:
+    metrics = evaluate(_classification())
+    assert metrics["certified"] is None
+    assert evaluate(_classification(required=[], certification=CertificationSettings(0.9, 0.1)))["certified"] is None
