@@ -28,6 +28,8 @@ class LabelHead:
     intercept: np.ndarray
     trained_on: int
     fingerprint: str
+    encoder: str = ""
+    """The encoder whose vectors it reads (engines/encoders.py); empty for heads saved before encoders were named."""
 
     def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
         logits = embeddings @ self.coef.T + self.intercept
@@ -37,7 +39,12 @@ class LabelHead:
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
-        meta = {"labels": list(self.labels), "trained_on": self.trained_on, "fingerprint": self.fingerprint}
+        meta = {
+            "labels": list(self.labels),
+            "trained_on": self.trained_on,
+            "fingerprint": self.fingerprint,
+            "encoder": self.encoder,
+        }
         np.savez_compressed(buffer, coef=self.coef, intercept=self.intercept, meta=np.array(json.dumps(meta)))
         return buffer.getvalue()
 
@@ -51,6 +58,7 @@ class LabelHead:
                 intercept=archive["intercept"],
                 trained_on=int(meta["trained_on"]),
                 fingerprint=str(meta["fingerprint"]),
+                encoder=str(meta.get("encoder", "")),
             )
 
 
@@ -89,12 +97,14 @@ def train_head(
     *,
     fingerprint: str,
     c: float | None = None,
+    encoder: str = "",
 ) -> LabelHead:
     """Fit the head, choosing its regularisation by cross-validated log-loss unless `c` is given.
 
     Log-loss rewards calibrated probabilities, not just the right argmax: on BANKING77 the strength it picks gives an
     expected calibration error of 0.03 where a fixed C=10 gives 0.44, so the router's thresholds mean what they say.
-    A label with no training example keeps a very low score instead of breaking the fit.
+    A label with no training example keeps a very low score instead of breaking the fit. `encoder` is recorded so
+    the head is refused by an engine whose encoder gives other vectors.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -130,4 +140,4 @@ def train_head(
     for row, cls in enumerate(model.classes_):
         coef[cls] = weights[row]
         intercept[cls] = biases[row]
-    return LabelHead(tuple(labels), coef, intercept, trained_on=len(targets), fingerprint=fingerprint)
+    return LabelHead(tuple(labels), coef, intercept, trained_on=len(targets), fingerprint=fingerprint, encoder=encoder)

@@ -2,7 +2,9 @@
 
 * Classification by label scoring: the log-probability of every label's words after a few-shot prompt, normalised
   over the label set and divided by the label prior on content-free input (contextual calibration).
-* Classification by embeddings and a logistic-regression head trained on the job's labeled examples.
+* Classification by embeddings and a logistic-regression head trained on the job's labeled examples. The vectors
+  come from `small_model.encoder` (engines/encoders.py): the GGUF model's own embeddings, or the static WordLlama
+  encoder, which is far cheaper and better on short texts.
 * Extraction by choosing each field's value among candidates taken from the document (engines/candidates.py),
   scored by the model's likelihood after a few-shot prompt; confidence is the chosen value's share of the
   candidate set's probability.
@@ -23,6 +25,7 @@ from docroute.engines import fewshot
 from docroute.engines.base import EngineUnavailableError, Prediction, Request, Usage, check_complete
 from docroute.engines.candidates import candidates_for
 from docroute.engines.confidence import choose_value, contextual_calibration, pick, softmax
+from docroute.engines.encoders import Encoded, Encoder, LlamaCppEncoder, WordLlamaEncoder
 from docroute.engines.head import LabelHead, examples_fingerprint, head_training_data, train_head
 from docroute.engines.llama_runtime import LlamaRuntime, packaged_model_path, shared_runtime
 from docroute.schemas.spec import ExtractSpec, FieldSpec, LlamaCppSpec, TaskSpec
@@ -58,9 +61,17 @@ class LlamaCppEngine:
     ) -> None:
         self.spec = spec
         self.task = task
-        self.name = f"llamacpp:{spec.model_name}"
         model_path = spec.model_path or packaged_model_path()
         self._runtime = runtime or shared_runtime(model_path, n_ctx=spec.n_ctx, n_threads=spec.n_threads)
+        self.encoder: Encoder = (
+            WordLlamaEncoder(max_tokens=spec.max_input_tokens)
+            if spec.encoder == "wordllama"
+            else LlamaCppEncoder(self._runtime, model_name=spec.model_name, max_tokens=spec.max_input_tokens)
+        )
+        # the name is in every head's fingerprint and every row's `model`: another encoder makes another engine
+        self.name = f"llamacpp:{spec.model_name}"
+        if spec.encoder != "llamacpp":
+            self.name += f"+{self.encoder.name}"
         self._examples = list(examples)
         self._head = head
         self._classify_prefix: list[int] = []
@@ -99,8 +110,7 @@ class LlamaCppEngine:
         if self.strategy == "embedding_head":
             if self._head is None:
                 self._head = self._train_head()
-            if list(self._head.labels) != classify.label_names:
-                raise EngineUnavailableError("the embedding head was trained for other labels than the job's")
+            self._check_head(self._head, classify.label_names)
             return
         self._head = None
         self._label_tokens = [
@@ -122,18 +132,38 @@ class LlamaCppEngine:
             priors = [softmax(self._score_labels(text)) for text in CONTENT_FREE_INPUTS]
             self._label_prior = np.mean(priors, axis=0)
 
+    def _check_head(self, head: LabelHead, labels: list[str]) -> None:
+        """Refuse a head made for other labels or another encoder: its probabilities would be meaningless."""
+        if list(head.labels) != labels:
+            raise EngineUnavailableError("the embedding head was trained for other labels than the job's")
+        if head.encoder and head.encoder != self.encoder.name:
+            raise EngineUnavailableError(
+                f"the embedding head was trained on encoder {head.encoder}, not {self.encoder.name}: "
+                "train it again (docroute train) or set small_model.encoder back"
+            )
+        if head.coef.shape[1] != self.encoder.dim:  # heads saved without an encoder name: the width still tells
+            raise EngineUnavailableError(
+                f"the embedding head reads {head.coef.shape[1]}-dimension vectors but encoder {self.encoder.name} "
+                f"gives {self.encoder.dim}: train it again (docroute train) or set small_model.encoder back"
+            )
+
     def _train_head(self) -> LabelHead:
         classify = self.task.classify
         assert classify is not None
         data = head_training_data(classify, self._examples)
         fingerprint = examples_fingerprint(self.name, data, classify.label_names)
         embeddings = self.embed([text for text, _ in data])
-        return train_head(embeddings, [label for _, label in data], classify.label_names, fingerprint=fingerprint)
+        return train_head(
+            embeddings,
+            [label for _, label in data],
+            classify.label_names,
+            fingerprint=fingerprint,
+            encoder=self.encoder.name,
+        )
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """The vectors the classification head reads: one row per text, exactly as `predict` embeds documents."""
-        embeddings, _ = self._runtime.embed(list(texts), max_tokens=self.spec.max_input_tokens)
-        return embeddings
+        return self.encoder.embed(texts)
 
     def _prepare_extraction(self, extract: ExtractSpec) -> None:
         # candidates are scored in groups that fit beside the document; keep room for a few long ones at a time
@@ -283,14 +313,12 @@ class LlamaCppEngine:
         predictions: list[Prediction] = []
         classify = self.task.classify
         head_probs: np.ndarray | None = None
+        encoded: Encoded | None = None
         batch_labels: list[tuple[str, float, Usage, bool]] | None = None
         if classify is not None and batch and self._head is not None and self.strategy == "embedding_head":
-            started = self._runtime.busy_seconds()
-            embeddings, embedded_tokens = self._runtime.embed(
-                [r.text for r in batch], max_tokens=self.spec.max_input_tokens
-            )
-            head_probs = self._head.predict_proba(embeddings)
-            head_seconds = (self._runtime.busy_seconds() - started) / len(batch)
+            encoded = self.encoder.encode([r.text for r in batch])
+            head_probs = self._head.predict_proba(encoded.vectors)
+            head_seconds = encoded.seconds / len(batch)
         elif classify is not None and batch and self.spec.calibration == "batch":
             batch_labels = self._classify_batch_calibrated([r.text for r in batch])
         for position, request in enumerate(batch):
@@ -299,13 +327,12 @@ class LlamaCppEngine:
             usage = Usage()
             try:
                 if classify is not None:
-                    if head_probs is not None:
+                    if head_probs is not None and encoded is not None:
                         index, confidence = pick(head_probs[position])
                         prediction.label = classify.labels[index].name
                         prediction.label_confidence = confidence
-                        limit = self._runtime.embed_token_limit(self.spec.max_input_tokens)
-                        usage += Usage(input_tokens=min(embedded_tokens[position], limit))
-                        prediction.truncated |= embedded_tokens[position] > limit
+                        usage += Usage(input_tokens=min(encoded.tokens[position], encoded.limit))
+                        prediction.truncated |= encoded.tokens[position] > encoded.limit
                         prediction.engine_seconds += head_seconds
                     else:
                         label, confidence, label_usage, truncated = (

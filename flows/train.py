@@ -191,7 +191,10 @@ def _train_round(spec: JobSpec, current: Router | None, split: TrainingSplit, ve
     holdout_vectors = cache.embed(holdout_texts, embed)
     cache.save(version)
     fingerprint = examples_fingerprint(engine.name, data, classify.label_names)
-    candidate = train_head(train_vectors, [label for _, label in data], classify.label_names, fingerprint=fingerprint)
+    encoder = getattr(getattr(engine, "encoder", None), "name", "")  # the head records the vectors it reads
+    candidate = train_head(
+        train_vectors, [label for _, label in data], classify.label_names, fingerprint=fingerprint, encoder=encoder
+    )
     gold = [str(answers["label"]) for _, answers in split.holdout]
     candidate_labels, candidate_conf = _head_predictions(candidate, holdout_vectors)
     current_head = getattr(engine, "head", None)

@@ -316,6 +316,16 @@ class LlamaCppSpec(StrictModel):
         description="extraction: sum ranks candidates by their likelihood; mean by likelihood per token",
     )
     usd_per_hour: float = Field(default=0.0, ge=0, description="self-hosted compute price for the cost ledger")
+    encoder: Literal["llamacpp", "wordllama"] = Field(
+        default="llamacpp",
+        # left out of dumps when default: `spec_hash` and the embedding cache key hash the dump, and adding the
+        # option must not change every existing job's hash (that would reprocess all its documents)
+        exclude_if=lambda encoder: encoder == "llamacpp",
+        description=(
+            "embedding head: the vectors it reads; llamacpp: the GGUF model's mean-pooled embeddings; wordllama: "
+            "the 16 MB static encoder bundled in the wordllama wheel (far faster, better on short texts)"
+        ),
+    )
 
     @field_validator("model_path")
     @classmethod

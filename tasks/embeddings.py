@@ -3,7 +3,8 @@
 Every training round refits the head on all labels so far; embedding them all again would make round k cost k
 times round one. Vectors are stored under `<output>/training/embeddings/<model key>/`, one Parquet file per round
 with the vectors it added, keyed by a hash of the text; the model key covers everything that shapes a vector (the
-model and how much of a text it reads), so a changed model starts a new cache rather than mixing vector spaces.
+model, the encoder that turns texts into vectors, and how much of a text it reads), so a changed model or encoder
+starts a new cache rather than mixing vector spaces.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ def text_key(text: str) -> str:
 
 
 def model_key(spec: JobSpec) -> str:
-    shaping = spec.small_model.model_dump(mode="json", include={"engine", "model_path", "model", "max_input_tokens"})
+    """Name the vector space; the default llama.cpp encoder is left out of the dump, so its caches keep their key."""
+    shaping = spec.small_model.model_dump(
+        mode="json", include={"engine", "model_path", "model", "max_input_tokens", "encoder"}
+    )
     return hashlib.sha256(repr(sorted(shaping.items())).encode()).hexdigest()[:16]
 
 
