@@ -68,7 +68,7 @@ task:
     examples_file: {scratch / "examples.csv"}
     labels:
 {label_lines}
-small_model: {{engine: llamacpp, classify_strategy: embedding_head}}
+small_model: {{engine: llamacpp, classify_strategy: embedding_head, encoder: {options.encoder}}}
 frontier: {{provider: openai, model: gpt-4o-mini, api_key: not-used-the-gold-plays-the-frontier}}
 routing: {{target_accuracy: 0.9, delta: 0.05, certification: {options.certification}, guarantee: {options.guarantee}}}
 output: {{url: {scratch / "out"}}}
@@ -157,6 +157,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--certification", choices=["bonferroni", "fixed-sequence"], default="bonferroni")
     parser.add_argument(
+        "--encoder", choices=["llamacpp", "wordllama"], default="llamacpp", help="banking77: the head's encoder"
+    )
+    parser.add_argument(
         "--guarantee", choices=["kept", "overall"], default="kept", help="what the 0.9 target bounds (README)"
     )
     parser.add_argument("--required", default="", help="sroie: comma-separated required fields (default: all four)")
@@ -182,6 +185,7 @@ def main() -> None:
     variant = args.dataset + (f"-{args.required.replace(',', '-')}" if args.required else "")
     variant += "" if args.certification == "bonferroni" else f"-{args.certification}"
     variant += "" if args.guarantee == "kept" else f"-{args.guarantee}"
+    variant += "" if args.encoder == "llamacpp" else f"-{args.encoder}"
     results = ROOT / "bench" / "results" / variant
     if results.exists():
         shutil.rmtree(results)
@@ -210,7 +214,8 @@ def main() -> None:
     command = (
         f"python bench/routing_economics.py {args.dataset} --train {args.train} --calibrate {args.calibrate} "
         f"--evaluate {args.evaluate} --seed {args.seed} --certification {args.certification} "
-        f"--guarantee {args.guarantee}" + (f" --required {args.required}" if args.required else "")
+        f"--guarantee {args.guarantee} --encoder {args.encoder}"
+        + (f" --required {args.required}" if args.required else "")
     )
     with (ROOT / "BENCHMARKS.md").open("a", encoding="utf-8") as handle:
         handle.write(
