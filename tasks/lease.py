@@ -74,10 +74,6 @@ class HolderVerdict(StrEnum):
     UNKNOWN = "unknown"  # another host, not expired yet: wait and watch
 
     @property
-    def free(self) -> bool:
-        return self in {HolderVerdict.NONE, HolderVerdict.RELEASED}
-
-    @property
     def dead(self) -> bool:
         return self in {HolderVerdict.PROCESS_GONE, HolderVerdict.EXPIRED, HolderVerdict.FLOW_RUN_ENDED}
 

@@ -108,13 +108,6 @@ def committed_run_ids(output: OutputSpec) -> set[str]:
     return {_manifest_run_id(p) for p in paths}
 
 
-def manifest_for_run(output: OutputSpec, run_id: str) -> str | None:
-    """The URL of the manifest a run already wrote, if any: a retried commit rewrites that one, never a second."""
-    fs, paths = _manifest_paths(output)
-    found = [p for p in paths if _manifest_run_id(p) == run_id]
-    return fs.unstrip_protocol(found[-1]) if found else None
-
-
 def commits_plan(manifest: dict[str, Any], plan_id: str) -> bool:
     """Whether a manifest commits the parts of a plan (manifests before `plan_id` was recorded name its parts)."""
     if manifest.get("plan_id") == plan_id:
