@@ -58,6 +58,9 @@ class Prediction:
     field_confidences: dict[str, float | None] = field(default_factory=dict)
     usage: Usage = field(default_factory=Usage)
     engine_seconds: float = 0.0
+    encoder_tokens: int = 0
+    """Input tokens an encoder read for this answer (classification by vectors): priced where the encoder is a
+    paid API (schemas/pricing.py `encoder_cost_usd`), free where it runs on the small model's own compute."""
     truncated: bool = False
     error: str | None = None
     retryable: bool = False

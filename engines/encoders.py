@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from docroute.engines.base import EngineUnavailableError
+from docroute.schemas.spec import EncoderSpec, LlamaCppSpec, SmallModelSpec
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -168,3 +169,50 @@ class WordLlamaEncoder:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         return self.encode(texts).vectors
+
+
+def build_encoder(choice: EncoderSpec, small: SmallModelSpec) -> Encoder:
+    """The encoder a job names: the bundled ones by name, served or GPU ones from their own spec.
+
+    The llama.cpp encoder reads the job's own GGUF when the small engine is llama.cpp (the runtime is shared, so it
+    is loaded once), and the packaged Gemma 3 270M otherwise.
+    """
+    if choice == "wordllama":
+        return WordLlamaEncoder(max_tokens=small.max_input_tokens)
+    if choice == "llamacpp":
+        from docroute.engines.llama_runtime import packaged_model_path, shared_runtime
+
+        if small.engine == "llamacpp":
+            path, name, n_ctx, threads = small.model_path, small.model_name, small.n_ctx, small.n_threads
+        else:
+            path, name, n_ctx, threads = None, LlamaCppSpec().model_name, 2048, None
+        runtime = shared_runtime(path or packaged_model_path(), n_ctx=n_ctx, n_threads=threads)
+        return LlamaCppEncoder(runtime, model_name=name, max_tokens=min(small.max_input_tokens, n_ctx))
+    from docroute.engines import remote_encoders
+
+    if choice.kind == "vllm":
+        return remote_encoders.VllmEncoder(choice)
+    return remote_encoders.OpenAICompatibleEncoder(choice)
+
+
+def encoder_choice_named(name: str, configured: EncoderSpec | None) -> EncoderSpec:
+    """The encoder spec that gives vectors named `name` (a saved head's encoder), or an error saying why none does."""
+    if configured is not None and encoder_name(configured) == name:
+        return configured
+    if name.startswith("wordllama:"):
+        return "wordllama"
+    if name.startswith("llamacpp:"):
+        return "llamacpp"
+    raise EngineUnavailableError(
+        f"the classification head reads vectors from encoder {name}; set small_model.encoder to that encoder"
+    )
+
+
+def encoder_name(choice: EncoderSpec, small: SmallModelSpec | None = None) -> str:
+    """The vector space an encoder choice gives, without loading it."""
+    if choice == "wordllama":
+        return f"wordllama:{WORDLLAMA_CONFIG}_{WORDLLAMA_DIM}"
+    if choice == "llamacpp":
+        model = small.model_name if small is not None and small.engine == "llamacpp" else LlamaCppSpec().model_name
+        return f"llamacpp:{model}"
+    return choice.name

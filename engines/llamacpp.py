@@ -2,9 +2,8 @@
 
 * Classification by label scoring: the log-probability of every label's words after a few-shot prompt, normalised
   over the label set and divided by the label prior on content-free input (contextual calibration).
-* Classification by embeddings and a logistic-regression head trained on the job's labeled examples. The vectors
-  come from `small_model.encoder` (engines/encoders.py): the GGUF model's own embeddings, or the static WordLlama
-  encoder, which is far cheaper and better on short texts.
+* Classification by vectors (a head trained on the job's examples, or zero-shot similarity) is not here: it is
+  engines/classifier.py, over any encoder, and `build_small_engine` pairs it with this engine for extraction.
 * Extraction by choosing each field's value among candidates taken from the document (engines/candidates.py),
   scored by the model's likelihood after a few-shot prompt; confidence is the chosen value's share of the
   candidate set's probability.
@@ -17,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,19 +24,17 @@ from docroute.engines import fewshot
 from docroute.engines.base import EngineUnavailableError, Prediction, Request, Usage, check_complete
 from docroute.engines.candidates import candidates_for
 from docroute.engines.confidence import choose_value, contextual_calibration, pick, softmax
-from docroute.engines.encoders import Encoded, Encoder, LlamaCppEncoder, WordLlamaEncoder
-from docroute.engines.head import LabelHead, examples_fingerprint, head_training_data, train_head
 from docroute.engines.llama_runtime import LlamaRuntime, packaged_model_path, shared_runtime
 from docroute.schemas.spec import ExtractSpec, FieldSpec, LlamaCppSpec, TaskSpec
+
+if TYPE_CHECKING:
+    from docroute.engines.classify_choice import ClassifierChoice
 
 CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
 """Inputs that say nothing, used to estimate the label bias of the prompt (Zhao et al. 2021)."""
 
 
 _QUESTION_RESERVE = 32
-
-MIN_EXAMPLES_FOR_HEAD = 4
-"""classify_strategy auto trains an embedding head only when every label has at least this many examples."""
 """Tokens kept free after the document for the question segment."""
 
 
@@ -57,27 +54,18 @@ class LlamaCppEngine:
         *,
         examples: Sequence[tuple[str, str]] = (),
         runtime: LlamaRuntime | None = None,
-        head: LabelHead | None = None,
     ) -> None:
         self.spec = spec
         self.task = task
         model_path = spec.model_path or packaged_model_path()
         self._runtime = runtime or shared_runtime(model_path, n_ctx=spec.n_ctx, n_threads=spec.n_threads)
-        self.encoder: Encoder = (
-            WordLlamaEncoder(max_tokens=spec.max_input_tokens)
-            if spec.encoder == "wordllama"
-            else LlamaCppEncoder(self._runtime, model_name=spec.model_name, max_tokens=spec.max_input_tokens)
-        )
-        # the name is in every head's fingerprint and every row's `model`: another encoder makes another engine
         self.name = f"llamacpp:{spec.model_name}"
-        if spec.encoder != "llamacpp":
-            self.name += f"+{self.encoder.name}"
+        self.classifier_choice: ClassifierChoice | None = None
         self._examples = list(examples)
-        self._head = head
         self._classify_prefix: list[int] = []
         self._label_tokens: list[list[int]] = []
         self._label_prior: np.ndarray | None = None
-        self.strategy = ""
+        self.strategy = "label_scoring"
         self.few_shot_used = 0
         self.examples_used = 0
         self._choice_priors: dict[tuple[str, tuple[tuple[int, ...], ...]], np.ndarray] = {}
@@ -90,29 +78,9 @@ class LlamaCppEngine:
             self._prepare_extraction(task.extract)
 
     # ------------------------------------------------------------------ set-up
-    def _resolve_strategy(self) -> str:
-        """Use the embedding head where every label has enough examples to train it, label scoring elsewhere."""
-        classify = self.task.classify
-        assert classify is not None
-        if self._head is not None:  # a head trained by `docroute train` and promoted with the router
-            return "embedding_head"
-        if self.spec.classify_strategy != "auto":
-            return self.spec.classify_strategy
-        counts = {label.name: len(label.examples) for label in classify.labels}
-        for _, label in self._examples:
-            counts[label] = counts.get(label, 0) + 1
-        return "embedding_head" if min(counts.values()) >= MIN_EXAMPLES_FOR_HEAD else "label_scoring"
-
     def _prepare_classification(self) -> None:
         classify = self.task.classify
         assert classify is not None
-        self.strategy = self._resolve_strategy()
-        if self.strategy == "embedding_head":
-            if self._head is None:
-                self._head = self._train_head()
-            self._check_head(self._head, classify.label_names)
-            return
-        self._head = None
         self._label_tokens = [
             self._runtime.tokenize(fewshot.label_continuation(label.text)) for label in classify.labels
         ]
@@ -131,39 +99,6 @@ class LlamaCppEngine:
         if self.spec.calibration != "none":
             priors = [softmax(self._score_labels(text)) for text in CONTENT_FREE_INPUTS]
             self._label_prior = np.mean(priors, axis=0)
-
-    def _check_head(self, head: LabelHead, labels: list[str]) -> None:
-        """Refuse a head made for other labels or another encoder: its probabilities would be meaningless."""
-        if list(head.labels) != labels:
-            raise EngineUnavailableError("the embedding head was trained for other labels than the job's")
-        if head.encoder and head.encoder != self.encoder.name:
-            raise EngineUnavailableError(
-                f"the embedding head was trained on encoder {head.encoder}, not {self.encoder.name}: "
-                "train it again (docroute train) or set small_model.encoder back"
-            )
-        if head.coef.shape[1] != self.encoder.dim:  # heads saved without an encoder name: the width still tells
-            raise EngineUnavailableError(
-                f"the embedding head reads {head.coef.shape[1]}-dimension vectors but encoder {self.encoder.name} "
-                f"gives {self.encoder.dim}: train it again (docroute train) or set small_model.encoder back"
-            )
-
-    def _train_head(self) -> LabelHead:
-        classify = self.task.classify
-        assert classify is not None
-        data = head_training_data(classify, self._examples)
-        fingerprint = examples_fingerprint(self.name, data, classify.label_names)
-        embeddings = self.embed([text for text, _ in data])
-        return train_head(
-            embeddings,
-            [label for _, label in data],
-            classify.label_names,
-            fingerprint=fingerprint,
-            encoder=self.encoder.name,
-        )
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """The vectors the classification head reads: one row per text, exactly as `predict` embeds documents."""
-        return self.encoder.embed(texts)
 
     def _prepare_extraction(self, extract: ExtractSpec) -> None:
         # candidates are scored in groups that fit beside the document; keep room for a few long ones at a time
@@ -190,10 +125,6 @@ class LlamaCppEngine:
                 f"the prompt's fixed part ({len(prefix)} tokens) leaves no room for documents in a "
                 f"{self._runtime.n_ctx}-token context; raise small_model.n_ctx or lower few_shot"
             )
-
-    @property
-    def head(self) -> LabelHead | None:
-        return self._head
 
     # ------------------------------------------------------------------ documents
     def _document_tokens(self, wrapped: str, fixed: int, reserve: int) -> _DocTokens:
@@ -312,14 +243,8 @@ class LlamaCppEngine:
     def predict(self, batch: Sequence[Request]) -> list[Prediction]:
         predictions: list[Prediction] = []
         classify = self.task.classify
-        head_probs: np.ndarray | None = None
-        encoded: Encoded | None = None
         batch_labels: list[tuple[str, float, Usage, bool]] | None = None
-        if classify is not None and batch and self._head is not None and self.strategy == "embedding_head":
-            encoded = self.encoder.encode([r.text for r in batch])
-            head_probs = self._head.predict_proba(encoded.vectors)
-            head_seconds = encoded.seconds / len(batch)
-        elif classify is not None and batch and self.spec.calibration == "batch":
+        if classify is not None and batch and self.spec.calibration == "batch":
             batch_labels = self._classify_batch_calibrated([r.text for r in batch])
         for position, request in enumerate(batch):
             started = self._runtime.busy_seconds()
@@ -327,20 +252,12 @@ class LlamaCppEngine:
             usage = Usage()
             try:
                 if classify is not None:
-                    if head_probs is not None and encoded is not None:
-                        index, confidence = pick(head_probs[position])
-                        prediction.label = classify.labels[index].name
-                        prediction.label_confidence = confidence
-                        usage += Usage(input_tokens=min(encoded.tokens[position], encoded.limit))
-                        prediction.truncated |= encoded.tokens[position] > encoded.limit
-                        prediction.engine_seconds += head_seconds
-                    else:
-                        label, confidence, label_usage, truncated = (
-                            batch_labels[position] if batch_labels is not None else self._classify(request.text)
-                        )
-                        prediction.label, prediction.label_confidence = label, confidence
-                        prediction.truncated |= truncated
-                        usage += label_usage
+                    label, confidence, label_usage, truncated = (
+                        batch_labels[position] if batch_labels is not None else self._classify(request.text)
+                    )
+                    prediction.label, prediction.label_confidence = label, confidence
+                    prediction.truncated |= truncated
+                    usage += label_usage
                 if self.task.extract is not None:
                     fields, confidences, extract_usage, truncated = self._extract(request.text, self.task.extract)
                     prediction.fields, prediction.field_confidences = fields, confidences

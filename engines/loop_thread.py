@@ -180,6 +180,7 @@ class AsyncClientEngine(ABC, Generic[ClientT]):
         if max_retries < 0:
             raise ValueError("max_retries cannot be negative")
         self.name = name
+        self.classifier_choice: Any = None  # engines/classify_choice.ClassifierChoice, set by build_small_engine
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
         self.max_retries = max_retries

@@ -547,6 +547,7 @@ class VllmEngine:
         self.task = task
         lora = f"+{Path(spec.lora_path).name}" if spec.lora_path else ""
         self.name = f"vllm:{spec.model_name}{lora}"
+        self.classifier_choice: Any = None  # engines/classify_choice.ClassifierChoice, set by build_small_engine
         self._runtime: Runtime = runtime or shared_runtime(spec)
         self.scoring = "token_ids" if self._runtime.supports_token_ids else "prompt_logprobs"
         self.strategy = "label_scoring"

@@ -23,7 +23,7 @@ from prefect.runtime import flow_run
 from docroute.flows.calibrate import score_labeled
 from docroute.flows.process import with_output
 from docroute.schemas.load import load_job
-from docroute.schemas.pricing import lookup_price, self_hosted_cost_usd
+from docroute.schemas.pricing import lookup_price
 from docroute.schemas.spec import JobSpec
 from docroute.tasks.budget import release_run_budget
 from docroute.tasks.evaluation import CertificationSettings, EvaluationInput, evaluate, write_report
@@ -102,7 +102,7 @@ def evaluate_job(
     price = _frontier_price(spec, frontier_model)
     rows = aligned.scored
     small_cost = np.array(
-        [self_hosted_cost_usd(s.small.engine_seconds if s.small else 0.0, spec.small_model.usd_per_hour) for s in rows]
+        [spec.small_cost_usd(s.small.engine_seconds, s.small.encoder_tokens) if s.small else 0.0 for s in rows]
     )
     if frontier == "call":
         frontier_cost = np.array([s.frontier_cost_usd for s in rows])

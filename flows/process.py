@@ -243,6 +243,7 @@ def _run_job(spec: JobSpec, scratch: Path, run_id: str, lease: OutputLease, *, f
         plan_id=plan.plan_id,
         snapshot=snapshot,
         previous_snapshot=previous.get("state") if previous else None,
+        classification=next((r.classification["summary"] for r in results if r.classification), None),
     )
     clean_up_after_commit(spec, plan, committed=[part["url"] for part in parts])
     return {
@@ -256,6 +257,7 @@ def _run_job(spec: JobSpec, scratch: Path, run_id: str, lease: OutputLease, *, f
         "resumed_from": plan.resumed_from,
         "worker_processes": len({r.worker for r in results if r.worker}),
         "engines_built": sum(r.engines_built for r in results),
+        "classification": next((r.classification for r in results if r.classification), None),
     }
 
 

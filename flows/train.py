@@ -21,7 +21,9 @@ from prefect.context import FlowRunContext
 
 from docroute.engines.base import Request
 from docroute.engines.calibration import fit_calibrator
+from docroute.engines.classifier import classifier_of
 from docroute.engines.confidence import pick
+from docroute.engines.encoders import build_encoder
 from docroute.engines.head import LabelHead, examples_fingerprint, head_training_data, train_head
 from docroute.flows.process import with_output
 from docroute.schemas.load import load_job
@@ -149,10 +151,8 @@ def train(job: str, output: str | None = None, min_holdout: int = 30) -> dict[st
         len(split.holdout),
     )
     classify = spec.task.classify
-    if classify is None or spec.small_model.engine != "llamacpp":
-        result["decision"] = (
-            "exported the fine-tuning set; head training needs a classification task on the llamacpp engine"
-        )
+    if classify is None:
+        result["decision"] = "exported the fine-tuning set; head training needs a classification task"
     elif len(split.holdout) < min_holdout:
         result["decision"] = (
             f"kept the current head: {len(split.holdout)} held-out labels, fewer than {min_holdout}; "
@@ -180,26 +180,29 @@ def _train_round(spec: JobSpec, current: Router | None, split: TrainingSplit, ve
         )
     head_version = current.head_version if current is not None else None
     engine = small_engine(spec, head_version)
-    embed = getattr(engine, "embed", None)
-    if embed is None:
-        raise TrainingDataError(f"engine {engine.name} cannot embed texts for a classification head")
+    current_classifier = classifier_of(engine)
+    # the head learns on the vectors the current classifier reads; a model that scores labels itself gets the job's
+    # encoder, else the bundled one
+    encoder = (
+        current_classifier.encoder
+        if current_classifier is not None
+        else build_encoder(spec.small_model.encoder or "wordllama", spec.small_model)
+    )
     examples = head_training_data(classify, load_labeled_examples(classify))
     data = examples + [(text, str(answers["label"])) for text, answers in split.train]
-    cache = EmbeddingCache(spec)
-    train_vectors = cache.embed([text for text, _ in data], embed)
+    cache = EmbeddingCache(spec, encoder.name)
+    train_vectors = cache.embed([text for text, _ in data], encoder.embed)
     holdout_texts = [text for text, _ in split.holdout]
-    holdout_vectors = cache.embed(holdout_texts, embed)
+    holdout_vectors = cache.embed(holdout_texts, encoder.embed)
     cache.save(version)
-    fingerprint = examples_fingerprint(engine.name, data, classify.label_names)
-    encoder = getattr(getattr(engine, "encoder", None), "name", "")  # the head records the vectors it reads
+    fingerprint = examples_fingerprint(encoder.name, data, classify.label_names)
     candidate = train_head(
-        train_vectors, [label for _, label in data], classify.label_names, fingerprint=fingerprint, encoder=encoder
+        train_vectors, [label for _, label in data], classify.label_names, fingerprint=fingerprint, encoder=encoder.name
     )
     gold = [str(answers["label"]) for _, answers in split.holdout]
     candidate_labels, candidate_conf = _head_predictions(candidate, holdout_vectors)
-    current_head = getattr(engine, "head", None)
-    if current_head is not None and getattr(engine, "strategy", "") == "embedding_head":
-        current_labels, current_conf = _head_predictions(current_head, holdout_vectors)  # what predict computes
+    if current_classifier is not None:  # the same vectors: what its predict computes
+        current_labels, current_conf = _head_predictions(current_classifier.head, holdout_vectors)
     else:
         current_labels, current_conf = _current_predictions(spec, head_version, holdout_texts)
     comparison = compare_heads(spec, gold, (current_labels, current_conf), (candidate_labels, candidate_conf))

@@ -111,6 +111,10 @@ DEFAULT_PRICES: dict[str, ModelPrice] = {
     "mistral-medium-latest": _price(0.40, 2.00),
     "mistral-small-latest": _price(0.10, 0.30),
     "ministral-8b-latest": _price(0.10, 0.10),
+    # OpenAI embeddings (input tokens only)
+    "text-embedding-3-small": _price(0.02, 0.0),
+    "text-embedding-3-large": _price(0.13, 0.0),
+    "text-embedding-ada-002": _price(0.10, 0.0),
 }
 
 
@@ -165,3 +169,14 @@ def format_usd(value: float) -> str:
 def self_hosted_cost_usd(engine_seconds: float, usd_per_hour: float) -> float:
     """Cost of running a self-hosted engine for the seconds it spent on a row (GPU-hour or CPU-hour rate)."""
     return max(engine_seconds, 0.0) * usd_per_hour / 3600.0
+
+
+def encoder_cost_usd(price: ModelPrice | None, tokens: int) -> float:
+    """Cost of embedding `tokens` input tokens: embeddings bill input only; no price (self-hosted) is $0.
+
+    Encoders report tokens (`Encoded`, and per row `row_usage` in engines/remote_encoders.py), never dollars; the
+    ledger prices them here with the encoder spec's `unit_price`, as it prices engines' `Usage`.
+    """
+    if price is None:
+        return 0.0
+    return price.cost_usd(max(tokens, 0), 0)

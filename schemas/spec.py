@@ -23,7 +23,13 @@ from pydantic import (
 )
 
 from docroute.schemas.columns import CONFIDENCE_SUFFIX, PROVENANCE_COLUMNS
-from docroute.schemas.pricing import ModelPrice, UnknownModelPriceError, lookup_price
+from docroute.schemas.pricing import (
+    ModelPrice,
+    UnknownModelPriceError,
+    encoder_cost_usd,
+    lookup_price,
+    self_hosted_cost_usd,
+)
 
 FieldType = Literal["str", "int", "float", "decimal", "date", "datetime", "bool", "enum", "list[str]"]
 DocFormat = Literal["auto", "txt", "md", "html", "pdf", "docx", "eml", "json", "jsonl"]
@@ -247,7 +253,19 @@ class ExtractSpec(StrictModel):
 
     fields: list[FieldSpec] = Field(min_length=1)
     examples: list[ExtractExample] = Field(default_factory=list)
+    examples_file: str | None = Field(
+        default=None,
+        exclude_if=lambda path: path is None,  # jobs without one keep their spec hash
+        description="JSONL ({text, values}) or CSV/Parquet (a text column and one column per field) of worked "
+        "examples, relative to the job file: what the candidate ranker learns from (the inline examples are "
+        "also the prompt's)",
+    )
     instructions: str = ""
+
+    @field_validator("examples_file")
+    @classmethod
+    def _resolve(cls, path: str | None, info: ValidationInfo) -> str | None:
+        return None if path is None else _resolve_path(path, info)
 
     @field_validator("fields")
     @classmethod
@@ -288,6 +306,95 @@ class TaskSpec(StrictModel):
         return self
 
 
+ClassifyStrategy = Literal["auto", "label_scoring", "embedding_head", "similarity"]
+"""How the small model classifies. label_scoring: the generative model's likelihood of each label (llama.cpp,
+vLLM) or its JSON answer (a served model); embedding_head: a logistic-regression head over an encoder's vectors,
+trained on the job's labeled examples; similarity: zero-shot, cosine between a document's vector and each label's
+description (and any examples); auto: chosen by cross-validation on the job's own examples."""
+
+
+class VllmEncoderSpec(StrictModel):
+    """An embedding model under vLLM's pooling runner (`LLM(model, runner="pooling")`, `LLM.embed`), on a GPU."""
+
+    kind: Literal["vllm"] = "vllm"
+    model: str = Field(min_length=1, description="Hugging Face id or local path of an embedding model")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_model_len: int | None = Field(default=None, ge=32)
+    gpu_memory_utilization: float = Field(
+        default=0.2, gt=0, le=1, description="share of the GPU it may take (it sits beside a generative model)"
+    )
+    max_input_tokens: int = Field(default=512, ge=8, description="tokens read per text; the rest is truncated")
+
+    @property
+    def name(self) -> str:
+        return f"vllm:{self.model}"
+
+
+class OpenAICompatibleEncoderSpec(StrictModel):
+    """An embeddings endpoint (`POST /v1/embeddings`): OpenAI, `vllm serve`, llama.cpp's server, any compatible one."""
+
+    kind: Literal["openai_compatible"] = "openai_compatible"
+    model: str = Field(min_length=1)
+    base_url: str | None = Field(default=None, description="default: OpenAI's API")
+    api_key: SecretStr | None = Field(default=None, repr=False)
+    api_key_env: str | None = Field(
+        default=None, description="environment variable holding the key; default OPENAI_API_KEY without base_url"
+    )
+    dimensions: int | None = Field(default=None, ge=1, description="shortened vectors, where the model supports it")
+    price: ModelPrice | None = Field(
+        default=None,
+        description="USD per 1M input tokens; default from the price table, and 0 for a self-hosted base_url",
+    )
+    batch_size: int = Field(default=128, ge=1, le=2048, description="texts per request")
+    max_concurrency: int = Field(default=4, ge=1, le=64)
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=4, ge=0, le=20)
+    max_input_tokens: int = Field(default=512, ge=8, description="tokens read per text; the rest is truncated")
+
+    @model_validator(mode="after")
+    def _key_and_price(self, info: ValidationInfo) -> Self:
+        if self.base_url is None:
+            try:
+                lookup_price(self.model, self.price)  # OpenAI's own API costs money: never a silent $0
+            except UnknownModelPriceError as exc:
+                raise ValueError(str(exc)) from None
+        if self.api_key is None:
+            env = (info.context or {}).get("env") or {}
+            name = self.api_key_env or (None if self.base_url else "OPENAI_API_KEY")
+            if name and env.get(name):
+                object.__setattr__(self, "api_key", SecretStr(env[name]))
+        return self
+
+    @property
+    def name(self) -> str:
+        return f"openai_compatible:{self.model}" + (f"@{self.dimensions}" if self.dimensions else "")
+
+    @property
+    def unit_price(self) -> ModelPrice:
+        """What a token costs: the given price, the table's for OpenAI's API, nothing for a self-hosted server."""
+        if self.price is not None or self.base_url is None:
+            return lookup_price(self.model, self.price)
+        return ModelPrice(input_per_million=0.0, output_per_million=0.0)
+
+
+EncoderSpec = (
+    Literal["llamacpp", "wordllama"]
+    | Annotated[VllmEncoderSpec | OpenAICompatibleEncoderSpec, Field(discriminator="kind")]
+)
+"""The vectors an embedding head or similarity reads. llamacpp: the GGUF model's mean-pooled embeddings;
+wordllama: the 16 MB static encoder bundled in the wordllama wheel (fast, strong on short texts); or an embedding
+model under vLLM or behind an embeddings endpoint."""
+
+_ENCODER_DESCRIPTION = (
+    "embedding head and similarity: the vectors they read (llamacpp, wordllama, {kind: vllm, ...} or "
+    "{kind: openai_compatible, ...}); default: chosen with classify_strategy auto, else wordllama"
+)
+
+
+def _encoder_unset(encoder: object) -> bool:
+    return encoder is None
+
+
 class LlamaCppSpec(StrictModel):
     """Embedded CPU engine: llama.cpp with a local GGUF (default: the packaged Gemma 3 270M)."""
 
@@ -296,9 +403,10 @@ class LlamaCppSpec(StrictModel):
     n_ctx: int = Field(default=2048, ge=256, le=131072)
     n_threads: int | None = Field(default=None, ge=1, description="default: the machine's cores")
     max_input_tokens: int = Field(default=768, ge=32, description="document tokens kept; the rest is truncated")
-    classify_strategy: Literal["auto", "label_scoring", "embedding_head"] = Field(
+    classify_strategy: ClassifyStrategy = Field(
         default="auto",
-        description="auto: embedding_head when every label has at least 4 labeled examples, else label_scoring",
+        description="auto: the strategy and encoder that cross-validate best on the job's examples (cheapest "
+        "among equals); without 4 examples per label: similarity or label scoring",
     )
     calibration: Literal["content_free", "batch", "none"] = Field(
         default="content_free",
@@ -316,15 +424,12 @@ class LlamaCppSpec(StrictModel):
         description="extraction: sum ranks candidates by their likelihood; mean by likelihood per token",
     )
     usd_per_hour: float = Field(default=0.0, ge=0, description="self-hosted compute price for the cost ledger")
-    encoder: Literal["llamacpp", "wordllama"] = Field(
-        default="llamacpp",
-        # left out of dumps when default: `spec_hash` and the embedding cache key hash the dump, and adding the
-        # option must not change every existing job's hash (that would reprocess all its documents)
-        exclude_if=lambda encoder: encoder == "llamacpp",
-        description=(
-            "embedding head: the vectors it reads; llamacpp: the GGUF model's mean-pooled embeddings; wordllama: "
-            "the 16 MB static encoder bundled in the wordllama wheel (far faster, better on short texts)"
-        ),
+    encoder: EncoderSpec | None = Field(
+        default=None,
+        # left out of dumps when unset: `spec_hash` hashes the dump, and adding the option must not change every
+        # existing job's hash (that would reprocess all its documents)
+        exclude_if=_encoder_unset,
+        description=_ENCODER_DESCRIPTION,
     )
 
     @field_validator("model_path")
@@ -371,6 +476,12 @@ class VllmSpec(StrictModel):
     )
     enable_prefix_caching: bool = True
     usd_per_hour: float = Field(default=0.0, ge=0, description="GPU-hour price for the cost ledger")
+    classify_strategy: ClassifyStrategy = Field(
+        default="label_scoring",
+        exclude_if=lambda strategy: strategy == "label_scoring",  # older jobs keep their spec hash
+        description="label_scoring: the model itself answers; embedding_head, similarity or auto as for llamacpp",
+    )
+    encoder: EncoderSpec | None = Field(default=None, exclude_if=_encoder_unset, description=_ENCODER_DESCRIPTION)
 
     @field_validator("lora_path")
     @classmethod
@@ -400,6 +511,12 @@ class OpenAICompatibleSmallSpec(StrictModel):
     max_input_tokens: int = Field(default=4096, ge=32, description="document tokens sent; the rest is truncated")
     max_output_tokens: int = Field(default=512, ge=1)
     usd_per_hour: float = Field(default=0.0, ge=0)
+    classify_strategy: ClassifyStrategy = Field(
+        default="label_scoring",
+        exclude_if=lambda strategy: strategy == "label_scoring",  # older jobs keep their spec hash
+        description="label_scoring: the model itself answers; embedding_head, similarity or auto as for llamacpp",
+    )
+    encoder: EncoderSpec | None = Field(default=None, exclude_if=_encoder_unset, description=_ENCODER_DESCRIPTION)
 
     @property
     def model_name(self) -> str:
@@ -621,6 +738,16 @@ class JobSpec(StrictModel):
         """Return the confidence a field needs to be kept."""
         return self.routing.field_thresholds.get(field_name, self.routing.threshold)
 
+    def encoder_price(self) -> ModelPrice | None:
+        """What the small model's encoder charges per token, when it is a paid embeddings API (else None)."""
+        encoder = self.small_model.encoder
+        return encoder.unit_price if isinstance(encoder, OpenAICompatibleEncoderSpec) else None
+
+    def small_cost_usd(self, engine_seconds: float, encoder_tokens: int = 0) -> float:
+        """A row's small-model cost: its compute time at `usd_per_hour`, plus a paid encoder's tokens."""
+        compute = self_hosted_cost_usd(engine_seconds, self.small_model.usd_per_hour)
+        return compute + encoder_cost_usd(self.encoder_price(), encoder_tokens)
+
     def spec_hash(self) -> str:
         """Hash what decides a row's answer (task and small model), so changing either reprocesses documents."""
         payload = {
@@ -646,4 +773,7 @@ class JobSpec(StrictModel):
             data["frontier"]["api_key"] = "***" if self.frontier and self.frontier.api_key else None
         if data["small_model"].get("api_key"):
             data["small_model"]["api_key"] = "***"
+        encoder = data["small_model"].get("encoder")
+        if isinstance(encoder, dict) and encoder.get("api_key"):
+            encoder["api_key"] = "***"
         return data

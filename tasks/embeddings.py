@@ -1,7 +1,7 @@
 """Embeddings of labeled texts, kept between `docroute train` runs so each text is embedded once per model.
 
 Every training round refits the head on all labels so far; embedding them all again would make round k cost k
-times round one. Vectors are stored under `<output>/training/embeddings/<model key>/`, one Parquet file per round
+times round one. Vectors are stored under `<output>/training/embeddings/<encoder key>/`, one Parquet file per round
 with the vectors it added, keyed by a hash of the text; the model key covers everything that shapes a vector (the
 model, the encoder that turns texts into vectors, and how much of a text it reads), so a changed model or encoder
 starts a new cache rather than mixing vector spaces.
@@ -25,20 +25,18 @@ def text_key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def model_key(spec: JobSpec) -> str:
-    """Name the vector space; the default llama.cpp encoder is left out of the dump, so its caches keep their key."""
-    shaping = spec.small_model.model_dump(
-        mode="json", include={"engine", "model_path", "model", "max_input_tokens", "encoder"}
-    )
-    return hashlib.sha256(repr(sorted(shaping.items())).encode()).hexdigest()[:16]
+def model_key(encoder: str, max_input_tokens: int) -> str:
+    """Name the vector space: the encoder that makes the vectors and how much of a text it reads."""
+    return hashlib.sha256(f"{encoder}\x00{max_input_tokens}".encode()).hexdigest()[:16]
 
 
 class EmbeddingCache:
-    """Vectors by text hash for one job's small model; `embed` computes only the missing ones."""
+    """Vectors by text hash for one job's encoder; `embed` computes only the missing ones."""
 
-    def __init__(self, spec: JobSpec) -> None:
+    def __init__(self, spec: JobSpec, encoder: str) -> None:
         self._spec = spec
-        self._root = f"{spec.output.url}/training/embeddings/{model_key(spec)}"
+        key = model_key(encoder, spec.small_model.max_input_tokens)
+        self._root = f"{spec.output.url}/training/embeddings/{key}"
         self._vectors: dict[str, np.ndarray] = {}
         self._new: dict[str, np.ndarray] = {}
         fs, path = url_to_fs(self._root, **spec.output.fsspec_options())

@@ -1,4 +1,4 @@
-"""Read a classification job's labeled examples file (CSV, JSONL or Parquet; columns text and label)."""
+"""Read a job's examples files: labeled texts for classification, worked documents for extraction."""
 
 from __future__ import annotations
 
@@ -7,18 +7,14 @@ import io
 import fsspec
 import polars as pl
 
-from docroute.schemas.spec import ClassifySpec
+from docroute.schemas.spec import ClassifySpec, ExtractExample, ExtractSpec
 
 
 class ExamplesFileError(ValueError):
     """An examples file that cannot be used; the message names the file and the problem."""
 
 
-def load_labeled_examples(classify: ClassifySpec) -> list[tuple[str, str]]:
-    """Return (text, label) pairs from classify.examples_file, checking every label is one of the job's."""
-    path = classify.examples_file
-    if path is None:
-        return []
+def _read_frame(path: str) -> pl.DataFrame:
     try:
         with fsspec.open(path, "rb") as handle:
             data = handle.read()
@@ -36,6 +32,15 @@ def load_labeled_examples(classify: ClassifySpec) -> list[tuple[str, str]]:
             raise ExamplesFileError(f"examples file {path} must be .csv, .jsonl or .parquet")
     except pl.exceptions.PolarsError as exc:
         raise ExamplesFileError(f"examples file {path} is not readable: {exc}") from exc
+    return frame
+
+
+def load_labeled_examples(classify: ClassifySpec) -> list[tuple[str, str]]:
+    """Return (text, label) pairs from classify.examples_file, checking every label is one of the job's."""
+    path = classify.examples_file
+    if path is None:
+        return []
+    frame = _read_frame(path)
     missing = {"text", "label"} - set(frame.columns)
     if missing:
         raise ExamplesFileError(f"examples file {path} lacks column(s) {', '.join(sorted(missing))}")
@@ -44,3 +49,37 @@ def load_labeled_examples(classify: ClassifySpec) -> list[tuple[str, str]]:
     if unknown:
         raise ExamplesFileError(f"examples file {path} uses labels the job does not define: {', '.join(unknown[:10])}")
     return list(zip(frame["text"].to_list(), frame["label"].to_list(), strict=True))
+
+
+def load_extraction_examples(extract: ExtractSpec) -> list[ExtractExample]:
+    """The inline worked examples, then the examples file's: each a text and the values a careful reader takes.
+
+    JSONL rows carry `text` and `values` (an object keyed by field name); CSV and Parquet carry `text` and one column
+    per field. Fields a row leaves out or leaves empty count as "no value"; a column naming no field is an error
+    (a typo would otherwise silently teach nothing).
+    """
+    examples = list(extract.examples)
+    path = extract.examples_file
+    if path is None:
+        return examples
+    frame = _read_frame(path)
+    if "text" not in frame.columns:
+        raise ExamplesFileError(f"examples file {path} lacks column text")
+    names = {field.name for field in extract.fields}
+    if "values" in frame.columns:
+        rows = [(row["text"], row["values"] or {}) for row in frame.select("text", "values").iter_rows(named=True)]
+    else:
+        unknown = sorted(set(frame.columns) - names - {"text"})
+        if unknown:
+            raise ExamplesFileError(f"examples file {path} has columns that name no field: {', '.join(unknown)}")
+        fields = [c for c in frame.columns if c in names]
+        rows = [(row["text"], {f: row[f] for f in fields}) for row in frame.iter_rows(named=True)]
+    for number, (text, values) in enumerate(rows, start=1):
+        if not text:
+            continue
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ExamplesFileError(f"examples file {path} row {number} names unknown fields: {', '.join(unknown)}")
+        kept = {name: value for name, value in values.items() if value is not None and value != ""}
+        examples.append(ExtractExample(text=str(text), values=kept))
+    return examples

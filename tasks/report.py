@@ -84,8 +84,10 @@ def _money(value: float | None) -> str:
     return "—" if value is None else format_usd(value)
 
 
-def summary_markdown(spec: JobSpec, record: dict[str, Any], entries: list[LedgerEntry]) -> str:
-    """The run summary shown in the Prefect UI."""
+def summary_markdown(
+    spec: JobSpec, record: dict[str, Any], entries: list[LedgerEntry], classification: str | None = None
+) -> str:
+    """The run summary shown in the Prefect UI; `classification` says how the small model classified and why."""
     lines = [
         f"# docroute · {spec.name}",
         "",
@@ -118,6 +120,8 @@ def summary_markdown(spec: JobSpec, record: dict[str, Any], entries: list[Ledger
         "",
         f"Small model: `{record['small_model']}` · frontier: `{record['frontier_model'] or 'none'}`.",
     ]
+    if classification:
+        lines += ["", f"Classification: {classification}."]
     return "\n".join(lines)
 
 
@@ -132,6 +136,7 @@ def write_ledger(
     plan_id: str,
     snapshot: str | None = None,
     previous_snapshot: str | None = None,
+    classification: str | None = None,
 ) -> dict[str, str]:
     """Write the cost table and run row, then the manifest that commits them, the plan's parts and the state
     `snapshot` (already written); publish the artifacts.
@@ -154,7 +159,7 @@ def write_ledger(
         prune_snapshots(spec.output, [snapshot, *([previous_snapshot] if previous_snapshot else [])])
     if _in_run():
         create_markdown_artifact(
-            markdown=summary_markdown(spec, record, entries),
+            markdown=summary_markdown(spec, record, entries, classification),
             key=f"{spec.name}-summary",
             description=f"docroute run summary for {spec.name}",
         )

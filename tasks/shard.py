@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -19,7 +20,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from docroute.engines.base import Prediction, Request
-from docroute.schemas.pricing import self_hosted_cost_usd
+from docroute.engines.classify_choice import describe
 from docroute.schemas.rows import ResultRow, answer_json, rows_to_table
 from docroute.schemas.spec import JobSpec
 from docroute.tasks.budget import FrontierBudget, release_run_budget, run_budget
@@ -86,6 +87,7 @@ class ShardResult:
     reused: bool = False
     worker: str = ""  # host:pid of the process that ran the shard
     engines_built: int = 0  # models this shard had to load (0 once its worker process has them)
+    classification: dict[str, Any] | None = None  # how its small model classified, and why (classify_choice)
 
     @property
     def frontier_usd(self) -> float:
@@ -119,7 +121,7 @@ def _apply_small(row: ResultRow, small: Prediction, spec: JobSpec) -> None:
     row.small_input_tokens = small.usage.input_tokens
     row.small_output_tokens = small.usage.output_tokens
     row.engine_seconds = small.engine_seconds
-    row.small_cost_usd = self_hosted_cost_usd(small.engine_seconds, spec.small_model.usd_per_hour)
+    row.small_cost_usd = spec.small_cost_usd(small.engine_seconds, small.encoder_tokens)
     row.truncated = small.truncated
 
 
@@ -259,6 +261,14 @@ def answer_documents(
     return [rows[d.doc_id] for d in documents], staged
 
 
+def _classification(spec: JobSpec, run: RunContext) -> dict[str, Any] | None:
+    """What the shard's small engine decided about classification (this process's cached engine, not a new one)."""
+    if spec.task.classify is None:
+        return None
+    choice = getattr(small_engine(spec, run.head_version), "classifier_choice", None)
+    return None if choice is None else {**choice.to_json(), "summary": describe(choice)}
+
+
 @task(name="process-shard", retries=2, retry_delay_seconds=[2, 15], retry_jitter_factor=0.5, cache_policy=NO_CACHE)
 def process_shard(spec: JobSpec, shard: Shard, run: RunContext) -> ShardResult:
     """Process one shard end to end and write its Parquet part; retried as a whole on storage errors.
@@ -270,9 +280,11 @@ def process_shard(spec: JobSpec, shard: Shard, run: RunContext) -> ShardResult:
     url = run.part_url(spec, shard.index)
     table = _reusable_part(spec, shard, url) if shard.resume else None
     reused = table is not None
+    classification: dict[str, Any] | None = None
     if table is None:
         documents = read_documents(spec.source, shard.refs)
         rows, staged = answer_documents(spec, run, documents, url, shard.index)
+        classification = _classification(spec, run)
         table = rows_to_table(rows, spec)
         write_staging(spec, run.run_id, shard.index, staged)  # before the part: a committed row is never orphaned
         if spec.frontier is not None:  # every frontier answer is labeled data (issue 8); before the part, like
@@ -289,7 +301,10 @@ def process_shard(spec: JobSpec, shard: Shard, run: RunContext) -> ShardResult:
         shard_result(spec, shard.index, url, table, time.perf_counter() - started, reused=reused),
         worker=f"{socket.gethostname()}:{os.getpid()}",
         engines_built=engines_built_by_this_thread() - built_before,
+        classification=classification,
     )
+    if classification is not None and result.engines_built:
+        get_run_logger().info("classification: %s", classification["summary"])
     get_run_logger().info(
         "shard %d: %d files → %d rows %s in %.1f s%s",
         shard.index,

@@ -8,14 +8,10 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from test_llamacpp_engine import TEST_TEXTS, _classify_task, _requests
 
 from docroute.engines import encoders
-from docroute.engines.base import EngineUnavailableError
 from docroute.engines.encoders import WordLlamaEncoder, load_wordllama, wordllama_package_dir
-from docroute.engines.head import LabelHead
-from docroute.engines.llamacpp import LlamaCppEngine
-from docroute.schemas.spec import JobSpec, LlamaCppSpec
+from docroute.schemas.spec import JobSpec
 from docroute.tasks.embeddings import model_key
 
 
@@ -79,39 +75,6 @@ def test_vectors_match_wordllama_inference_and_long_texts_are_cut(root_logging: 
     assert np.allclose(long.vectors[0], encoder.embed([" ".join(["the fee"] * 200)])[0])
 
 
-def test_embedded_engine_classifies_with_the_wordllama_head(runtime) -> None:
-    engine = LlamaCppEngine(LlamaCppSpec(encoder="wordllama"), _classify_task(with_examples=True), runtime=runtime)
-    assert engine.strategy == "embedding_head" and engine.name.endswith("+wordllama:l2_supercat_256")
-    assert engine.head is not None and engine.head.encoder == "wordllama:l2_supercat_256"
-    assert engine.embed(["a text"]).shape == (1, 256)  # what `docroute train` fits heads on
-    predictions = engine.predict(_requests(TEST_TEXTS))
-    correct = sum(p.label == gold for p, (_, gold) in zip(predictions, TEST_TEXTS, strict=True))
-    assert correct >= 5, [(p.label, p.label_confidence) for p in predictions]
-    for prediction in predictions:
-        assert prediction.ok and prediction.model == engine.name
-        assert prediction.usage.input_tokens > 0 and not prediction.truncated
-
-
-def test_a_head_is_refused_by_an_engine_with_another_encoder(runtime) -> None:
-    task = _classify_task(with_examples=True)
-    wordllama = LlamaCppEngine(LlamaCppSpec(encoder="wordllama"), task, runtime=runtime)
-    gemma = LlamaCppEngine(LlamaCppSpec(), task, runtime=runtime)
-    assert gemma.head is not None and wordllama.head is not None
-    assert gemma.head.encoder == gemma.name == "llamacpp:gemma-3-270m-q4_k_m.gguf"
-    assert gemma.head.fingerprint != wordllama.head.fingerprint
-    with pytest.raises(EngineUnavailableError, match="encoder wordllama"):
-        LlamaCppEngine(LlamaCppSpec(), task, runtime=runtime, head=wordllama.head)
-    with pytest.raises(EngineUnavailableError, match="encoder llamacpp"):
-        LlamaCppEngine(LlamaCppSpec(encoder="wordllama"), task, runtime=runtime, head=gemma.head)
-    saved = LabelHead.from_bytes(wordllama.head.to_bytes())
-    assert saved.encoder == wordllama.head.encoder
-    legacy = LabelHead(saved.labels, saved.coef, saved.intercept, saved.trained_on, saved.fingerprint)  # no name
-    with pytest.raises(EngineUnavailableError, match="256-dimension"):
-        LlamaCppEngine(LlamaCppSpec(), task, runtime=runtime, head=legacy)
-    reused = LlamaCppEngine(LlamaCppSpec(encoder="wordllama"), task, runtime=runtime, head=saved)
-    assert reused.predict(_requests(TEST_TEXTS[:1]))[0].label == TEST_TEXTS[0][1]
-
-
 def _job(encoder: str | None) -> JobSpec:
     small = {"engine": "llamacpp"} | ({"encoder": encoder} if encoder else {})
     return JobSpec.model_validate(
@@ -126,7 +89,10 @@ def _job(encoder: str | None) -> JobSpec:
 
 
 def test_the_encoder_shapes_the_spec_hash_and_the_embedding_cache_key() -> None:
-    unset, default, other = _job(None), _job("llamacpp"), _job("wordllama")
-    assert unset.spec_hash() == default.spec_hash() != other.spec_hash()  # existing jobs keep their hash
-    assert model_key(unset) == model_key(default) != model_key(other)
+    unset, gemma, other = _job(None), _job("llamacpp"), _job("wordllama")
+    assert unset.spec_hash() == _job(None).spec_hash()
+    assert len({unset.spec_hash(), gemma.spec_hash(), other.spec_hash()}) == 3  # a named encoder is in the hash
+    assert "encoder" not in unset.model_dump(mode="json")["small_model"]  # jobs that never name one keep theirs
+    assert model_key("wordllama:l2_supercat_256", 768) != model_key("llamacpp:gemma-3-270m-q4_k_m.gguf", 768)
+    assert model_key("wordllama:l2_supercat_256", 768) != model_key("wordllama:l2_supercat_256", 64)
     assert JobSpec.model_validate(other.model_dump(mode="json")).small_model.encoder == "wordllama"

@@ -102,21 +102,6 @@ def test_answers_are_deterministic_whatever_came_before(runtime) -> None:
     assert (alone.label, alone.label_confidence) == (after_others.label, after_others.label_confidence)
 
 
-def test_auto_strategy_trains_an_embedding_head(runtime) -> None:
-    engine = LlamaCppEngine(LlamaCppSpec(), _classify_task(with_examples=True), runtime=runtime)
-    assert engine.strategy == "embedding_head"
-    assert engine.head is not None and engine.head.trained_on == 18
-    predictions = engine.predict(_requests(TEST_TEXTS))
-    correct = sum(p.label == gold for p, (_, gold) in zip(predictions, TEST_TEXTS, strict=True))
-    assert correct >= 5
-    assert all(abs(sum(engine.head.predict_proba(np.zeros((1, runtime.n_embd)))[0]) - 1) < 1e-9 for _ in [0])
-
-
-def test_auto_strategy_without_examples_scores_labels(runtime) -> None:
-    engine = LlamaCppEngine(LlamaCppSpec(), _classify_task(with_examples=False), runtime=runtime)
-    assert engine.strategy == "label_scoring" and engine.few_shot_used == 0
-
-
 INVOICE = """Northwind Office Supply
 67 Mill Lane
 Invoice No: NW-20931

@@ -1,0 +1,183 @@
+"""Classification by vectors whatever the small engine is: heads, zero-shot similarity, and the measured choice."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_llamacpp_engine import TEST_TEXTS, TOPICS, _classify_task, _extract_task, _requests
+
+from docroute.engines import build_small_engine, llama_runtime
+from docroute.engines.base import EngineUnavailableError
+from docroute.engines.classifier import EncoderClassifier, SplitTaskEngine, classifier_of
+from docroute.engines.classify_choice import ChoiceReason, ClassifyMethod, describe
+from docroute.engines.head import LabelHead
+from docroute.schemas.spec import (
+    ClassifySpec,
+    JobSpec,
+    LabelSpec,
+    LlamaCppSpec,
+    OpenAICompatibleSmallSpec,
+    TaskSpec,
+    VllmSpec,
+)
+
+WORDLLAMA = "wordllama:l2_supercat_256"
+GEMMA = "llamacpp:gemma-3-270m-q4_k_m.gguf"
+
+
+def _accuracy(engine: EncoderClassifier | SplitTaskEngine) -> int:
+    predictions = engine.predict(_requests(TEST_TEXTS))
+    return sum(p.label == gold for p, (_, gold) in zip(predictions, TEST_TEXTS, strict=True))
+
+
+@pytest.fixture
+def no_language_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make loading any GGUF model fail: classification by the bundled encoder must not need one."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a language model was loaded for a job that classifies by the bundled encoder")
+
+    monkeypatch.setattr(llama_runtime, "shared_runtime", refuse)
+
+
+def test_a_head_over_the_bundled_encoder_needs_no_language_model(no_language_model: None) -> None:
+    engine = build_small_engine(
+        LlamaCppSpec(encoder="wordllama", classify_strategy="embedding_head"), _classify_task(with_examples=True)
+    )
+    assert isinstance(engine, EncoderClassifier) and engine.name == WORDLLAMA
+    assert engine.classifier_choice is not None and engine.classifier_choice.reason == ChoiceReason.CONFIGURED
+    assert engine.head.encoder == WORDLLAMA and engine.head.trained_on == 18
+    assert engine.embed(["a text"]).shape == (1, 256)  # what `docroute train` fits heads on
+    assert _accuracy(engine) >= 5
+    for prediction in engine.predict(_requests(TEST_TEXTS)):
+        assert prediction.ok and prediction.model == WORDLLAMA
+        assert prediction.usage.input_tokens > 0 and not prediction.truncated and prediction.engine_seconds > 0
+
+
+def test_auto_measures_each_encoder_and_keeps_the_cheapest_within_noise(runtime) -> None:
+    engine = build_small_engine(LlamaCppSpec(), _classify_task(with_examples=True))
+    choice = engine.classifier_choice
+    assert choice is not None and choice.method == ClassifyMethod.EMBEDDING_HEAD
+    assert choice.reason == ChoiceReason.CROSS_VALIDATED
+    measured = {c.encoder: c for c in choice.candidates}
+    assert set(measured) == {WORDLLAMA, GEMMA}
+    for candidate in measured.values():
+        assert candidate.examples == 18 and 0 <= candidate.cv_accuracy <= 1 and candidate.ms_per_text > 0
+    assert measured[WORDLLAMA].ms_per_text < measured[GEMMA].ms_per_text
+    best = max(c.cv_accuracy for c in measured.values())
+    chosen = measured[choice.encoder]
+    cheaper = [c for c in measured.values() if c.ms_per_text < chosen.ms_per_text]
+    assert all(c.cv_accuracy < best - 0.01 for c in cheaper)  # a dearer encoder only when clearly better
+    assert GEMMA in choice.why and WORDLLAMA in choice.why and choice.encoder in describe(choice)
+    assert choice.to_json()["candidates"][0]["encoder"] in measured
+
+
+def test_zero_shot_similarity_classifies_from_label_descriptions(no_language_model: None) -> None:
+    engine = build_small_engine(LlamaCppSpec(), _classify_task(with_examples=False))
+    assert isinstance(engine, EncoderClassifier) and engine.method == "similarity"
+    choice = engine.classifier_choice
+    assert choice is not None and choice.reason == ChoiceReason.TOO_FEW_EXAMPLES
+    assert _accuracy(engine) >= 5
+    probabilities = engine.head.predict_proba(engine.embed([text for text, _ in TEST_TEXTS]))
+    assert np.allclose(probabilities.sum(axis=1), 1.0) and (probabilities.max(axis=1) < 0.999).all()
+
+
+def test_similarity_fits_its_temperature_on_the_few_examples_it_has(no_language_model: None) -> None:
+    few = TaskSpec(
+        classify=ClassifySpec(
+            labels=[
+                LabelSpec(name=name, description=f"texts about {name}", examples=texts[:2])
+                for name, texts in TOPICS.items()
+            ]
+        )
+    )
+    engine = build_small_engine(LlamaCppSpec(), few)
+    assert isinstance(engine, EncoderClassifier) and engine.head.trained_on == 6
+    assert "temperature fitted on 6 examples" in engine.classifier_choice.why
+    assert _accuracy(engine) >= 5
+
+
+def test_label_scoring_stays_with_the_language_model_when_asked(runtime) -> None:
+    engine = build_small_engine(LlamaCppSpec(classify_strategy="label_scoring"), _classify_task(with_examples=True))
+    assert classifier_of(engine) is None and engine.classifier_choice.method == ClassifyMethod.LABEL_SCORING
+
+
+def test_classification_and_extraction_are_answered_together(runtime) -> None:
+    task = _extract_task()
+    task = task.model_copy(update={"classify": _classify_task(with_examples=True).classify})
+    engine = build_small_engine(LlamaCppSpec(encoder="wordllama"), task)
+    assert isinstance(engine, SplitTaskEngine) and engine.name == f"{GEMMA}+{WORDLLAMA}"
+    [prediction] = engine.predict(_requests([("Invoice from Acme Ltd, total $12.00, bake the bread", "cooking")]))
+    assert prediction.ok and prediction.label in TOPICS and prediction.label_confidence is not None
+    assert prediction.fields and prediction.model == engine.name and prediction.usage.input_tokens > 0
+
+
+@pytest.mark.parametrize(
+    "small",
+    [
+        VllmSpec(model="Qwen/Qwen2.5-0.5B-Instruct", classify_strategy="embedding_head"),
+        OpenAICompatibleSmallSpec(model="served", base_url="http://127.0.0.1:9/v1", classify_strategy="embedding_head"),
+    ],
+    ids=["vllm", "openai_compatible"],
+)
+def test_a_head_works_whatever_the_small_engine_is(small, no_language_model: None) -> None:
+    engine = build_small_engine(small, _classify_task(with_examples=True))  # classify only: no model is started
+    assert isinstance(engine, EncoderClassifier) and engine.encoder.name == WORDLLAMA
+    assert _accuracy(engine) >= 5
+    reused = build_small_engine(small, _classify_task(with_examples=True), head=engine.head)
+    assert reused.classifier_choice.reason == ChoiceReason.PROMOTED_HEAD and _accuracy(reused) >= 5
+
+
+def test_a_head_is_refused_by_an_encoder_it_was_not_trained_on(runtime) -> None:
+    task = _classify_task(with_examples=True)
+    wordllama = build_small_engine(LlamaCppSpec(encoder="wordllama"), task)
+    gemma = build_small_engine(LlamaCppSpec(encoder="llamacpp"), task)
+    assert isinstance(wordllama, EncoderClassifier) and isinstance(gemma, EncoderClassifier)
+    assert gemma.head.encoder == GEMMA and wordllama.head.encoder == WORDLLAMA
+    with pytest.raises(EngineUnavailableError, match=r"set small_model\.encoder"):  # a served encoder it cannot name
+        build_small_engine(LlamaCppSpec(), task, head=_renamed(wordllama.head, "openai_compatible:other"))
+    saved = LabelHead.from_bytes(wordllama.head.to_bytes())
+    assert saved.encoder == WORDLLAMA
+    reused = build_small_engine(LlamaCppSpec(encoder="llamacpp"), task, head=saved)  # the head names its encoder
+    assert reused.name == WORDLLAMA and _accuracy(reused) >= 5
+    legacy = _renamed(saved, "")  # saved before encoders had names: read with the GGUF model, whose width differs
+    with pytest.raises(EngineUnavailableError, match="256-dimension"):
+        build_small_engine(LlamaCppSpec(), task, head=legacy)
+    with pytest.raises(EngineUnavailableError, match="other labels"):
+        build_small_engine(
+            LlamaCppSpec(),
+            _classify_task(with_examples=False).model_copy(
+                update={"classify": ClassifySpec(labels=[LabelSpec(name="x"), LabelSpec(name="y")])}
+            ),
+            head=saved,
+        )
+
+
+def _renamed(head: LabelHead, encoder: str) -> LabelHead:
+    return LabelHead(head.labels, head.coef, head.intercept, head.trained_on, head.fingerprint, encoder)
+
+
+def test_a_paid_encoder_is_priced_per_token_in_the_small_cost() -> None:
+    def job(encoder: object) -> JobSpec:
+        small = {"engine": "llamacpp", "usd_per_hour": 3.6} | ({"encoder": encoder} if encoder else {})
+        return JobSpec.model_validate(
+            {
+                "name": "t",
+                "source": {"url": "memory://docs"},
+                "output": {"url": "memory://out"},
+                "task": {"classify": {"labels": [{"name": "a"}, {"name": "b"}]}},
+                "small_model": small,
+            },
+            context={"env": {"OPENAI_API_KEY": "sk-test-secret-123456"}},
+        )
+
+    paid = job({"kind": "openai_compatible", "model": "text-embedding-3-small"})
+    served = job({"kind": "openai_compatible", "model": "bge", "base_url": "http://127.0.0.1:9/v1"})
+    assert paid.small_cost_usd(1.0, 1_000_000) == pytest.approx(0.001 + 0.02)  # 1 s at $3.6/h + 1M tokens
+    assert served.small_cost_usd(1.0, 1_000_000) == pytest.approx(0.001)  # self-hosted: compute only
+    assert job("wordllama").small_cost_usd(1.0, 1_000_000) == pytest.approx(0.001)
+    assert "sk-test-secret" not in json.dumps(paid.redacted())
+    with pytest.raises(ValueError, match="no price known"):
+        job({"kind": "openai_compatible", "model": "unknown-embedder"})
