@@ -1,6 +1,6 @@
 """The distillation loop on BANKING77: does each `docroute train` round lower the escalation rate and the bill?
 
-    python bench/distillation.py [--rounds 5 --per-round 1000 --examples-per-label 4 --audit 0.2]
+    python bench/distillation.py [--rounds 5 --per-round 1000 --examples-per-label 20 --audit 0.2]
 
 Reads `../shared/datasets/banking77` (never copied into the repository). The job starts from a handful of labeled
 examples per intent; round 0 calibrates a router with the frontier as oracle on a sample of round 1's documents.
@@ -65,7 +65,7 @@ task:
     examples_file: {scratch / "examples.csv"}
     labels:
 {label_lines}
-small_model: {{engine: llamacpp, classify_strategy: embedding_head}}
+small_model: {{engine: llamacpp}}  # classify_strategy auto: the encoder is measured on the examples
 frontier:
   provider: openai
   model: gpt-4o-mini
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=1000)
-    parser.add_argument("--examples-per-label", type=int, default=4)
+    parser.add_argument("--examples-per-label", type=int, default=20)
     parser.add_argument("--audit", type=float, default=0.2, help="routing.audit_fraction: the held-out sample")
     parser.add_argument("--calibration-sample", type=int, default=200)
     parser.add_argument("--target", type=float, default=0.9)

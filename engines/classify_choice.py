@@ -19,8 +19,10 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import numpy as np
+
 from docroute.engines.classifier import similarity_head
-from docroute.engines.encoders import Encoder, build_encoder, encoder_choice_named, encoder_name
+from docroute.engines.encoders import Encoder, build_encoder, encoder_choice_named
 from docroute.engines.head import LabelHead, examples_fingerprint, fit_head, head_training_data, train_head
 from docroute.schemas.spec import ClassifySpec, EncoderSpec, SmallModelSpec
 
@@ -30,8 +32,19 @@ MIN_EXAMPLES_FOR_HEAD = 4
 """A head is trained (and auto measures encoders) only when every label has at least this many examples."""
 
 MEASURED_EXAMPLES = 600
-"""Examples each candidate encoder embeds to be measured (stratified): enough to separate encoders a few points
-apart, few enough that measuring Gemma's embeddings stays under a minute on short texts."""
+"""At most this many examples (stratified) measure each candidate encoder: enough to separate encoders a few points
+apart."""
+
+MEASURE_BUDGET_S = 30.0
+"""Embedding time one candidate may spend being measured: a dear encoder on long documents embeds fewer examples
+(all candidates are then compared on that many), so `auto` never costs a run minutes. Gemma 270M takes ~30 ms per
+short message and ~2.4 s per news article on 2 cores; WordLlama ~0.1 ms."""
+
+PROBE_EXAMPLES = 8
+"""Examples embedded first to time a candidate before deciding how many it can afford."""
+
+MIN_MEASURED = 24
+"""Fewest examples a candidate is measured on, however slow: below this a comparison says nothing."""
 
 NOISE_FLOOR = 0.01
 """Accuracy differences below this (or below one standard error) do not justify a dearer encoder."""
@@ -189,40 +202,56 @@ def _plan_head(
     small: SmallModelSpec, classify: ClassifySpec, examples: Sequence[tuple[str, str]], *, configured: bool
 ) -> ClassifierPlan:
     data = head_training_data(classify, examples)
-    measured = _stratified(data, MEASURED_EXAMPLES)
-    texts, targets = [text for text, _ in measured], [label for _, label in measured]
+    order = _stratified(data, MEASURED_EXAMPLES)  # round-robin over labels: every prefix is stratified too
     candidates = candidate_encoders(small)
-    scores: list[CandidateScore] = []
-    fitted: dict[str, tuple[Encoder, LabelHead, float]] = {}
-    for choice in candidates:
-        encoder = build_encoder(choice, small)
+    encoders = [build_encoder(choice, small) for choice in candidates]
+    vectors: list[np.ndarray] = []
+    costs: list[float] = []
+    for encoder in encoders:  # each embeds as many examples as its time budget allows, at most MEASURED_EXAMPLES
         started = time.perf_counter()
-        vectors = encoder.embed(texts)
-        seconds = time.perf_counter() - started
-        fingerprint = examples_fingerprint(encoder.name, measured, classify.label_names)
-        head, score = fit_head(vectors, targets, classify.label_names, fingerprint=fingerprint, encoder=encoder.name)
-        fitted[encoder.name] = (encoder, head, score.c if score else 100.0)
-        if score is not None:
-            scores.append(
-                CandidateScore(encoder.name, len(measured), score.accuracy, score.log_loss, 1000 * seconds / len(texts))
+        probe = encoder.embed([text for text, _ in order[:PROBE_EXAMPLES]])
+        per_text = (time.perf_counter() - started) / len(probe)
+        affordable = max(MIN_MEASURED, int(MEASURE_BUDGET_S / max(per_text, 1e-9)))
+        rest = [text for text, _ in order[len(probe) : affordable]]
+        started = time.perf_counter()
+        vectors.append(np.vstack([probe, encoder.embed(rest)]) if rest else probe)
+        costs.append(1000 * (per_text * len(probe) + time.perf_counter() - started) / len(vectors[-1]))
+    common = min(len(v) for v in vectors)  # every encoder is judged on the same examples
+    targets = [label for _, label in order[:common]]
+    scores: list[CandidateScore] = []
+    strengths: dict[str, float] = {}
+    if len(encoders) > 1 or not configured:
+        for encoder, matrix, cost in zip(encoders, vectors, costs, strict=True):
+            _, score = fit_head(
+                matrix[:common], targets, classify.label_names, fingerprint="", encoder=encoder.name, folds=3
             )
+            if score is not None:
+                strengths[encoder.name] = score.c
+                scores.append(CandidateScore(encoder.name, common, score.accuracy, score.log_loss, cost))
     if scores:
         winner, why = _pick(scores)
     else:
-        winner = encoder_name(candidates[0], small)
-        why = "too few examples per label to cross-validate: the first candidate encoder"
-    encoder, head, c = fitted[winner]
-    if len(measured) < len(data):  # measured on a sample: the head itself learns from every example
-        vectors = encoder.embed([text for text, _ in data])
-        fingerprint = examples_fingerprint(encoder.name, data, classify.label_names)
-        head = train_head(
-            vectors,
-            [label for _, label in data],
-            classify.label_names,
-            fingerprint=fingerprint,
-            c=c,
-            encoder=encoder.name,
+        winner = encoders[0].name
+        why = (
+            "classify_strategy: embedding_head"
+            if configured
+            else "too few examples per label to cross-validate: the cheapest candidate encoder"
         )
+    encoder = next(e for e in encoders if e.name == winner)
+    matrix = vectors[encoders.index(encoder)]
+    known = {text: row for (text, _), row in zip(order, matrix, strict=False)}
+    missing = [text for text, _ in data if text not in known]
+    if missing:
+        known.update(zip(missing, encoder.embed(missing), strict=True))
+    fingerprint = examples_fingerprint(encoder.name, data, classify.label_names)
+    head = train_head(
+        np.vstack([known[text] for text, _ in data]),
+        [label for _, label in data],
+        classify.label_names,
+        fingerprint=fingerprint,
+        c=strengths.get(winner),  # the strength its measurement chose; cross-validated afresh when not measured
+        encoder=encoder.name,
+    )
     reason = ChoiceReason.CONFIGURED if configured and len(candidates) == 1 else ChoiceReason.CROSS_VALIDATED
     return _decided(ClassifyMethod.EMBEDDING_HEAD, reason, why, encoder=encoder, head=head, candidates=tuple(scores))
 

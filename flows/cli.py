@@ -95,6 +95,54 @@ def run(
     _print_summary(summary, time.perf_counter() - started)
 
 
+def _check_candidates(candidates: Path) -> None:
+    """Fail fast, before Prefect starts, naming the candidates file's bad entry and line."""
+    from docroute.schemas.candidates import CandidatesFileError, load_candidates
+
+    try:
+        load_candidates(candidates)
+    except CandidatesFileError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+
+
+def _print_candidates(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(soft_wrap=True)
+    table = Table(title=f"small-model candidates (cost per 1,000 documents; frontier {result['frontier_model']})")
+    table.add_column("candidate")
+    table.add_column("small model")
+    for column in ("accuracy", "escalation", "small USD", "frontier USD", "total USD"):
+        table.add_column(column, justify="right")
+    table.add_column("verdict")
+    for verdict in result["candidates"]:
+        row = verdict.to_json()
+
+        def num(key: str, fmt: str, row: dict[str, Any] = row) -> str:
+            return "-" if row[key] is None else format(row[key], fmt)
+
+        strategy = row["classify_strategy"] + (f"/{row['encoder']}" if row["encoder"] else "")
+        table.add_row(
+            row["name"],
+            f"{row['engine']}: {row['model']} ({strategy})",
+            num("accuracy", ".1%"),
+            num("escalation_rate", ".1%"),
+            num("small_cost_per_1000", ".4g"),
+            num("frontier_cost_per_1000", ".4g"),
+            num("cost_per_1000", ".4g"),
+            row["outcome"],
+        )
+    console.print(table)
+    console.print(f"all-frontier: ${result['all_frontier_cost_per_1000']:.4g} per 1,000 documents")
+    for verdict in result["candidates"]:
+        console.print(f"  {verdict.name}: {verdict.outcome.value}: {verdict.why}", markup=False)
+    console.print(result["notice"], markup=False)
+    if result["job_file_change"]:
+        console.print(result["job_file_change"].rstrip(), markup=False, highlight=False)
+
+
 @app.command()
 def calibrate(
     job: Annotated[Path, typer.Argument(help="the job's YAML file")],
@@ -102,15 +150,38 @@ def calibrate(
     oracle: Annotated[str | None, typer.Option(help="'frontier': label a random sample with the frontier")] = None,
     sample: Annotated[int, typer.Option(help="documents the oracle labels")] = 200,
     output: Annotated[str | None, typer.Option(help="write the router here instead of the job's output.url")] = None,
+    candidates: Annotated[
+        Path | None,
+        typer.Option(
+            help="YAML list of {name, small_model} to compare with the job's own small model: the cheapest that "
+            "meets the target wins and its router is written"
+        ),
+    ] = None,
+    frontier_model: Annotated[
+        str | None, typer.Option(help="with --candidates: price escalations at this model (default: the job's)")
+    ] = None,
 ) -> None:
     """Certify routing thresholds (accuracy >= target with probability >= 1 - delta) and write router.json."""
     _quiet_prefect()
     _check_job(job)
+    if candidates is not None:
+        _check_candidates(candidates)
+    elif frontier_model is not None:
+        typer.echo("--frontier-model prices the candidates' escalations: it goes with --candidates", err=True)
+        raise typer.Exit(2)
     from rich.console import Console
 
     from docroute.flows.calibrate import calibrate as calibrate_flow
 
-    result = calibrate_flow(str(job), labels=labels, oracle=oracle, sample=sample, output=output)
+    result = calibrate_flow(
+        str(job),
+        labels=labels,
+        oracle=oracle,
+        sample=sample,
+        output=output,
+        candidates=str(candidates) if candidates is not None else None,
+        frontier_model=frontier_model,
+    )
     router = result["router"]
     console = Console(soft_wrap=True)
     console.print(
@@ -123,6 +194,8 @@ def calibrate(
             f"  {part}: threshold {threshold}, kept {cert.kept}/{cert.n}, escalation {cert.escalation_rate:.1%}"
         )
     console.print(f"written to {result['url']}")
+    if candidates is not None:
+        _print_candidates(result)
 
 
 @app.command()
