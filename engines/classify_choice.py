@@ -249,7 +249,9 @@ def _plan_head(
         [label for _, label in data],
         classify.label_names,
         fingerprint=fingerprint,
-        c=strengths.get(winner),  # the strength its measurement chose; cross-validated afresh when not measured
+        # measured on every example: the strength its measurement chose; otherwise cross-validated afresh, so the
+        # head never depends on how many examples machine load let the measurement afford
+        c=strengths.get(winner) if common == len(data) else None,
         encoder=encoder.name,
     )
     reason = ChoiceReason.CONFIGURED if configured and len(candidates) == 1 else ChoiceReason.CROSS_VALIDATED
