@@ -96,7 +96,9 @@ def sroie(scratch: Path, options: argparse.Namespace) -> tuple[Path, Path, Path]
     calibrate, evaluate, seed = options.calibrate, options.evaluate, options.seed
     keys = sorted((SHARED / "sroie" / "train" / "key").glob("*.json"))
     random.Random(seed).shuffle(keys)
-    shots, cal, ev = keys[:2], keys[2 : 2 + calibrate], keys[2 + calibrate : 2 + calibrate + evaluate]
+    train = options.train_receipts
+    shots, worked = keys[:2], keys[: 2 + train]  # the prompt's two examples are among the worked ones
+    cal, ev = keys[2 + train : 2 + train + calibrate], keys[2 + train + calibrate : 2 + train + calibrate + evaluate]
     fields = ("company", "date", "address", "total")
     required = set(options.required.split(",")) if options.required else set(fields)
     for split, chosen in (("cal", cal), ("eval", ev)):
@@ -115,6 +117,11 @@ def sroie(scratch: Path, options: argparse.Namespace) -> tuple[Path, Path, Path]
         gold = json.loads(key.read_text(encoding="utf-8"))
         text = _sroie_text(SHARED / "sroie" / "train" / "box" / f"{key.stem}.csv")
         examples.append({"text": text, "values": {f: gold.get(f) for f in fields}})
+    with (scratch / "worked.jsonl").open("w", encoding="utf-8") as handle:  # what the extraction rankers learn from
+        for key in worked[2:]:
+            gold = json.loads(key.read_text(encoding="utf-8"))
+            text = _sroie_text(SHARED / "sroie" / "train" / "box" / f"{key.stem}.csv")
+            handle.write(json.dumps({"text": text, "values": {f: gold.get(f) for f in fields}}) + "\n")
     field_specs = [
         {"name": "company", "type": "str", "description": "the shop or company that issued the receipt"},
         {"name": "date", "type": "date"},
@@ -131,6 +138,7 @@ def sroie(scratch: Path, options: argparse.Namespace) -> tuple[Path, Path, Path]
             "extract": {
                 "fields": field_specs,
                 "examples": examples,
+                **({"examples_file": str(scratch / "worked.jsonl")} if train else {}),
             },
         },
         "small_model": {"engine": "llamacpp"},
@@ -170,6 +178,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--guarantee", choices=["kept", "overall"], default="kept", help="what the 0.9 target bounds (README)"
+    )
+    parser.add_argument(
+        "--train-receipts", type=int, default=100, help="sroie: worked receipts the extraction rankers learn from"
     )
     parser.add_argument("--required", default="", help="sroie: comma-separated required fields (default: all four)")
     args = parser.parse_args()
@@ -225,6 +236,7 @@ def main() -> None:
         f"--evaluate {args.evaluate} --seed {args.seed} --certification {args.certification} "
         f"--guarantee {args.guarantee} --encoder {args.encoder}"
         + (f" --required {args.required}" if args.required else "")
+        + (f" --train-receipts {args.train_receipts}" if args.dataset == "sroie" else "")
     )
     with (ROOT / "BENCHMARKS.md").open("a", encoding="utf-8") as handle:
         handle.write(

@@ -10,39 +10,57 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from docroute.engines.base import Engine
-from docroute.schemas.spec import FrontierSpec, SmallModelSpec, TaskSpec
+from docroute.schemas.spec import ExtractExample, FrontierSpec, SmallModelSpec, TaskSpec
 
 if TYPE_CHECKING:
     from docroute.engines.head import LabelHead
+    from docroute.engines.ranker import ExtractionRanker
 
 
 def build_small_engine(
-    spec: SmallModelSpec, task: TaskSpec, examples: Sequence[tuple[str, str]] = (), head: LabelHead | None = None
+    spec: SmallModelSpec,
+    task: TaskSpec,
+    examples: Sequence[tuple[str, str]] = (),
+    head: LabelHead | None = None,
+    *,
+    extract_examples: Sequence[ExtractExample] = (),
+    ranker: ExtractionRanker | None = None,
 ) -> Engine:
-    """Create the engine that answers every document first (with a head `docroute train` promoted, if any).
+    """Create the engine that answers every document first (with what `docroute train` promoted, if anything).
 
-    Classification by vectors (a head or zero-shot similarity) is its own engine whatever the small model is; a job
-    that also extracts pairs it with the generative engine, built for the extraction alone, so a classify-only job
-    with the bundled encoder never loads a language model. The choice and its evidence ride on the engine as
-    `classifier_choice` for the run log and summary.
+    Classification by vectors (a head or zero-shot similarity) and extraction by learned rankers are engines of
+    their own whatever the small model is; the generative engine is built only for what is left of the task, so a
+    job answered wholly by the bundled encoder and rankers never loads a language model. The choices and their
+    evidence ride on the engine (`classifier_choice`, `extraction_choice`) for the run log and summary.
     """
     from docroute.engines.classifier import EncoderClassifier, SplitTaskEngine
     from docroute.engines.classify_choice import ClassifyMethod, plan_classifier
+    from docroute.engines.extractor import ExtractMethod, RankerExtractor, plan_extraction
 
-    if task.classify is None:
-        return _generative_engine(spec, task, examples)
-    plan = plan_classifier(spec, task.classify, examples, head)
-    if plan.choice.method == ClassifyMethod.LABEL_SCORING:
-        engine = _generative_engine(spec, task, examples)
-        engine.classifier_choice = plan.choice  # type: ignore[attr-defined]  # every generative engine declares it
-        return engine
-    assert plan.encoder is not None and plan.head is not None
-    classifier = EncoderClassifier(task.classify, plan.encoder, plan.head, method=plan.choice.method.value)
-    classifier.classifier_choice = plan.choice
-    if task.extract is None:
-        return classifier
-    extractor = _generative_engine(spec, task.model_copy(update={"classify": None}), examples)
-    return SplitTaskEngine(classifier, extractor)
+    parts: list[Engine] = []
+    left: dict[str, object] = {"classify": task.classify, "extract": task.extract}
+    classifier_choice = extraction_choice = None
+    if task.classify is not None:
+        plan = plan_classifier(spec, task.classify, examples, head)
+        classifier_choice = plan.choice
+        if plan.choice.method != ClassifyMethod.LABEL_SCORING:
+            assert plan.encoder is not None and plan.head is not None
+            classifier = EncoderClassifier(task.classify, plan.encoder, plan.head, method=plan.choice.method.value)
+            classifier.classifier_choice = plan.choice
+            parts.append(classifier)
+            left["classify"] = None
+    if task.extract is not None:
+        extraction_choice, rankers = plan_extraction(spec, task.extract, extract_examples, ranker)
+        if extraction_choice.method == ExtractMethod.RANKER and rankers is not None:
+            parts.append(RankerExtractor(task.extract, rankers))
+            left["extract"] = None
+    if left["classify"] is not None or left["extract"] is not None:
+        remaining = task.model_copy(update=left)
+        parts.insert(0, _generative_engine(spec, remaining, examples))
+    engine = parts[0] if len(parts) == 1 else SplitTaskEngine(parts)
+    engine.classifier_choice = classifier_choice  # type: ignore[attr-defined]  # every engine here declares it
+    engine.extraction_choice = extraction_choice  # type: ignore[attr-defined]
+    return engine
 
 
 def _generative_engine(spec: SmallModelSpec, task: TaskSpec, examples: Sequence[tuple[str, str]]) -> Engine:

@@ -150,31 +150,51 @@ class EncoderClassifier:
 
 
 class SplitTaskEngine:
-    """Classification by one engine, extraction by another, one prediction per document."""
+    """Parts of one task answered by different engines (label, fields), merged into one prediction per document.
 
-    def __init__(self, classifier: EncoderClassifier, extractor: Engine) -> None:
-        self.classifier = classifier
-        self.extractor = extractor
-        self.name = f"{extractor.name}+{classifier.name}"
-        self.classifier_choice = classifier.classifier_choice
+    Each part engine was built for its share of the task only, so exactly one of them sets the label and each field
+    comes from one of them; usage, seconds and truncation add up.
+    """
+
+    def __init__(self, parts: Sequence[Engine]) -> None:
+        self.parts = list(parts)
+        self.name = "+".join(part.name for part in self.parts)
+        self.classifier_choice = next(
+            (
+                getattr(part, "classifier_choice", None)
+                for part in self.parts
+                if getattr(part, "classifier_choice", None)
+            ),
+            None,
+        )
+
+    @property
+    def classifier(self) -> EncoderClassifier | None:
+        return next((part for part in self.parts if isinstance(part, EncoderClassifier)), None)
 
     def predict(self, batch: Sequence[Request]) -> list[Prediction]:
-        labels = self.classifier.predict(batch)
-        fields = self.extractor.predict(batch)
+        answers = [part.predict(batch) for part in self.parts]
         merged = []
-        for labelled, extracted in zip(labels, fields, strict=True):
-            extracted.model = self.name
-            extracted.label, extracted.label_confidence = labelled.label, labelled.label_confidence
-            extracted.usage = extracted.usage + labelled.usage
-            extracted.engine_seconds += labelled.engine_seconds
-            extracted.encoder_tokens += labelled.encoder_tokens
-            extracted.truncated |= labelled.truncated
-            merged.append(extracted)
+        for predictions in zip(*answers, strict=True):
+            first, rest = predictions[0], predictions[1:]
+            first.model = self.name
+            for other in rest:
+                if other.label is not None:
+                    first.label, first.label_confidence = other.label, other.label_confidence
+                first.fields.update(other.fields)
+                first.field_confidences.update(other.field_confidences)
+                first.usage = first.usage + other.usage
+                first.engine_seconds += other.engine_seconds
+                first.encoder_tokens += other.encoder_tokens
+                first.truncated |= other.truncated
+                first.error = first.error or other.error
+                first.retryable = first.retryable or other.retryable
+            merged.append(first)
         return check_complete(batch, merged, self.name)
 
     def close(self) -> None:
-        self.classifier.close()
-        self.extractor.close()
+        for part in self.parts:
+            part.close()
 
 
 def classifier_of(engine: Engine) -> EncoderClassifier | None:

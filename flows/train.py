@@ -24,21 +24,26 @@ from docroute.engines.calibration import fit_calibrator
 from docroute.engines.classifier import classifier_of
 from docroute.engines.confidence import pick
 from docroute.engines.encoders import build_encoder
+from docroute.engines.extractor import RankerExtractor
 from docroute.engines.head import LabelHead, examples_fingerprint, head_training_data, train_head
+from docroute.engines.ranker import train_extraction_ranker
 from docroute.flows.process import with_output
+from docroute.schemas.compare import values_match
 from docroute.schemas.load import load_job
 from docroute.schemas.spec import JobSpec
 from docroute.tasks.certify import guarantee_of
 from docroute.tasks.embeddings import EmbeddingCache
-from docroute.tasks.examples import load_labeled_examples
+from docroute.tasks.examples import load_extraction_examples, load_labeled_examples
 from docroute.tasks.heads import write_head
 from docroute.tasks.infer import run_engine, small_engine
+from docroute.tasks.rankers import write_ranker
 from docroute.tasks.route import required_parts
 from docroute.tasks.router import Router, created_now, new_version, usable_router, write_router
 from docroute.tasks.training import (
     HeadComparison,
     TrainingDataError,
     TrainingSplit,
+    compare_extractors,
     compare_heads,
     finetune_lines,
     read_harvested_labels,
@@ -90,7 +95,18 @@ def _report(spec: JobSpec, result: dict[str, Any]) -> str:
         f"trained on {result['train_examples']} job examples + {result['train_labels']} labels, "
         f"held out {result['holdout']} (the audit sample).",
     ]
-    if comparison is not None:
+    if comparison is not None and "current_escalation" in comparison:  # an extraction round: rows, then fields
+        lines += ["", "| extractor | rows all right | certified row escalation |", "|---|---:|---:|"]
+        for name in ("current", "candidate"):
+            lines.append(f"| {name} | {comparison[name + '_accuracy']:.3f} | {comparison[name + '_escalation']:.1%} |")
+        lines += ["", "| field | extractor | certified threshold | escalation |", "|---|---|---:|---:|"]
+        for field in comparison["candidate"]:
+            for name in ("current", "candidate"):
+                cert = comparison[name][field]
+                threshold = "none" if cert["threshold"] is None else f"{cert['threshold']:.3f}"
+                lines.append(f"| {field} | {name} | {threshold} | {cert['escalation_rate']:.1%} |")
+        lines += ["", f"**{result['decision']}**"]
+    elif comparison is not None:
         lines += [
             "",
             "| classifier | held-out accuracy | certified threshold | certified escalation |",
@@ -151,15 +167,15 @@ def train(job: str, output: str | None = None, min_holdout: int = 30) -> dict[st
         len(split.holdout),
     )
     classify = spec.task.classify
-    if classify is None:
-        result["decision"] = "exported the fine-tuning set; head training needs a classification task"
-    elif len(split.holdout) < min_holdout:
+    if len(split.holdout) < min_holdout:
         result["decision"] = (
-            f"kept the current head: {len(split.holdout)} held-out labels, fewer than {min_holdout}; "
+            f"kept the current model: {len(split.holdout)} held-out labels, fewer than {min_holdout}; "
             "runs with audits add more"
         )
-    else:
+    elif classify is not None:
         result.update(_train_round(spec, current, split, version))
+    else:  # extraction only: the fields' candidate rankers learn from the worked examples and the frontier's answers
+        result.update(_ranker_round(spec, current, split, version))
     write_json(spec.output, training_url(spec, version, "report.json"), result)
     logger.info("%s", result["decision"])
     if FlowRunContext.get() is not None:
@@ -235,6 +251,77 @@ def _train_round(spec: JobSpec, current: Router | None, split: TrainingSplit, ve
         "decision": comparison.reason,
         "comparison": _comparison_json(comparison),
         "head": head_file,
+        "router": router_file,
+        "current_router": current.version if current is not None else None,
+    }
+
+
+def _ranker_round(spec: JobSpec, current: Router | None, split: TrainingSplit, version: str) -> dict[str, Any]:
+    """Fit a ranker per field on the worked examples plus the training labels; certify it against the current
+    extractor on the held-out rows and promote it only when it escalates fewer rows (as heads are promoted)."""
+    extract = spec.task.extract
+    assert extract is not None
+    examples = load_extraction_examples(extract)
+    documents = [(e.text, {f.name: e.values.get(f.name) for f in extract.fields}) for e in examples]
+    documents += [(text, dict(answers)) for text, answers in split.train]
+    ranker, skipped = train_extraction_ranker(extract, documents)
+    if skipped:
+        missing = "; ".join(f"{name}: {why}" for name, why in skipped.items())
+        return {"train_examples": len(examples), "decision": f"kept the current extractor: no ranker for {missing}"}
+    requests = [Request(str(i), text) for i, (text, _) in enumerate(split.holdout)]
+    head_version = current.head_version if current is not None else None
+    current_predictions = run_engine(small_engine(spec, head_version), requests)
+    candidate_predictions = RankerExtractor(extract, ranker).predict(requests)
+    fields = [part for part in required_parts(spec) if part != "label"]
+    gold = [answers for _, answers in split.holdout]
+    comparison = compare_extractors(
+        spec,
+        fields,
+        gold,
+        [(p.fields, p.field_confidences) if p.ok else None for p in current_predictions],
+        [(p.fields, p.field_confidences) if p.ok else None for p in candidate_predictions],
+    )
+    calibrators = dict(current.calibrators) if current is not None else {}
+    for field in fields:
+        confidence = np.array([p.field_confidences.get(field) or 0.0 for p in candidate_predictions])
+        correct = np.array(
+            [
+                values_match(extract.field(field), p.fields.get(field), g.get(field))
+                for p, g in zip(candidate_predictions, gold, strict=True)
+            ]
+        )
+        calibrators[field] = fit_calibrator(confidence, correct)
+    certificates = {**(current.certificates if current is not None else {}), **comparison.candidate}
+    router = Router(
+        version=version,
+        created_at=created_now().isoformat(),
+        job=spec.name,
+        spec_hash=spec.spec_hash(),
+        small_model=spec.small_model.model_name,
+        target_accuracy=spec.routing.target_accuracy,
+        delta=spec.routing.delta,
+        sample_size=len(split.holdout),
+        labels_source="frontier labels: audit sample held out",
+        certificates=certificates,
+        calibrators=calibrators,
+        head_version=version,  # names the round's trained artifacts: here its rankers
+        guarantee=guarantee_of(certificates),
+    )
+    ranker_file = write_ranker(spec, version, ranker)
+    router_file = write_router(spec, router, current=comparison.promote)
+    return {
+        "train_examples": len(examples),
+        "promoted": comparison.promote,
+        "decision": comparison.reason,
+        "comparison": {
+            "current_escalation": comparison.current_escalation,
+            "candidate_escalation": comparison.candidate_escalation,
+            "current_accuracy": comparison.current_accuracy,
+            "candidate_accuracy": comparison.candidate_accuracy,
+            "current": {f: c.to_json() for f, c in comparison.current.items()},
+            "candidate": {f: c.to_json() for f, c in comparison.candidate.items()},
+        },
+        "ranker": ranker_file,
         "router": router_file,
         "current_router": current.version if current is not None else None,
     }

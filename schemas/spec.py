@@ -431,6 +431,12 @@ class LlamaCppSpec(StrictModel):
         exclude_if=_encoder_unset,
         description=_ENCODER_DESCRIPTION,
     )
+    extract_ranker: Literal["auto", "never"] = Field(
+        default="auto",
+        exclude_if=lambda choice: choice == "auto",  # older jobs keep their spec hash
+        description="auto: learned candidate rankers answer the fields when the job has 20+ worked examples "
+        "(extract.examples + examples_file) or docroute train promoted them; never: the model always answers",
+    )
 
     @field_validator("model_path")
     @classmethod
@@ -482,6 +488,12 @@ class VllmSpec(StrictModel):
         description="label_scoring: the model itself answers; embedding_head, similarity or auto as for llamacpp",
     )
     encoder: EncoderSpec | None = Field(default=None, exclude_if=_encoder_unset, description=_ENCODER_DESCRIPTION)
+    extract_ranker: Literal["auto", "never"] = Field(
+        default="auto",
+        exclude_if=lambda choice: choice == "auto",  # older jobs keep their spec hash
+        description="auto: learned candidate rankers answer the fields when the job has 20+ worked examples "
+        "(extract.examples + examples_file) or docroute train promoted them; never: the model always answers",
+    )
 
     @field_validator("lora_path")
     @classmethod
@@ -517,6 +529,12 @@ class OpenAICompatibleSmallSpec(StrictModel):
         description="label_scoring: the model itself answers; embedding_head, similarity or auto as for llamacpp",
     )
     encoder: EncoderSpec | None = Field(default=None, exclude_if=_encoder_unset, description=_ENCODER_DESCRIPTION)
+    extract_ranker: Literal["auto", "never"] = Field(
+        default="auto",
+        exclude_if=lambda choice: choice == "auto",  # older jobs keep their spec hash
+        description="auto: learned candidate rankers answer the fields when the job has 20+ worked examples "
+        "(extract.examples + examples_file) or docroute train promoted them; never: the model always answers",
+    )
 
     @property
     def model_name(self) -> str:

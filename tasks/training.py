@@ -171,3 +171,94 @@ def finetune_lines(spec: JobSpec, rows: Sequence[tuple[str, Mapping[str, object]
         ]
         lines.append(json.dumps({"messages": messages}, ensure_ascii=False))
     return lines
+
+
+@dataclass(frozen=True)
+class ExtractorComparison:
+    """The current and the candidate field answers certified per required field on the same held-out rows.
+
+    A row is escalated when any required field falls below its certified threshold (or has none), so the rates
+    compared are the share of rows each extractor would send to the frontier, as a run routes them.
+    """
+
+    current: dict[str, Certificate]
+    candidate: dict[str, Certificate]
+    current_escalation: float
+    candidate_escalation: float
+    current_accuracy: float
+    candidate_accuracy: float
+    n: int
+
+    @property
+    def promote(self) -> bool:
+        return self.candidate_escalation < self.current_escalation
+
+    @property
+    def reason(self) -> str:
+        verdict = "promoted the rankers" if self.promote else "kept the current extractor"
+        return (
+            f"{verdict}: certified escalation {self.candidate_escalation:.1%} (candidate) vs "
+            f"{self.current_escalation:.1%} (current) on {self.n} held-out documents"
+        )
+
+
+def compare_extractors(
+    spec: JobSpec,
+    fields: Sequence[str],
+    gold: Sequence[Mapping[str, object]],
+    current: Sequence[tuple[Mapping[str, object], Mapping[str, float | None]] | None],
+    candidate: Sequence[tuple[Mapping[str, object], Mapping[str, float | None]] | None],
+) -> ExtractorComparison:
+    """Certify both extractors' fields at delta/2 each (a union bound covers whichever is kept), as compare_heads.
+
+    `current`/`candidate` hold per row (values, confidences), or None where the extractor failed on the row.
+    """
+    from docroute.schemas.compare import values_match
+
+    assert spec.task.extract is not None
+    results: dict[str, tuple[dict[str, Certificate], float, float]] = {}
+    for name, answers in (("current", current), ("candidate", candidate)):
+        parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for field in fields:
+            spec_field = spec.task.extract.field(field)
+            confidence = np.array(
+                [
+                    float("nan") if a is None or a[1].get(field) is None else float(a[1][field])  # type: ignore[arg-type]
+                    for a in answers
+                ]
+            )
+            correct = np.array(
+                [
+                    a is not None and values_match(spec_field, a[0].get(field), g.get(field))
+                    for a, g in zip(answers, gold, strict=True)
+                ],
+                dtype=bool,
+            )
+            parts[field] = (np.nan_to_num(confidence, nan=-1.0), correct)
+        certificates = certify_parts(
+            parts,
+            target_accuracy=spec.routing.target_accuracy,
+            delta=spec.routing.delta / 2,
+            procedure=spec.routing.certification,
+            guarantee=spec.routing.guarantee,
+        )
+        escalated = np.zeros(len(gold), dtype=bool)
+        all_right = np.ones(len(gold), dtype=bool)
+        for field, (confidence, correct) in parts.items():
+            threshold = certificates[field].threshold
+            escalated |= np.ones(len(gold), dtype=bool) if threshold is None else confidence < threshold
+            all_right &= correct
+        results[name] = (
+            certificates,
+            float(escalated.mean()) if len(gold) else 1.0,
+            float(all_right.mean()) if len(gold) else 0.0,
+        )
+    return ExtractorComparison(
+        current=results["current"][0],
+        candidate=results["candidate"][0],
+        current_escalation=results["current"][1],
+        candidate_escalation=results["candidate"][1],
+        current_accuracy=results["current"][2],
+        candidate_accuracy=results["candidate"][2],
+        n=len(gold),
+    )

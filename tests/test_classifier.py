@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from test_llamacpp_engine import TEST_TEXTS, TOPICS, _classify_task, _extract_task, _requests
 
 from docroute.engines import build_small_engine, llama_runtime
-from docroute.engines.base import EngineUnavailableError
+from docroute.engines.base import EngineUnavailableError, Request
 from docroute.engines.classifier import EncoderClassifier, SplitTaskEngine, classifier_of
 from docroute.engines.classify_choice import ChoiceReason, ClassifyMethod, describe
 from docroute.engines.head import LabelHead
@@ -181,3 +182,40 @@ def test_a_paid_encoder_is_priced_per_token_in_the_small_cost() -> None:
     assert "sk-test-secret" not in json.dumps(paid.redacted())
     with pytest.raises(ValueError, match="no price known"):
         job({"kind": "openai_compatible", "model": "unknown-embedder"})
+
+
+def test_rankers_answer_the_fields_from_worked_examples_without_a_language_model(
+    no_language_model: None, tmp_path: Path
+) -> None:
+    from test_ranker import SPEC, receipts
+
+    from docroute.engines.extractor import ExtractMethod, RankerExtractor, plan_extraction
+    from docroute.schemas.compare import values_match
+    from docroute.tasks.examples import load_extraction_examples
+
+    path = tmp_path / "receipts.jsonl"
+    with path.open("w", encoding="utf-8") as handle:
+        for text, values in receipts(seed=1, count=40):
+            handle.write(json.dumps({"text": text, "values": values}, default=str) + "\n")
+    extract = SPEC.model_copy(update={"examples_file": str(path)})
+    examples = load_extraction_examples(extract)
+    task = TaskSpec(extract=extract, classify=_classify_task(with_examples=True).classify)
+    engine = build_small_engine(LlamaCppSpec(encoder="wordllama"), task, extract_examples=examples)
+    assert isinstance(engine, SplitTaskEngine) and any(isinstance(p, RankerExtractor) for p in engine.parts)
+    assert (
+        engine.extraction_choice.method == ExtractMethod.RANKER and "40 worked examples" in engine.extraction_choice.why
+    )
+    unseen = receipts(seed=99, count=30)
+    predictions = engine.predict([Request(str(i), text) for i, (text, _) in enumerate(unseen)])
+    for field in ("company", "date", "total"):
+        right = sum(
+            values_match(SPEC.field(field), p.fields[field], gold[field])
+            for p, (_, gold) in zip(predictions, unseen, strict=True)
+        )
+        assert right >= 24, (field, right)  # 80% of unseen layouts
+    for prediction in predictions:
+        assert prediction.ok and prediction.label in TOPICS and prediction.model == engine.name
+        assert all(0 <= c <= 1 for c in prediction.field_confidences.values() if c is not None)
+    never, _ = plan_extraction(LlamaCppSpec(extract_ranker="never"), extract, examples)
+    too_few, _ = plan_extraction(LlamaCppSpec(), extract, examples[:5])
+    assert never.method == too_few.method == ExtractMethod.MODEL and "5 worked examples" in too_few.why
