@@ -60,7 +60,7 @@ def score_labeled(
     wanted = frozenset(labels.answers) if labels is not None else None
     futures = [
         score_shard.submit(spec, shard, wanted, frontier_run_id, head_version)
-        for shard in cut_shards(refs, spec.shard_size)
+        for shard in cut_shards(refs, spec.shard_size_for(len(refs)))
     ]
     return [doc for future in futures for doc in future.result()]
 

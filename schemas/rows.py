@@ -89,8 +89,23 @@ _TRAILING: list[tuple[str, pa.DataType, str]] = [
 ]
 
 
+_SCHEMAS: dict[tuple[str, str], pa.Schema] = {}
+
+
 def result_schema(spec: JobSpec) -> pa.Schema:
-    """Build the Arrow schema of the job's result rows; field order is stable, metadata names the spec."""
+    """The Arrow schema of the job's result rows; field order is stable, metadata names the spec.
+
+    Every shard needs it and building it (dozens of fields with metadata) cost about a millisecond, so schemas are
+    kept per process under what they are made of: the job's name and its spec hash (the task and small model).
+    """
+    key = (spec.name, spec.spec_hash())
+    schema = _SCHEMAS.get(key)
+    if schema is None:
+        schema = _SCHEMAS.setdefault(key, _build_result_schema(spec))  # pa.Schema is immutable: safe to share
+    return schema
+
+
+def _build_result_schema(spec: JobSpec) -> pa.Schema:
     columns = list(_LEADING)
     if spec.task.classify is not None:
         columns.append(("label", CATEGORY, "the chosen label"))

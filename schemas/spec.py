@@ -34,6 +34,9 @@ from docroute.schemas.pricing import (
 FieldType = Literal["str", "int", "float", "decimal", "date", "datetime", "bool", "enum", "list[str]"]
 DocFormat = Literal["auto", "txt", "md", "html", "pdf", "docx", "eml", "json", "jsonl"]
 
+AUTO_SHARD_MIN, AUTO_SHARD_MAX = 64, 2048
+"""Bounds of the shard size chosen when a job sets none (JobSpec.shard_size_for)."""
+
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _JOB_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -730,8 +733,26 @@ class JobSpec(StrictModel):
     frontier: FrontierSpec | None = None
     routing: RoutingSpec = Field(default_factory=RoutingSpec)
     output: OutputSpec
-    shard_size: int = Field(default=64, ge=1, le=100_000)
+    shard_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description="documents per Prefect task run; default: sized to the run (see shard_size_for)",
+    )
     runner: RunnerSpec = Field(default_factory=RunnerSpec)
+
+    def shard_size_for(self, documents: int) -> int:
+        """Documents per shard for a run of `documents`: the job's `shard_size`, else sized to the run.
+
+        A shard is one Prefect task run, ~10 ms of bookkeeping under the GIL: with a cheap encoder 100,000 messages
+        in shards of 64 spent more time in Prefect than in the model (1,246 documents/s against 3,517 in shards of
+        2,048). Aiming at 16 shards per worker keeps progress and crash recovery granular on small runs (never
+        under 64 documents) and the task overhead bounded on large ones (never over 2,048).
+        """
+        if self.shard_size is not None:
+            return self.shard_size
+        per_shard = -(-max(documents, 1) // (16 * self.runner.max_workers))
+        return min(max(per_shard, AUTO_SHARD_MIN), AUTO_SHARD_MAX)
 
     @field_validator("name")
     @classmethod

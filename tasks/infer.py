@@ -14,12 +14,15 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, nullcontext
 
+from fsspec.core import url_to_fs
+
 from docroute.engines import build_frontier_engine, build_small_engine
 from docroute.engines.base import Engine, EngineError, Prediction, Request
 from docroute.engines.loop_thread import AsyncClientEngine, SharedGate
 from docroute.schemas.spec import FrontierSpec, JobSpec
-from docroute.tasks.examples import load_labeled_examples
+from docroute.tasks.examples import load_extraction_examples, load_labeled_examples
 from docroute.tasks.heads import load_head
+from docroute.tasks.rankers import load_ranker
 
 _ENGINES: dict[str, Engine] = {}
 _ENGINE_LOCKS: dict[str, threading.Lock] = {}
@@ -67,20 +70,64 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
         return logging.getLogger(__name__)
 
 
-def small_engine(spec: JobSpec, head_version: str | None = None) -> Engine:
-    """Return this process's small-model engine for the job, with the trained head `head_version` if given."""
-    examples: list[tuple[str, str]] = []
-    if spec.task.classify is not None:
-        examples = load_labeled_examples(spec.task.classify)
-    digest = hashlib.sha256(spec.spec_hash().encode())
+_EXAMPLES: dict[tuple[str, str, str], tuple[list[tuple[str, str]], str]] = {}
+_EXAMPLES_LOCK = threading.Lock()
+
+
+def _examples_and_digest(spec: JobSpec) -> tuple[list[tuple[str, str]], str]:
+    """The job's labeled examples and a digest of the spec and them: the engine cache's key.
+
+    Every shard asks for its engine, so this runs once per shard: reading and parsing the examples file each time
+    cost more than answering a shard with a cheap encoder. The parsed file is kept per process under the file's
+    fsspec `ukey` (modification time and size on a local disk, the ETag on an object store: one stat or HEAD),
+    so an edited examples file still makes another engine, as before.
+    """
+    spec_hash = spec.spec_hash()
+    classify = spec.task.classify
+    if classify is None or classify.examples_file is None:
+        examples = load_labeled_examples(classify) if classify is not None else []
+        return examples, _digest(spec_hash, examples)
+    path = classify.examples_file
+    try:
+        fs, fs_path = url_to_fs(path)
+        version = str(fs.ukey(fs_path))
+    except (OSError, ValueError):  # unreadable: load_labeled_examples raises the job's own error message
+        examples = load_labeled_examples(classify)
+        return examples, _digest(spec_hash, examples)
+    key = (spec_hash, path, version)
+    with _EXAMPLES_LOCK:
+        cached = _EXAMPLES.get(key)
+    if cached is None:
+        examples = load_labeled_examples(classify)
+        cached = (examples, _digest(spec_hash, examples))
+        with _EXAMPLES_LOCK:
+            for stale in [k for k in _EXAMPLES if k[:2] == key[:2]]:  # an older version of the same file
+                del _EXAMPLES[stale]
+            _EXAMPLES[key] = cached
+    return list(cached[0]), cached[1]  # a copy: an engine that kept and changed the list would change the cache
+
+
+def _digest(spec_hash: str, examples: Sequence[tuple[str, str]]) -> str:
+    digest = hashlib.sha256(spec_hash.encode())
     for text, label in examples:
         digest.update(text.encode() + b"\x00" + label.encode() + b"\x01")
+    return digest.hexdigest()
+
+
+def small_engine(spec: JobSpec, head_version: str | None = None) -> Engine:
+    """Return this process's small-model engine for the job, with the trained head `head_version` if given."""
+    examples, examples_digest = _examples_and_digest(spec)
+    digest = hashlib.sha256(examples_digest.encode())
     if head_version is not None:
         digest.update(b"\x02head:" + head_version.encode() + spec.output.url.encode())
 
     def build() -> Engine:
-        head = load_head(spec, head_version) if head_version is not None else None
-        return build_small_engine(spec.small_model, spec.task, examples, head=head)
+        head = load_head(spec, head_version) if head_version is not None and spec.task.classify else None
+        ranker = load_ranker(spec, head_version) if head_version is not None and spec.task.extract else None
+        extract_examples = load_extraction_examples(spec.task.extract) if spec.task.extract is not None else []
+        return build_small_engine(
+            spec.small_model, spec.task, examples, head=head, extract_examples=extract_examples, ranker=ranker
+        )
 
     return _cached("small:" + digest.hexdigest(), build)
 
@@ -143,6 +190,8 @@ def clear_engine_cache() -> None:
         engines = list(_ENGINES.values())
         _ENGINES.clear()
         _ENGINE_LOCKS.clear()
+    with _EXAMPLES_LOCK:
+        _EXAMPLES.clear()
     for engine in engines:
         engine.close()
 

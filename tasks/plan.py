@@ -204,7 +204,7 @@ def make_plan(spec: JobSpec, todo_files: list[Path], todo_rows: int, run_id: str
             run_id,
             run_date,
             spec.spec_hash(),
-            spec.shard_size,
+            spec.shard_size_for(todo_rows),
             todo_files=todo_files,
             todo_rows=todo_rows,
             obsolete_parts=obsolete_parts,
@@ -235,14 +235,13 @@ def make_plan(spec: JobSpec, todo_files: list[Path], todo_rows: int, run_id: str
     adopted = kept.sort("order").select(PLAN_SCHEMA.names)
     left = wanted.join(planned.select("uri"), on="uri", how="anti")
     first = int(planned["shard"].max()) + 1 if planned.height else 0  # type: ignore[arg-type]
-    assignments = pa.concat_tables(
-        [adopted.to_arrow().cast(PLAN_SCHEMA), _assign(left.to_arrow(), spec.shard_size, first)]
-    )
+    shard_size = spec.shard_size_for(todo.num_rows)
+    assignments = pa.concat_tables([adopted.to_arrow().cast(PLAN_SCHEMA), _assign(left.to_arrow(), shard_size, first)])
     return RunPlan(
         adopt.plan_id,
         day,
         spec.spec_hash(),
-        spec.shard_size,
+        shard_size,
         assignments,
         resumable=resumable,
         resumed_from=adopt.plan_id,

@@ -18,6 +18,7 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from docroute.schemas.spec import JobSpec, OutputSpec
 
@@ -120,11 +121,38 @@ def write_parquet(
     `row_group_rows` bound the writer's buffers.
     """
     compression = None if output.compression == "none" else output.compression
+    options: dict[str, Any] = {
+        "compression": compression,
+        "use_dictionary": dictionary,
+        "row_group_size": row_group_rows,
+    }
+    fs, path = url_to_fs(url, **output.fsspec_options())
+    if isinstance(fs, LocalFileSystem):
+        _write_local_parquet(path, table, options)
+        return
 
     def write(handle: IO[bytes]) -> None:
-        pq.write_table(table, handle, compression=compression, use_dictionary=dictionary, row_group_size=row_group_rows)
+        pq.write_table(table, handle, **options)
 
     atomic_write(output, url, write)
+
+
+def _write_local_parquet(path: str, table: pa.Table, options: dict[str, Any]) -> None:
+    """`atomic_write` on a local disk, with Arrow's own file writer: under a temporary name, then renamed.
+
+    Handing Arrow a Python file object (fsspec's local opener) makes it call back into Python for every buffer it
+    writes; Arrow writing the path itself does none of that, which matters when every shard writes a part.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with pa.OSFile(str(temporary), "wb") as sink:  # a native file: the path is never parsed as a URI
+            pq.write_table(table, sink, **options)
+        temporary.replace(final)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def part_exists(output: OutputSpec, url: str) -> bool:

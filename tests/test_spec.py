@@ -794,3 +794,25 @@ def test_redacted_masks_s3_credentials() -> None:
     )
     text = json.dumps(job.redacted())
     assert "src-secret" not in text and "AKIA-SRC" not in text and 'tok"' not in text
+
+
+def test_shards_are_sized_to_the_run_unless_the_job_says() -> None:
+    def job(**extra: object) -> JobSpec:
+        return JobSpec.model_validate(
+            {
+                "name": "t",
+                "source": {"url": "memory://docs"},
+                "output": {"url": "memory://out"},
+                "task": {"classify": {"labels": [{"name": "a"}, {"name": "b"}]}},
+                **extra,
+            }
+        )
+
+    default = job()
+    assert default.shard_size is None and "shard_size" not in default.model_dump(exclude_none=True)
+    assert default.shard_size_for(10) == 64  # small runs: never under 64 documents
+    assert default.shard_size_for(10_000) == 313  # 16 shards per worker, 2 workers
+    assert default.shard_size_for(100_000) == 2048  # large runs: the task overhead stays bounded
+    assert job(runner={"max_workers": 8}).shard_size_for(100_000) == 782
+    assert job(shard_size=16).shard_size_for(100_000) == 16
+    assert default.spec_hash() == job(shard_size=16).spec_hash()  # how work is cut never changes answers
