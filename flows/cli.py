@@ -55,6 +55,8 @@ def _print_summary(summary: dict[str, Any], seconds: float) -> None:
     console.print(f"results: {', '.join(sorted(results)) or '(no documents)'}")
     console.print(f"costs:   {summary['costs']}")
     console.print(f"manifest: {summary['manifest']}")
+    if summary.get("classification"):
+        console.print(f"classification: {summary['classification']['summary']}")
 
 
 def _check_job(job: Path) -> None:

@@ -51,6 +51,8 @@ def test_demo_runs_on_the_embedded_model(tmp_path: Path) -> None:
     result = runner.invoke(app, ["demo", "--job", "classify", "--output", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "demo-support-intents" in result.output and "total" in result.output
+    # the demo's 10 examples per intent: auto measures both bundled encoders and says which it kept, and why
+    assert "classification: embedding_head over " in result.output and "cross-validated" in result.output
     rows = pl.read_parquet(f"{tmp_path}/classify/results/**/*.parquet")
     assert rows.height == 32  # 28 files, one of them a 5-record jsonl (see examples/build_demo_corpus.py)
     assert rows.filter(pl.col("route") == "error").height == 2  # the binary and the empty file
