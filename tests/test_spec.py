@@ -351,7 +351,7 @@ def test_defaults() -> None:
     assert isinstance(job.small_model, LlamaCppSpec)
     assert job.small_model.model_name == "gemma-3-270m-q4_k_m.gguf"
     assert job.frontier is None
-    assert job.shard_size == 64
+    assert job.shard_size is None and job.shard_size_for(1000) == 64
     assert job.runner.max_workers == 2
     assert job.source.glob == "**/*"
     assert job.output.compression == "zstd"
