@@ -100,27 +100,6 @@ class HeadScore:
     examples: int
 
 
-def fit_head(
-    embeddings: np.ndarray,
-    targets: Sequence[str],
-    labels: Sequence[str],
-    *,
-    fingerprint: str,
-    c: float | None = None,
-    encoder: str = "",
-    folds: int = 5,
-) -> tuple[LabelHead, HeadScore | None]:
-    """Fit the head and say how it cross-validates (None when `c` is given or too few examples to fold).
-
-    The fits run on one BLAS/OpenMP thread: these matrices are small, and on a busy 2-core machine two threads
-    spinning for each other made one fit of 77 labels on 1,540 examples take 12.9 s instead of 0.2 s.
-    """
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1):
-        return _fit_head(embeddings, targets, labels, fingerprint=fingerprint, c=c, encoder=encoder, folds=folds)
-
-
 def train_head(
     embeddings: np.ndarray,
     targets: Sequence[str],
@@ -134,7 +113,7 @@ def train_head(
     return fit_head(embeddings, targets, labels, fingerprint=fingerprint, c=c, encoder=encoder)[0]
 
 
-def _fit_head(
+def fit_head(
     embeddings: np.ndarray,
     targets: Sequence[str],
     labels: Sequence[str],
@@ -144,7 +123,7 @@ def _fit_head(
     encoder: str = "",
     folds: int = 5,
 ) -> tuple[LabelHead, HeadScore | None]:
-    """The fit itself (see fit_head).
+    """Fit the head and say how it cross-validates (None when `c` is given or too few examples to fold).
 
     Log-loss rewards calibrated probabilities, not just the right argmax: on BANKING77 the strength it picks gives an
     expected calibration error of 0.03 where a fixed C=10 gives 0.44, so the router's thresholds mean what they say.
@@ -153,6 +132,7 @@ def _fit_head(
     refused by an engine whose encoder gives other vectors.
     """
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
 
     index = {label: i for i, label in enumerate(labels)}
     y = np.array([index[t] for t in targets])
@@ -161,11 +141,14 @@ def _fit_head(
         raise ValueError("the embedding head needs labeled examples of at least two labels")
     folds = min(folds, int(counts.min()))
     score: HeadScore | None = None
-    if c is None and folds >= 2:
-        score = _cross_validate(embeddings, y, folds)
-        c = score.c
-    model = LogisticRegression(C=c or 100.0, max_iter=3000)
-    model.fit(embeddings, y)
+    # one BLAS/OpenMP thread: these matrices are small, and on a busy 2-core machine two threads spinning for each
+    # other made one fit of 77 labels on 1,540 examples take 12.9 s instead of 0.2 s
+    with threadpool_limits(limits=1):
+        if c is None and folds >= 2:
+            score = _cross_validate(embeddings, y, folds)
+            c = score.c
+        model = LogisticRegression(C=c or 100.0, max_iter=3000)
+        model.fit(embeddings, y)
     if len(model.classes_) == 2:  # sklearn fits one logit for two classes: split it into two opposite halves
         weights = np.vstack([-model.coef_[0], model.coef_[0]]) / 2
         biases = np.array([-model.intercept_[0], model.intercept_[0]]) / 2

@@ -228,21 +228,7 @@ def _train_round(spec: JobSpec, current: Router | None, split: TrainingSplit, ve
     if current is not None:  # parts the head does not answer keep the certificates they have
         certificates = {**current.certificates, **certificates}
         calibrators = {**current.calibrators, **calibrators}
-    router = Router(
-        version=version,
-        created_at=created_now().isoformat(),
-        job=spec.name,
-        spec_hash=spec.spec_hash(),
-        small_model=spec.small_model.model_name,
-        target_accuracy=spec.routing.target_accuracy,
-        delta=spec.routing.delta,
-        sample_size=len(split.holdout),
-        labels_source="frontier labels: audit sample held out",
-        certificates=certificates,
-        calibrators=calibrators,
-        head_version=version,
-        guarantee=guarantee_of(certificates),  # "mixed" when kept parts were certified under another guarantee
-    )
+    router = _round_router(spec, version, len(split.holdout), certificates, calibrators)
     head_file = write_head(spec, version, candidate)
     router_file = write_router(spec, router, current=comparison.promote)
     return {
@@ -254,6 +240,28 @@ def _train_round(spec: JobSpec, current: Router | None, split: TrainingSplit, ve
         "router": router_file,
         "current_router": current.version if current is not None else None,
     }
+
+
+def _round_router(
+    spec: JobSpec, version: str, held_out: int, certificates: dict[str, Any], calibrators: dict[str, Any]
+) -> Router:
+    """The router a training round writes: certified on the held-out audit sample, naming the round's artifacts
+    (`head_version`: its head, its rankers or both); "mixed" guarantee when kept parts were certified otherwise."""
+    return Router(
+        version=version,
+        created_at=created_now().isoformat(),
+        job=spec.name,
+        spec_hash=spec.spec_hash(),
+        small_model=spec.small_model.model_name,
+        target_accuracy=spec.routing.target_accuracy,
+        delta=spec.routing.delta,
+        sample_size=held_out,
+        labels_source="frontier labels: audit sample held out",
+        certificates=certificates,
+        calibrators=calibrators,
+        head_version=version,
+        guarantee=guarantee_of(certificates),
+    )
 
 
 def _ranker_round(spec: JobSpec, current: Router | None, split: TrainingSplit, version: str) -> dict[str, Any]:
@@ -292,21 +300,7 @@ def _ranker_round(spec: JobSpec, current: Router | None, split: TrainingSplit, v
         )
         calibrators[field] = fit_calibrator(confidence, correct)
     certificates = {**(current.certificates if current is not None else {}), **comparison.candidate}
-    router = Router(
-        version=version,
-        created_at=created_now().isoformat(),
-        job=spec.name,
-        spec_hash=spec.spec_hash(),
-        small_model=spec.small_model.model_name,
-        target_accuracy=spec.routing.target_accuracy,
-        delta=spec.routing.delta,
-        sample_size=len(split.holdout),
-        labels_source="frontier labels: audit sample held out",
-        certificates=certificates,
-        calibrators=calibrators,
-        head_version=version,  # names the round's trained artifacts: here its rankers
-        guarantee=guarantee_of(certificates),
-    )
+    router = _round_router(spec, version, len(split.holdout), certificates, calibrators)
     ranker_file = write_ranker(spec, version, ranker)
     router_file = write_router(spec, router, current=comparison.promote)
     return {

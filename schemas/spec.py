@@ -398,7 +398,28 @@ def _encoder_unset(encoder: object) -> bool:
     return encoder is None
 
 
-class LlamaCppSpec(StrictModel):
+class _SmallModelParts(StrictModel):
+    """What every small model has beside its generative engine: how it classifies and extracts without it.
+
+    Each default is left out of dumps: `spec_hash` hashes the dump, and adding these options must not change an
+    existing job's hash (that would reprocess all its documents).
+    """
+
+    classify_strategy: ClassifyStrategy = Field(
+        default="label_scoring",
+        exclude_if=lambda strategy: strategy == "label_scoring",
+        description="label_scoring: the model itself answers; embedding_head, similarity or auto as for llamacpp",
+    )
+    encoder: EncoderSpec | None = Field(default=None, exclude_if=_encoder_unset, description=_ENCODER_DESCRIPTION)
+    extract_ranker: Literal["auto", "never"] = Field(
+        default="auto",
+        exclude_if=lambda choice: choice == "auto",
+        description="auto: learned candidate rankers answer the fields when the job has 20+ worked examples "
+        "(extract.examples + examples_file) or docroute train promoted them; never: the model always answers",
+    )
+
+
+class LlamaCppSpec(_SmallModelParts):
     """Embedded CPU engine: llama.cpp with a local GGUF (default: the packaged Gemma 3 270M)."""
 
     engine: Literal["llamacpp"] = "llamacpp"
@@ -427,19 +448,6 @@ class LlamaCppSpec(StrictModel):
         description="extraction: sum ranks candidates by their likelihood; mean by likelihood per token",
     )
     usd_per_hour: float = Field(default=0.0, ge=0, description="self-hosted compute price for the cost ledger")
-    encoder: EncoderSpec | None = Field(
-        default=None,
-        # left out of dumps when unset: `spec_hash` hashes the dump, and adding the option must not change every
-        # existing job's hash (that would reprocess all its documents)
-        exclude_if=_encoder_unset,
-        description=_ENCODER_DESCRIPTION,
-    )
-    extract_ranker: Literal["auto", "never"] = Field(
-        default="auto",
-        exclude_if=lambda choice: choice == "auto",  # older jobs keep their spec hash
-        description="auto: learned candidate rankers answer the fields when the job has 20+ worked examples "
-        "(extract.examples + examples_file) or docroute train promoted them; never: the model always answers",
-    )
 
     @field_validator("model_path")
     @classmethod
@@ -453,7 +461,7 @@ class LlamaCppSpec(StrictModel):
         return Path(self.model_path).name if self.model_path else "gemma-3-270m-q4_k_m.gguf"
 
 
-class VllmSpec(StrictModel):
+class VllmSpec(_SmallModelParts):
     """In-process vLLM on a GPU worker: one offline `vllm.LLM` per worker process, one batched call per shard."""
 
     engine: Literal["vllm"] = "vllm"
@@ -485,18 +493,6 @@ class VllmSpec(StrictModel):
     )
     enable_prefix_caching: bool = True
     usd_per_hour: float = Field(default=0.0, ge=0, description="GPU-hour price for the cost ledger")
-    classify_strategy: ClassifyStrategy = Field(
-        default="label_scoring",
-        exclude_if=lambda strategy: strategy == "label_scoring",  # older jobs keep their spec hash
-        description="label_scoring: the model itself answers; embedding_head, similarity or auto as for llamacpp",
-    )
-    encoder: EncoderSpec | None = Field(default=None, exclude_if=_encoder_unset, description=_ENCODER_DESCRIPTION)
-    extract_ranker: Literal["auto", "never"] = Field(
-        default="auto",
-        exclude_if=lambda choice: choice == "auto",  # older jobs keep their spec hash
-        description="auto: learned candidate rankers answer the fields when the job has 20+ worked examples "
-        "(extract.examples + examples_file) or docroute train promoted them; never: the model always answers",
-    )
 
     @field_validator("lora_path")
     @classmethod
@@ -508,7 +504,7 @@ class VllmSpec(StrictModel):
         return self.model
 
 
-class OpenAICompatibleSmallSpec(StrictModel):
+class OpenAICompatibleSmallSpec(_SmallModelParts):
     """A small model served behind an OpenAI-compatible endpoint (vllm serve, llama.cpp server)."""
 
     engine: Literal["openai_compatible"] = "openai_compatible"
@@ -526,18 +522,6 @@ class OpenAICompatibleSmallSpec(StrictModel):
     max_input_tokens: int = Field(default=4096, ge=32, description="document tokens sent; the rest is truncated")
     max_output_tokens: int = Field(default=512, ge=1)
     usd_per_hour: float = Field(default=0.0, ge=0)
-    classify_strategy: ClassifyStrategy = Field(
-        default="label_scoring",
-        exclude_if=lambda strategy: strategy == "label_scoring",  # older jobs keep their spec hash
-        description="label_scoring: the model itself answers; embedding_head, similarity or auto as for llamacpp",
-    )
-    encoder: EncoderSpec | None = Field(default=None, exclude_if=_encoder_unset, description=_ENCODER_DESCRIPTION)
-    extract_ranker: Literal["auto", "never"] = Field(
-        default="auto",
-        exclude_if=lambda choice: choice == "auto",  # older jobs keep their spec hash
-        description="auto: learned candidate rankers answer the fields when the job has 20+ worked examples "
-        "(extract.examples + examples_file) or docroute train promoted them; never: the model always answers",
-    )
 
     @property
     def model_name(self) -> str:
