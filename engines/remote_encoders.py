@@ -35,16 +35,18 @@ from collections.abc import Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import openai
 
 from docroute.engines.base import PLACEHOLDER_API_KEY, EngineError, EngineUnavailableError, redact
 from docroute.engines.encoders import Encoded
 from docroute.engines.prompts import truncate_text_to_tokens
 from docroute.engines.vllm import import_vllm, require_gpu
 from docroute.schemas.spec import OpenAICompatibleEncoderSpec, VllmEncoderSpec
+
+if TYPE_CHECKING:
+    import openai
 
 log = logging.getLogger(__name__)
 
@@ -375,6 +377,8 @@ class OpenAICompatibleEncoder:
                 "api_key_env (default OPENAI_API_KEY)"
             )
         self._where = spec.base_url or "OpenAI's API"
+        import openai  # here, not at import: a run that never embeds through an API does not pay for the SDK
+
         self._client = openai.OpenAI(
             api_key=self._api_key or PLACEHOLDER_API_KEY,
             base_url=spec.base_url,
@@ -485,6 +489,8 @@ class OpenAICompatibleEncoder:
         kwargs: dict[str, Any] = {"model": self.spec.model, "input": texts, "encoding_format": "float"}
         if self.spec.dimensions is not None:
             kwargs["dimensions"] = self.spec.dimensions
+        import openai
+
         try:
             response = self._client.embeddings.create(**kwargs)
         except openai.OpenAIError as exc:
@@ -532,27 +538,21 @@ class OpenAICompatibleEncoder:
 
     def _request_error(self, exc: openai.OpenAIError) -> EmbeddingsRequestError:
         """A clear, key-free error for a request the SDK gave up on."""
-        status: int | None = None
-        if isinstance(exc, openai.APIStatusError):
-            status = exc.status_code
-            retryable = status in (408, 409, 429) or status >= 500
-            detail = f"HTTP {status}: {exc.message}"
-            if status in (401, 403):
+        from docroute.engines.openai_failure import sdk_failure
+
+        failure = sdk_failure(exc)
+        detail = failure.message
+        if failure.status is not None:
+            detail = f"HTTP {failure.status}: {detail}"
+            if failure.status in (401, 403):
                 detail += " (check small_model.encoder's api_key / api_key_env)"
-            elif status == 404:
+            elif failure.status == 404:
                 detail += f" (does {self._where} serve model {self.spec.model}?)"
-        elif isinstance(exc, openai.APIConnectionError):  # timeouts included
-            retryable = True
-            detail = exc.message
-            cause = exc.__cause__
-            if cause is not None and str(cause):
-                detail = f"{detail} ({type(cause).__name__}: {cause})"
-        else:
-            retryable = False
-            detail = str(exc)
-        tries = f" after {self.spec.max_retries} retries" if retryable and self.spec.max_retries else ""
+        tries = f" after {self.spec.max_retries} retries" if failure.retryable and self.spec.max_retries else ""
         message = (
             f"embeddings request to {self._where} (model {self.spec.model}) failed{tries}: "
             f"{type(exc).__name__}: {detail}"
         )
-        return EmbeddingsRequestError(_short(redact(message, self._api_key)), retryable=retryable, status=status)
+        return EmbeddingsRequestError(
+            _short(redact(message, self._api_key)), retryable=failure.retryable, status=failure.status
+        )

@@ -7,9 +7,12 @@ import sys
 import time
 from importlib.resources import as_file, files
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from docroute.flows.prefect_api import ApiStart
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -70,11 +73,20 @@ def _check_job(job: Path) -> None:
         raise typer.Exit(2) from None
 
 
+def _check_job_and_start_api(job: Path) -> ApiStart:
+    """Validate the job, then start Prefect's ephemeral API while the caller imports its flow (wait before it runs)."""
+    from docroute.flows.prefect_api import start_ephemeral_api_early
+
+    _check_job(job)
+    return start_ephemeral_api_early()
+
+
 def _run(job: Path, output: str | None = None, full_refresh: bool = False) -> dict[str, Any]:
+    api = _check_job_and_start_api(job)
     from docroute.flows.process import process_documents
     from docroute.tasks.lease import LeaseLostError, RunInProgressError
 
-    _check_job(job)
+    api.wait()
     try:
         return process_documents(str(job), output=output, full_refresh=full_refresh)
     except (RunInProgressError, LeaseLostError) as exc:  # another run owns the output: say so, in one line
@@ -171,10 +183,14 @@ def calibrate(
     elif frontier_model is not None:
         typer.echo("--frontier-model prices the candidates' escalations: it goes with --candidates", err=True)
         raise typer.Exit(2)
+    from docroute.flows.prefect_api import start_ephemeral_api_early
+
+    api = start_ephemeral_api_early()
     from rich.console import Console
 
     from docroute.flows.calibrate import calibrate as calibrate_flow
 
+    api.wait()
     result = calibrate_flow(
         str(job),
         labels=labels,
@@ -208,11 +224,12 @@ def train(
 ) -> None:
     """Refit the classification head on the job's examples and the frontier's labels; promote it only if better."""
     _quiet_prefect()
-    _check_job(job)
+    api = _check_job_and_start_api(job)
     from rich.console import Console
 
     from docroute.flows.train import train as train_flow
 
+    api.wait()
     result = train_flow(str(job), output=output, min_holdout=min_holdout)
     console = Console(soft_wrap=True)
     console.print(
@@ -236,9 +253,10 @@ def evaluate(
 ) -> None:
     """Accuracy of small-only, frontier-only and routed answers, escalation rate, cost per 1,000 documents."""
     _quiet_prefect()
-    _check_job(job)
+    api = _check_job_and_start_api(job)
     from docroute.flows.evaluate import evaluate_job
 
+    api.wait()
     result = evaluate_job(
         str(job), labels=labels, report=str(report), frontier=frontier, frontier_model=frontier_model, output=output
     )

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
-import pytest
+import prefect.main  # noqa: F401 - Prefect configures its logging here, and its console handler keeps the stream
+import pytest  # it was given: import it here, not inside a CliRunner invocation whose captured stream then closes
 from typer.testing import CliRunner
 
 from docroute.flows.cli import app
