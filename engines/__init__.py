@@ -13,6 +13,7 @@ from docroute.engines.base import Engine
 from docroute.schemas.spec import ExtractExample, FrontierSpec, SmallModelSpec, TaskSpec
 
 if TYPE_CHECKING:
+    from docroute.engines.classify_choice import ClassifierChoice
     from docroute.engines.head import LabelHead
     from docroute.engines.ranker import ExtractionRanker
 
@@ -25,6 +26,7 @@ def build_small_engine(
     *,
     extract_examples: Sequence[ExtractExample] = (),
     ranker: ExtractionRanker | None = None,
+    measured: ClassifierChoice | None = None,
 ) -> Engine:
     """Create the engine that answers every document first (with what `docroute train` promoted, if anything).
 
@@ -41,7 +43,7 @@ def build_small_engine(
     left: dict[str, object] = {"classify": task.classify, "extract": task.extract}
     classifier_choice = extraction_choice = None
     if task.classify is not None:
-        plan = plan_classifier(spec, task.classify, examples, head)
+        plan = plan_classifier(spec, task.classify, examples, head, measured=measured)
         classifier_choice = plan.choice
         if plan.choice.method != ClassifyMethod.LABEL_SCORING:
             assert plan.encoder is not None and plan.head is not None

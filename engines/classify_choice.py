@@ -10,6 +10,8 @@ log and summary, so a user can see what was measured and why the others lost.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from docroute.engines.classifier import similarity_head
-from docroute.engines.encoders import Encoder, build_encoder, encoder_choice_named
+from docroute.engines.encoders import Encoder, build_encoder, encoder_choice_named, encoder_name
 from docroute.engines.head import LabelHead, examples_fingerprint, fit_head, head_training_data, train_head
 from docroute.schemas.spec import ClassifySpec, EncoderSpec, SmallModelSpec
 
@@ -97,6 +99,16 @@ class ClassifierChoice:
             "candidates": [asdict(candidate) for candidate in self.candidates],
         }
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ClassifierChoice:
+        return cls(
+            method=ClassifyMethod(data["method"]),
+            reason=ChoiceReason(data["reason"]),
+            why=str(data["why"]),
+            encoder=data.get("encoder"),
+            candidates=tuple(CandidateScore(**candidate) for candidate in data.get("candidates", [])),
+        )
+
 
 @dataclass
 class ClassifierPlan:
@@ -120,8 +132,15 @@ def plan_classifier(
     classify: ClassifySpec,
     examples: Sequence[tuple[str, str]] = (),
     head: LabelHead | None = None,
+    *,
+    measured: ClassifierChoice | None = None,
 ) -> ClassifierPlan:
-    """Decide how the small model classifies, building the encoder and head that decision needs."""
+    """Decide how the small model classifies, building the encoder and head that decision needs.
+
+    `measured` is the choice an earlier build made for the same job, examples and candidates (`measurement_key`):
+    its winner is used without measuring the candidates again, so every run and every worker process of a job
+    classifies with the same encoder and none pays for the measurement twice.
+    """
     strategy = small.classify_strategy
     if head is not None:
         choice = (
@@ -157,7 +176,36 @@ def plan_classifier(
             "answers labels itself"
         )
         return _decided(ClassifyMethod.LABEL_SCORING, ChoiceReason.TOO_FEW_EXAMPLES, why)
-    return _plan_head(small, classify, examples, configured=strategy == "embedding_head")
+    return _plan_head(small, classify, examples, configured=strategy == "embedding_head", measured=measured)
+
+
+def measurement_key(
+    small: SmallModelSpec,
+    classify: ClassifySpec,
+    examples: Sequence[tuple[str, str]] = (),
+    head: LabelHead | None = None,
+) -> str | None:
+    """What a measured choice depends on, hashed: None when this job's build would measure nothing.
+
+    Candidates are raced only for a head (`auto` or `embedding_head` with enough examples, no promoted head) and
+    only when there are two or more encoders to choose from. The key covers the candidates' vector spaces, the
+    labels, the examples (inline and file) and the measurement's own settings, so a change to any of them measures
+    afresh.
+    """
+    if head is not None or small.classify_strategy not in ("auto", "embedding_head"):
+        return None
+    if min(_label_counts(classify, examples).values()) < MIN_EXAMPLES_FOR_HEAD:
+        return None
+    candidates = candidate_encoders(small)
+    if len(candidates) < 2:
+        return None
+    digest = hashlib.sha256()
+    settings = [MEASURED_EXAMPLES, MEASURE_BUDGET_S, MIN_MEASURED, NOISE_FLOOR]
+    names = [encoder_name(choice, small) for choice in candidates]
+    digest.update(json.dumps([names, classify.label_names, settings]).encode())
+    for text, label in head_training_data(classify, examples):
+        digest.update(text.encode() + b"\x00" + label.encode() + b"\x01")
+    return digest.hexdigest()[:24]
 
 
 def _decided(
@@ -199,11 +247,19 @@ def _stratified(data: Sequence[tuple[str, str]], limit: int) -> list[tuple[str, 
 
 
 def _plan_head(
-    small: SmallModelSpec, classify: ClassifySpec, examples: Sequence[tuple[str, str]], *, configured: bool
+    small: SmallModelSpec,
+    classify: ClassifySpec,
+    examples: Sequence[tuple[str, str]],
+    *,
+    configured: bool,
+    measured: ClassifierChoice | None = None,
 ) -> ClassifierPlan:
     data = head_training_data(classify, examples)
-    order = _stratified(data, MEASURED_EXAMPLES)  # round-robin over labels: every prefix is stratified too
     candidates = candidate_encoders(small)
+    reused = _reusable(measured, candidates, small)
+    if reused is not None:
+        return _head_over(reused, small, classify, data, measured)  # type: ignore[arg-type]
+    order = _stratified(data, MEASURED_EXAMPLES)  # round-robin over labels: every prefix is stratified too
     encoders = [build_encoder(choice, small) for choice in candidates]
     vectors: list[np.ndarray] = []
     costs: list[float] = []
@@ -256,6 +312,45 @@ def _plan_head(
     )
     reason = ChoiceReason.CONFIGURED if configured and len(candidates) == 1 else ChoiceReason.CROSS_VALIDATED
     return _decided(ClassifyMethod.EMBEDDING_HEAD, reason, why, encoder=encoder, head=head, candidates=tuple(scores))
+
+
+def _reusable(
+    measured: ClassifierChoice | None, candidates: Sequence[EncoderSpec], small: SmallModelSpec
+) -> EncoderSpec | None:
+    """The candidate an earlier measurement chose, if that measurement applies here."""
+    if measured is None or measured.method != ClassifyMethod.EMBEDDING_HEAD:
+        return None
+    if measured.reason != ChoiceReason.CROSS_VALIDATED:
+        return None
+    return next((choice for choice in candidates if encoder_name(choice, small) == measured.encoder), None)
+
+
+def _head_over(
+    choice: EncoderSpec,
+    small: SmallModelSpec,
+    classify: ClassifySpec,
+    data: Sequence[tuple[str, str]],
+    measured: ClassifierChoice,
+) -> ClassifierPlan:
+    """The head over an encoder chosen earlier: every example embedded once, its strength cross-validated."""
+    encoder = build_encoder(choice, small)
+    fingerprint = examples_fingerprint(encoder.name, data, classify.label_names)
+    head = train_head(
+        encoder.embed([text for text, _ in data]),
+        [label for _, label in data],
+        classify.label_names,
+        fingerprint=fingerprint,
+        encoder=encoder.name,
+    )
+    why = f"{measured.why} (measured by an earlier run of this job on the same examples, reused)"
+    return _decided(
+        ClassifyMethod.EMBEDDING_HEAD,
+        ChoiceReason.CROSS_VALIDATED,
+        why,
+        encoder=encoder,
+        head=head,
+        candidates=measured.candidates,
+    )
 
 
 def _pick(scores: list[CandidateScore]) -> tuple[str, str]:

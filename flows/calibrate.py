@@ -45,7 +45,7 @@ from docroute.tasks.labels import LabelSet, load_labels
 from docroute.tasks.ledger import estimated_frontier_cost_usd
 from docroute.tasks.route import required_parts
 from docroute.tasks.router import Router, created_now, new_version, usable_router, write_router
-from docroute.tasks.score import ScoredDocument, align, answers_of, part_arrays, score_shard
+from docroute.tasks.score import ScoredDocument, align, answers_of, documents_with_every_part, part_arrays, score_shard
 
 
 def score_labeled(
@@ -84,7 +84,12 @@ def _summary(router: Router, ece: dict[str, float], url: str) -> str:
         "",
         f"Router `{router.version}` from {router.sample_size} labeled documents ({router.labels_source}); target "
         f"accuracy {router.target_accuracy:.3f} with probability ≥ {1 - router.delta:.3f}, "
-        f"{_GUARANTEE_WORDS.get(router.guarantee, router.guarantee)}.",
+        f"{_GUARANTEE_WORDS.get(router.guarantee, router.guarantee)}"
+        + (
+            ", on whole documents (right only when every part is right; one threshold on the least confident part)."
+            if any(cert.unit == "document" for cert in router.certificates.values())
+            else ", each part on its own."
+        ),
         "",
         "| part | threshold | kept | kept accuracy | lower bound | escalation | ECE |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -436,12 +441,17 @@ def _certified_router(
     empty = [part for part, arrays in parts.items() if len(arrays.correct) == 0]
     if empty:
         raise ValueError(f"no labeled documents for: {', '.join(empty)}")
+    unit = spec.routing.guarantee_unit
+    certified = documents_with_every_part(parts) if unit == "document" else parts
+    if unit == "document" and not next(iter(certified.values())).doc_ids:
+        raise ValueError(f"no labeled document has gold answers for every required part ({', '.join(parts)})")
     certificates = certify_parts(
-        {part: (a.confidence, a.correct) for part, a in parts.items()},
+        {part: (a.confidence, a.correct) for part, a in certified.items()},
         target_accuracy=spec.routing.target_accuracy,
         delta=spec.routing.delta,
         procedure=spec.routing.certification,
         guarantee=spec.routing.guarantee,
+        unit=unit,
     )
     calibrators = {part: fit_calibrator(a.confidence, a.correct) for part, a in parts.items()}
     ece = {part: expected_calibration_error(a.confidence, a.correct) for part, a in parts.items()}

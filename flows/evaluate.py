@@ -123,6 +123,7 @@ def evaluate_job(
                 target_accuracy=spec.routing.target_accuracy,
                 delta=spec.routing.delta,
                 procedure=spec.routing.certification,
+                unit=spec.routing.guarantee_unit,
             ),
         )
     )

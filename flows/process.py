@@ -19,6 +19,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
+from docroute.engines.classify_choice import describe
 from docroute.flows.runners import shard_task_options, shard_task_runner
 from docroute.schemas.load import load_job
 from docroute.schemas.rows import ResultRow, rows_to_table
@@ -26,7 +27,7 @@ from docroute.schemas.spec import JobSpec
 from docroute.tasks.budget import AllowanceBook, release_run_budget
 from docroute.tasks.discover import Shard, discover_documents
 from docroute.tasks.frontier_batches import collect_frontier_batches, submit_frontier_batches
-from docroute.tasks.infer import require_concurrency_limit
+from docroute.tasks.infer import require_concurrency_limit, settle_classifier_choice
 from docroute.tasks.lease import OutputLease, acquire_lease
 from docroute.tasks.ledger import merge_entries, run_record
 from docroute.tasks.plan import clean_up_after_commit, make_plan, write_plan
@@ -121,6 +122,17 @@ def _flow_run_id() -> str | None:
     return str(current) if current else None
 
 
+def _settle_classifier_choice(spec: JobSpec, head_version: str | None, logger: Any) -> None:
+    """Workers in other processes then read one stored choice instead of each measuring (tasks/infer.py)."""
+    try:
+        choice = settle_classifier_choice(spec, head_version)
+    except Exception as exc:  # not fatal: each worker then measures for itself, as without this step
+        logger.warning("could not measure the classifier's encoders before the shards (each worker will): %s", exc)
+        return
+    if choice is not None:
+        logger.info("classification for every worker: %s", describe(choice))
+
+
 def _run_job(spec: JobSpec, scratch: Path, run_id: str, lease: OutputLease, *, full_refresh: bool) -> dict[str, Any]:
     logger = get_run_logger()
     started = datetime.now(UTC)
@@ -159,6 +171,8 @@ def _run_job(spec: JobSpec, scratch: Path, run_id: str, lease: OutputLease, *, f
         f", resuming interrupted run {plan.resumed_from}" if plan.resumed_from else "",
         run.run_id,
     )
+    if spec.runner.distributed and plan.documents:
+        _settle_classifier_choice(spec, run.head_version, logger)
     progress = start_progress(spec, shard_count)
     results: list[ShardResult] = []
     if spec.frontier is not None and spec.frontier.mode == "batch":

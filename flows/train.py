@@ -194,6 +194,7 @@ def _train_round(spec: JobSpec, current: Router | None, split: TrainingSplit, ve
         raise TrainingDataError(
             f"no certificate for {', '.join(missing)}: run docroute calibrate once before training the head"
         )
+    _refuse_partial_document_certificate(spec, ["label"])
     head_version = current.head_version if current is not None else None
     engine = small_engine(spec, head_version)
     current_classifier = classifier_of(engine)
@@ -242,6 +243,18 @@ def _train_round(spec: JobSpec, current: Router | None, split: TrainingSplit, ve
     }
 
 
+def _refuse_partial_document_certificate(spec: JobSpec, certified: list[str]) -> None:
+    """A round that re-certifies only some parts cannot keep a whole-document certificate (one threshold, one
+    statement over every required part): say so before any work, rather than write a router that claims it."""
+    others = [part for part in required_parts(spec) if part not in certified]
+    if spec.routing.guarantee_unit == "document" and others:
+        raise TrainingDataError(
+            f"routing.guarantee_unit is document: one certificate covers {', '.join(required_parts(spec))} together, "
+            f"and this training round certifies only {', '.join(certified)}; use guarantee_unit: part for training "
+            "rounds, or run docroute calibrate (which certifies every part together) instead"
+        )
+
+
 def _round_router(
     spec: JobSpec, version: str, held_out: int, certificates: dict[str, Any], calibrators: dict[str, Any]
 ) -> Router:
@@ -269,6 +282,7 @@ def _ranker_round(spec: JobSpec, current: Router | None, split: TrainingSplit, v
     extractor on the held-out rows and promote it only when it escalates fewer rows (as heads are promoted)."""
     extract = spec.task.extract
     assert extract is not None
+    _refuse_partial_document_certificate(spec, [part for part in required_parts(spec) if part != "label"])
     examples = load_extraction_examples(extract)
     documents = [(e.text, {f.name: e.values.get(f.name) for f in extract.fields}) for e in examples]
     documents += [(text, dict(answers)) for text, answers in split.train]

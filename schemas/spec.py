@@ -616,6 +616,13 @@ class RoutingSpec(StrictModel):
         "the accuracy of the whole routed output relative to the frontier (only kept-and-wrong rows count against "
         "it; choose it for dataset-level quality such as analytics, where it escalates far fewer rows)",
     )
+    guarantee_unit: Literal["part", "document"] = Field(
+        default="part",
+        description="docroute calibrate, with several required parts (a label and fields): part: target_accuracy "
+        "bounds each part on its own (the label's accuracy, each field's); document: it bounds whole documents, "
+        "right only when every required part is, with one threshold on the least confident part (more escalation; "
+        "choose it when a row is used as a whole, e.g. a receipt's company, date and total together)",
+    )
     use_router: bool = Field(
         default=True, description="use the calibrated <output>/router.json when it matches this job's spec hash"
     )

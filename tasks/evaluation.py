@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from docroute.tasks.certify import GUARANTEES, Procedure, certify_parts
+from docroute.tasks.certify import GUARANTEES, Procedure, Unit, certify_parts
 
 ECE_BINS = 10
 _SIGNIFICANT = 6
@@ -47,6 +47,7 @@ class CertificationSettings:
     target_accuracy: float
     delta: float
     procedure: Procedure = "bonferroni"
+    unit: Unit = "part"
 
 
 @dataclass
@@ -269,9 +270,10 @@ def certified_points(
 ) -> dict[str, dict[str, Any]]:
     """Certify every required part under each guarantee on these rows, and measure the resulting operating points.
 
-    Each guarantee gets its per-part thresholds (certify_parts: every part at delta / parts) and the routed numbers
-    they give here. The certificates come from the same rows they are measured on, so the numbers show where each
-    guarantee puts the thresholds and what that costs, not an independent test of either guarantee.
+    Each guarantee gets its thresholds (certify_parts: every part at delta / parts, or with `settings.unit`
+    document one threshold on whole rows at delta) and the routed numbers they give here. The certificates come
+    from the same rows they are measured on, so the numbers show where each guarantee puts the thresholds and what
+    that costs, not an independent test of either guarantee.
     """
     n = small_row.size
     frontier_total = float(frontier_cost.sum())
@@ -283,6 +285,7 @@ def certified_points(
             delta=settings.delta,
             procedure=settings.procedure,
             guarantee=guarantee,
+            unit=settings.unit,
         )
         thresholds = {part: cert.threshold for part, cert in certificates.items()}
         escalate = _escalated(confidence, required, thresholds, n)
@@ -292,6 +295,7 @@ def certified_points(
             "target_accuracy": settings.target_accuracy,
             "delta": settings.delta,
             "procedure": settings.procedure,
+            "unit": settings.unit,
             "thresholds": thresholds,
             "lower_bounds": {part: cert.lower_bound for part, cert in certificates.items()},
             "escalation_rate": float(escalate.mean()),
@@ -648,7 +652,14 @@ def _certified_markdown(certified: Mapping[str, Any] | None) -> list[str]:
         f"≥ {1 - first['delta']:.3g} ({first['procedure']}), under each `routing.guarantee`. **kept**: the rows the "
         "small model keeps reach the target (each kept row is trustworthy on its own). **overall**: the whole routed "
         "output reaches the target relative to the frontier (only kept-and-wrong rows count against it). Certified "
-        "and measured on the same rows: where each guarantee puts the thresholds, not an independent test of it.",
+        "and measured on the same rows: where each guarantee puts the thresholds, not an independent test of it. "
+        + (
+            "Certified on whole documents (`routing.guarantee_unit: document`): a row is right only when every "
+            "required part is, and one threshold applies to its least confident part."
+            if first.get("unit") == "document"
+            else "Certified per part (`routing.guarantee_unit: part`): each required part reaches the target on its "
+            "own; the routed accuracy below counts a row right only when every required part is."
+        ),
         "",
         "| Guarantee | Thresholds | Escalation rate | Routed accuracy | Kept-row accuracy | Cost per 1,000 docs "
         "| Savings vs all-frontier |",

@@ -18,8 +18,10 @@ from fsspec.core import url_to_fs
 
 from docroute.engines import build_frontier_engine, build_small_engine
 from docroute.engines.base import Engine, EngineError, Prediction, Request
+from docroute.engines.classify_choice import ClassifierChoice, measurement_key
 from docroute.engines.loop_thread import AsyncClientEngine, SharedGate
 from docroute.schemas.spec import FrontierSpec, JobSpec
+from docroute.tasks.classifier_choices import load_choice, save_choice
 from docroute.tasks.examples import load_extraction_examples, load_labeled_examples
 from docroute.tasks.heads import load_head
 from docroute.tasks.rankers import load_ranker
@@ -125,11 +127,48 @@ def small_engine(spec: JobSpec, head_version: str | None = None) -> Engine:
         head = load_head(spec, head_version) if head_version is not None and spec.task.classify else None
         ranker = load_ranker(spec, head_version) if head_version is not None and spec.task.extract else None
         extract_examples = load_extraction_examples(spec.task.extract) if spec.task.extract is not None else []
-        return build_small_engine(
-            spec.small_model, spec.task, examples, head=head, extract_examples=extract_examples, ranker=ranker
+        key = measurement_key(spec.small_model, spec.task.classify, examples, head) if spec.task.classify else None
+        measured = load_choice(spec, key) if key is not None else None
+        engine = build_small_engine(
+            spec.small_model,
+            spec.task,
+            examples,
+            head=head,
+            extract_examples=extract_examples,
+            ranker=ranker,
+            measured=measured,
         )
+        choice = getattr(engine, "classifier_choice", None)
+        if key is not None and measured is None and choice is not None and choice.candidates:
+            save_choice(spec, key, choice)  # later runs and other workers reuse it rather than measure again
+        return engine
 
     return _cached("small:" + digest.hexdigest(), build)
+
+
+def settle_classifier_choice(spec: JobSpec, head_version: str | None) -> ClassifierChoice | None:
+    """Measure the candidate encoders here, once, before shards start in other processes; None if nothing to do.
+
+    Worker processes of a distributed run each build their own engine: without a stored choice each would measure,
+    paying the measurement once per process and, as timing budgets follow machine load, possibly choosing
+    differently. A promoted head fixes the encoder, so then nothing is measured.
+    """
+    classify = spec.task.classify
+    if classify is None or head_version is not None:
+        return None
+    examples, _ = _examples_and_digest(spec)
+    key = measurement_key(spec.small_model, classify, examples)
+    if key is None:
+        return None
+    stored = load_choice(spec, key)
+    if stored is not None:
+        return stored
+    from docroute.engines.classify_choice import plan_classifier
+
+    choice = plan_classifier(spec.small_model, classify, examples).choice
+    if choice.candidates:
+        save_choice(spec, key, choice)
+    return choice
 
 
 def frontier_engine(spec: JobSpec) -> Engine | None:

@@ -135,6 +135,26 @@ class PartArrays:
     frontier_correct: np.ndarray | None
 
 
+def documents_with_every_part(parts: Mapping[str, PartArrays]) -> dict[str, PartArrays]:
+    """The parts restricted to the documents that have a gold value for every part, in one shared order.
+
+    Whole-document certification compares a document's parts row by row; a document missing one part's gold
+    answer cannot be judged right or wrong as a whole, so it is left out of every part.
+    """
+    if not parts:
+        return {}
+    common = set.intersection(*(set(arrays.doc_ids) for arrays in parts.values()))
+    first = next(iter(parts.values()))
+    order = [doc_id for doc_id in first.doc_ids if doc_id in common]
+    aligned: dict[str, PartArrays] = {}
+    for name, arrays in parts.items():
+        position = {doc_id: i for i, doc_id in enumerate(arrays.doc_ids)}
+        index = np.array([position[doc_id] for doc_id in order], dtype=np.int64)
+        frontier = None if arrays.frontier_correct is None else arrays.frontier_correct[index]
+        aligned[name] = PartArrays(list(order), arrays.confidence[index], arrays.correct[index], frontier)
+    return aligned
+
+
 def part_arrays(
     spec: JobSpec, part: str, scored: Sequence[ScoredDocument], gold: Mapping[str, Mapping[str, Any]]
 ) -> PartArrays:

@@ -241,6 +241,7 @@ def compare_extractors(
             delta=spec.routing.delta / 2,
             procedure=spec.routing.certification,
             guarantee=spec.routing.guarantee,
+            unit=spec.routing.guarantee_unit,
         )
         escalated = np.zeros(len(gold), dtype=bool)
         all_right = np.ones(len(gold), dtype=bool)

@@ -182,3 +182,38 @@ def test_overall_guarantee_is_selected_by_the_spec_and_recorded(tmp_path: Path) 
         assert cert.lower_bound >= 0.8
     assert json.loads((tmp_path / "out" / "router.json").read_text())["guarantee"] == "overall"
     assert load_router(load_job(job)).guarantee == "overall"
+
+
+def test_document_unit_is_selected_by_the_spec_and_recorded(tmp_path: Path) -> None:
+    labels = _labeled_corpus(tmp_path / "docs", 30)
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        topic_job_yaml(
+            tmp_path / "docs",
+            tmp_path / "out",
+            extra="routing: {target_accuracy: 0.8, delta: 0.2, guarantee: overall, guarantee_unit: document}\n",
+        ),
+        encoding="utf-8",
+    )
+    result = calibrate(str(job), labels=str(labels))
+    cert = result["router"].certificates["label"]
+    assert cert.unit == "document" and "document-level" in cert.method and cert.delta == 0.2
+    assert json.loads((tmp_path / "out" / "router.json").read_text())["certificates"]["label"]["unit"] == "document"
+    assert load_router(load_job(job)).certificates["label"].unit == "document"
+
+
+def test_whole_document_certification_uses_documents_with_every_part() -> None:
+    import numpy as np
+
+    from docroute.tasks.score import PartArrays, documents_with_every_part
+
+    parts = {
+        "label": PartArrays(["a", "b", "c"], np.array([0.9, 0.8, 0.7]), np.array([1, 0, 1], dtype=bool), None),
+        "total": PartArrays(
+            ["c", "a"], np.array([0.6, 0.95]), np.array([0, 1], dtype=bool), np.array([1, 1], dtype=bool)
+        ),
+    }
+    aligned = documents_with_every_part(parts)
+    assert aligned["label"].doc_ids == aligned["total"].doc_ids == ["a", "c"]  # "b" has no gold total
+    assert aligned["label"].confidence.tolist() == [0.9, 0.7] and aligned["total"].confidence.tolist() == [0.95, 0.6]
+    assert aligned["total"].correct.tolist() == [True, False] and aligned["label"].frontier_correct is None

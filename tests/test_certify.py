@@ -31,6 +31,7 @@ from docroute.tasks.certify import (
     certify_parts,
     certify_threshold,
     clopper_pearson_lower,
+    document_arrays,
     escalation_rate,
     guarantee_of,
 )
@@ -549,3 +550,128 @@ def test_reliability_table_and_ece() -> None:
     expected = (1 * 0.05 + 2 * abs(0.5 - 0.15) + 2 * abs(1 - 0.975)) / 5
     assert expected_calibration_error(confidence, correct, bins=10) == pytest.approx(expected)
     assert expected_calibration_error([], []) == 0.0
+
+
+# --- whole documents (`routing.guarantee_unit: document`) -----------------------------------------------------------
+
+DOCUMENT_PARTS = {"label": LINEAR, "amount": CURVED, "date": STEEP}
+
+
+def _document_draw(rng: np.random.Generator, rows: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Three parts whose confidences depend on each other (a Gaussian copula), each right as its population says."""
+    shared = rng.standard_normal(rows)
+    parts = {}
+    for name, pop in DOCUMENT_PARTS.items():
+        latent = (shared + rng.standard_normal(rows)) / math.sqrt(2)
+        confidence = special.betaincinv(pop.a, pop.b, special.ndtr(latent))
+        parts[name] = (confidence, pop.correct(rng, confidence))
+    return parts
+
+
+POPULATION_ROWS = 400_000
+DOCUMENT_TARGET = {"kept": 0.8, "overall": TARGET}
+"""Whole documents are right less often than any one part: the kept rows' target is set where it is reachable."""
+
+
+@functools.cache
+def _population_draw() -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """400,000 rows of the population: its document-level truth at any thresholds, to Monte-Carlo error ≈ 0.001
+    (no closed form exists with dependent parts)."""
+    parts = _document_draw(np.random.default_rng(99), POPULATION_ROWS)
+    return parts, document_arrays(parts)[1]
+
+
+def _document_truth_of(thresholds: dict[str, float], guarantee: str) -> float:
+    """acc (kept rows all right) or A (1 - share kept with a part wrong) of whole documents at these thresholds."""
+    population, right = _population_draw()
+    kept = np.ones(POPULATION_ROWS, dtype=bool)
+    for name, threshold in thresholds.items():
+        kept &= population[name][0] >= threshold
+    if guarantee == "kept":
+        return float(right[kept].mean()) if kept.any() else 1.0
+    return float(1.0 - (kept & (right == 0)).mean())
+
+
+@functools.cache
+def _simulate_documents(guarantee: str, procedure: str, per_part: bool = False) -> dict[str, float]:
+    """Document-level failure rate of whole-document certificates, and (`per_part`) of per-part ones, same draws."""
+    target = DOCUMENT_TARGET[guarantee]
+    rng = np.random.default_rng(4)
+    failures = found = per_part_failures = 0
+    escalations = []
+    for _ in range(DRAWS):
+        parts = _document_draw(rng, 1500)
+        common = {"target_accuracy": target, "delta": DELTA, "procedure": procedure, "guarantee": guarantee}
+        certs = certify_parts(parts, unit="document", **common)  # type: ignore[arg-type]
+        thresholds = {cert.threshold for cert in certs.values()}
+        assert len(thresholds) == 1  # one threshold for every part
+        threshold = thresholds.pop()
+        escalations.append(next(iter(certs.values())).escalation_rate)
+        if threshold is not None:
+            found += 1
+            failures += _document_truth_of(dict.fromkeys(parts, threshold), guarantee) < target
+        if not per_part:
+            continue
+        each = certify_parts(parts, unit="part", **common)  # type: ignore[arg-type]
+        if all(cert.threshold is not None for cert in each.values()):
+            chosen = {name: float(cert.threshold) for name, cert in each.items()}  # type: ignore[arg-type]
+            per_part_failures += _document_truth_of(chosen, guarantee) < target
+    return {
+        "failure": failures / DRAWS,
+        "found": found / DRAWS,
+        "escalation": float(np.mean(escalations)),
+        "per_part_failure": per_part_failures / DRAWS,
+    }
+
+
+@pytest.mark.parametrize("guarantee", ["kept", "overall"])
+@pytest.mark.parametrize("procedure", ["bonferroni", "fixed-sequence"])
+def test_whole_documents_meet_the_target_with_probability_one_minus_delta(guarantee: str, procedure: str) -> None:
+    result = _simulate_documents(guarantee, procedure)
+    assert result["failure"] <= DELTA + SLACK, result
+    assert result["found"] >= 0.75, result
+
+
+def test_per_part_certificates_do_not_bound_whole_documents() -> None:
+    """Why the document unit exists: each part meets the target, the documents do not (as on receipts)."""
+    result = _simulate_documents("overall", "fixed-sequence", per_part=True)
+    assert result["per_part_failure"] > 3 * DELTA, result
+    assert result["failure"] <= DELTA + SLACK, result
+
+
+def test_document_certificates_share_one_threshold_at_full_delta() -> None:
+    rng = np.random.default_rng(11)
+    parts = _document_draw(rng, 2000)
+    certs = certify_parts(parts, target_accuracy=0.8, delta=0.1, unit="document", guarantee="overall")
+    confidence, correct = document_arrays(parts)
+    single = certify_threshold(
+        confidence, correct, part="document", target_accuracy=0.8, delta=0.1, guarantee="overall"
+    )
+    assert set(certs) == set(parts)
+    for name, cert in certs.items():
+        assert cert.part == name and cert.unit == "document" and cert.delta == 0.1  # one statement: no union bound
+        assert (cert.threshold, cert.lower_bound, cert.kept, cert.n) == (
+            single.threshold,
+            single.lower_bound,
+            single.kept,
+            single.n,
+        )
+        assert "document-level" in cert.method and "minimum over label, amount, date" in cert.method
+    assert escalation_rate({k: v[0] for k, v in parts.items()}, certs) == pytest.approx(single.escalation_rate)
+    assert Certificate.from_json(json.loads(json.dumps(certs["label"].to_json()))) == certs["label"]
+    legacy = {k: v for k, v in certs["label"].to_json().items() if k != "unit"}  # routers written before the unit
+    assert Certificate.from_json(legacy).unit == "part"
+
+
+def test_document_rows_need_every_part_and_a_nan_part_is_never_kept() -> None:
+    parts = {
+        "label": (np.array([0.99, 0.99, 0.99, 0.2]), np.array([1, 1, 0, 1])),
+        "total": (np.array([0.95, np.nan, 0.99, 0.99]), np.array([1, 1, 1, 1])),
+    }
+    confidence, correct = document_arrays(parts)
+    assert confidence[0] == 0.95 and confidence[1] == -np.inf and confidence[3] == 0.2
+    assert correct.tolist() == [1.0, 1.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="aligned"):
+        document_arrays({"label": ([0.9, 0.8], [1, 1]), "total": ([0.9], [1])})
+    with pytest.raises(ValueError, match="unit"):
+        certify_parts(parts, target_accuracy=0.9, delta=0.1, unit="rows")  # type: ignore[arg-type]

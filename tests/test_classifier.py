@@ -219,3 +219,73 @@ def test_rankers_answer_the_fields_from_worked_examples_without_a_language_model
     never, _ = plan_extraction(LlamaCppSpec(extract_ranker="never"), extract, examples)
     too_few, _ = plan_extraction(LlamaCppSpec(), extract, examples[:5])
     assert never.method == too_few.method == ExtractMethod.MODEL and "5 worked examples" in too_few.why
+
+
+def test_a_measured_choice_is_reused_without_measuring_or_loading_the_losers(
+    runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from docroute.engines import classify_choice
+    from docroute.engines.classify_choice import CandidateScore, ClassifierChoice, measurement_key
+
+    task = _classify_task(with_examples=True)
+    assert task.classify is not None
+    measured = ClassifierChoice(
+        ClassifyMethod.EMBEDDING_HEAD,
+        ChoiceReason.CROSS_VALIDATED,
+        f"head over {WORDLLAMA}: measured",
+        WORDLLAMA,
+        (CandidateScore(WORDLLAMA, 18, 0.9, 0.3, 0.1), CandidateScore(GEMMA, 18, 0.7, 0.8, 30.0)),
+    )
+    assert ClassifierChoice.from_json(json.loads(json.dumps(measured.to_json()))) == measured
+    built: list[object] = []
+    real = classify_choice.build_encoder
+    monkeypatch.setattr(
+        classify_choice, "build_encoder", lambda choice, small: built.append(choice) or real(choice, small)
+    )
+    engine = build_small_engine(LlamaCppSpec(), task, measured=measured)
+    choice = engine.classifier_choice
+    assert built == ["wordllama"]  # only the winner: the measurement is not run again
+    assert choice.encoder == WORDLLAMA and choice.reason == ChoiceReason.CROSS_VALIDATED and "reused" in choice.why
+    assert choice.candidates == measured.candidates and isinstance(engine, EncoderClassifier)
+    assert engine.head.trained_on == 18 and _accuracy(engine) >= 5
+
+    small = LlamaCppSpec()
+    key = measurement_key(small, task.classify)
+    assert key is not None and key == measurement_key(LlamaCppSpec(n_threads=1), task.classify)
+    fewer = task.classify.model_copy(
+        update={
+            "labels": [label.model_copy(update={"examples": label.examples[:-1]}) for label in task.classify.labels]
+        }
+    )
+    assert measurement_key(small, fewer) not in (None, key)  # other examples: measured afresh
+    assert measurement_key(LlamaCppSpec(encoder="wordllama"), task.classify) is None  # one candidate: no race
+    assert measurement_key(LlamaCppSpec(classify_strategy="label_scoring"), task.classify) is None
+
+
+def test_the_first_build_stores_its_choice_and_later_builds_read_it(runtime, tmp_path: Path) -> None:
+    from docroute.tasks import infer
+    from docroute.tasks.classifier_choices import load_choice
+
+    task = _classify_task(with_examples=True)
+    spec = JobSpec.model_validate(
+        {
+            "name": "choice",
+            "source": {"url": str(tmp_path / "docs")},
+            "task": task.model_dump(mode="json"),
+            "output": {"url": str(tmp_path / "out")},
+        }
+    )
+    first = infer.small_engine(spec)
+    stored = list((tmp_path / "out" / "heads").glob("choice-*.json"))
+    assert len(stored) == 1 and first.classifier_choice is not None and first.classifier_choice.candidates
+    key = stored[0].stem.removeprefix("choice-")
+    assert load_choice(spec, key) == first.classifier_choice
+    infer._ENGINES.clear()  # a new worker process
+    second = infer.small_engine(spec)
+    assert (
+        second.classifier_choice.encoder == first.classifier_choice.encoder and "reused" in second.classifier_choice.why
+    )
+    assert infer.settle_classifier_choice(spec, None) == first.classifier_choice  # a distributed run finds it too
+    stored[0].write_text("{not json", encoding="utf-8")
+    assert load_choice(spec, key) is None  # damaged: measured again rather than trusted
+    infer._ENGINES.clear()

@@ -20,6 +20,7 @@ from docroute.tasks.certify import certify_threshold
 from docroute.tasks.evaluation import (
     CertificationSettings,
     EvaluationInput,
+    _certified_markdown,
     evaluate,
     expected_calibration_error,
     write_report,
@@ -410,3 +411,27 @@ def test_no_certified_points_without_settings() -> None:
     metrics = evaluate(_classification())
     assert metrics["certified"] is None
     assert evaluate(_classification(required=[], certification=CertificationSettings(0.9, 0.1)))["certified"] is None
+
+
+def test_certified_points_on_whole_documents_share_one_threshold() -> None:
+    rows = 1000
+    rng = np.random.default_rng(8)
+    label_confidence, total_confidence = rng.beta(4.0, 1.0, rows), rng.beta(5.0, 1.0, rows)
+    label_right, total_right = rng.random(rows) < label_confidence, rng.random(rows) < total_confidence
+    inp = _many(rows)
+    inp.small_correct = {"label": label_right, "total": total_right}
+    inp.small_confidence = {"label": label_confidence, "total": total_confidence}
+    inp.frontier_correct = {"label": np.ones(rows, dtype=bool), "total": np.ones(rows, dtype=bool)}
+    inp.required = ["label", "total"]
+    inp.thresholds = {"label": 0.5, "total": 0.5}
+    by_unit = {}
+    for unit in ("part", "document"):
+        inp.certification = CertificationSettings(target_accuracy=0.9, delta=0.1, unit=unit)
+        by_unit[unit] = evaluate(inp)["certified"]["overall"]
+    document, part = by_unit["document"], by_unit["part"]
+    assert document["unit"] == "document" and part["unit"] == "part"
+    assert len(set(document["thresholds"].values())) == 1
+    # the frontier is right on every row here, so the routed accuracy is the whole-document A(t) on these rows
+    assert document["accuracy"] >= 0.9 and document["escalation_rate"] >= part["escalation_rate"]
+    markdown = "\n".join(_certified_markdown({"overall": document}))
+    assert "Certified on whole documents" in markdown

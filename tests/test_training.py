@@ -485,3 +485,22 @@ def test_candidate_rankers_are_promoted_only_when_fewer_rows_escalate() -> None:
     assert not worse.promote and "kept the current extractor" in worse.reason
     failed = compare_extractors(spec, ["total", "vendor"], gold, strong, [None] * len(gold))  # every row failed
     assert failed.candidate_escalation == 1.0 and not failed.promote
+
+
+def test_a_round_that_certifies_some_parts_refuses_a_whole_document_guarantee(tmp_path: Path) -> None:
+    from docroute.flows.train import _refuse_partial_document_certificate
+
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "name: receipts\nsource: {url: docs}\noutput: {url: out}\n"
+        "task:\n  classify: {labels: [{name: receipt}, {name: other}]}\n"
+        "  extract: {fields: [{name: total, type: decimal, required: true}]}\n"
+        "routing: {guarantee_unit: document}\n",
+        encoding="utf-8",
+    )
+    spec = load_job(job)
+    with pytest.raises(TrainingDataError, match=r"guarantee_unit is document.*label, total together"):
+        _refuse_partial_document_certificate(spec, ["label"])
+    _refuse_partial_document_certificate(spec, ["label", "total"])  # every part: nothing to refuse
+    per_part = spec.model_copy(update={"routing": spec.routing.model_copy(update={"guarantee_unit": "part"})})
+    _refuse_partial_document_certificate(per_part, ["label"])
