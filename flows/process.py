@@ -22,6 +22,7 @@ from prefect.utilities.annotations import quote
 from docroute.engines.classify_choice import describe
 from docroute.flows.runners import shard_task_options, shard_task_runner
 from docroute.schemas.load import load_job
+from docroute.schemas.outcomes import RouteOutcome
 from docroute.schemas.rows import ResultRow, rows_to_table
 from docroute.schemas.spec import JobSpec
 from docroute.tasks.budget import AllowanceBook, release_run_budget
@@ -67,6 +68,7 @@ def failed_shard_result(spec: JobSpec, shard: Shard, run: RunContext, reason: st
             processed_at=now,
             route="error",
             route_reason=f"shard failed after retries: {reason}",
+            route_outcome=RouteOutcome.SHARD_FAILED,
             error=f"shard failed after retries: {reason}",
         )
         for ref in shard.refs

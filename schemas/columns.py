@@ -17,6 +17,7 @@ PROVENANCE_COLUMNS: tuple[str, ...] = (
     "spec_hash",
     "processed_at",
     "route",
+    "route_outcome",
     "route_reason",
     "label",
     "confidence",

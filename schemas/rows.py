@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from docroute import __version__
 from docroute.schemas.columns import ROUTES, field_confidence_column
+from docroute.schemas.outcomes import RouteOutcome, outcome_of_record
 from docroute.schemas.spec import FieldSpec, JobSpec
 from docroute.schemas.values import to_json_value
 
@@ -58,7 +59,8 @@ _LEADING: list[tuple[str, pa.DataType, str]] = [
     ("spec_hash", pa.string(), "hash of the task and small model that produced the answer"),
     ("processed_at", UTC_MICROS, "when the row was produced"),
     ("route", SMALL_CATEGORY, "small | frontier | deferred | error"),
-    ("route_reason", pa.string(), "why the row took its route"),
+    ("route_outcome", SMALL_CATEGORY, "why, typed (schemas/outcomes.py RouteOutcome): what later runs decide on"),
+    ("route_reason", pa.string(), "why the row took its route, for people"),
 ]
 
 _TRAILING: list[tuple[str, pa.DataType, str]] = [
@@ -139,6 +141,7 @@ class ResultRow:
     processed_at: datetime
     route: str
     route_reason: str
+    route_outcome: RouteOutcome
     record_key: str | None = None
     content_sha256: str | None = None
     source_etag: str | None = None
@@ -181,6 +184,7 @@ class ResultRow:
             "spec_hash": self.spec_hash,
             "processed_at": self.processed_at,
             "route": self.route,
+            "route_outcome": self.route_outcome.value,
             "route_reason": self.route_reason,
             "confidence": self.confidence,
             "small_model": self.small_model,
@@ -225,6 +229,7 @@ def row_from_record(record: dict[str, Any], spec: JobSpec) -> ResultRow:
         processed_at=record["processed_at"],
         route=record["route"],
         route_reason=record["route_reason"] or "",
+        route_outcome=outcome_of_record(record),
         record_key=record.get("record_key"),
         content_sha256=record.get("content_sha256"),
         source_etag=record.get("source_etag"),
@@ -255,9 +260,10 @@ def row_from_record(record: dict[str, Any], spec: JobSpec) -> ResultRow:
 
 _COPIED = (
     "doc_id", "source_uri", "record_key", "content_sha256", "source_etag", "doc_format", "run_id", "spec_hash",
-    "processed_at", "route", "route_reason", "confidence", "small_model", "final_model", "small_input_tokens",
-    "small_output_tokens", "frontier_input_tokens", "frontier_output_tokens", "small_cost_usd", "frontier_cost_usd",
-    "engine_seconds", "error", "truncated", "audited", "audit_agrees", "input_chars", "router_version",
+    "processed_at", "route", "route_outcome", "route_reason", "confidence", "small_model", "final_model",
+    "small_input_tokens", "small_output_tokens", "frontier_input_tokens", "frontier_output_tokens", "small_cost_usd",
+    "frontier_cost_usd", "engine_seconds", "error", "truncated", "audited", "audit_agrees", "input_chars",
+    "router_version",
 )  # fmt: skip
 """Columns that are a row attribute as it is (the rest are derived: `to_record` is the reference)."""
 

@@ -21,11 +21,12 @@ from prefect.cache_policies import NO_CACHE
 
 from docroute.engines.base import Prediction, Request
 from docroute.engines.classify_choice import describe
+from docroute.schemas.outcomes import RouteOutcome
 from docroute.schemas.rows import ResultRow, answer_json, rows_to_table
 from docroute.schemas.spec import JobSpec
 from docroute.tasks.budget import FrontierBudget, release_run_budget, run_budget
 from docroute.tasks.discover import Shard
-from docroute.tasks.escalate import Escalation, escalate
+from docroute.tasks.escalate import DeferReason, Escalation, escalate
 from docroute.tasks.frontier_batches import StagedRequest, queue_requests, write_staging
 from docroute.tasks.harvest import labels_part_url, write_labels
 from docroute.tasks.infer import engines_built_by_this_thread, frontier_engine, run_engine, small_engine
@@ -95,7 +96,9 @@ class ShardResult:
         return sum(entry.cost_usd for entry in self.entries if entry.role == "frontier")
 
 
-def _base_row(doc: SourceDocument, spec_hash: str, run: RunContext, route: str, reason: str) -> ResultRow:
+def _base_row(
+    doc: SourceDocument, spec_hash: str, run: RunContext, route: str, *, reason: str, outcome: RouteOutcome
+) -> ResultRow:
     return ResultRow(
         doc_id=doc.doc_id,
         source_uri=doc.uri,
@@ -108,6 +111,7 @@ def _base_row(doc: SourceDocument, spec_hash: str, run: RunContext, route: str, 
         processed_at=datetime.now(UTC),
         route=route,
         route_reason=reason,
+        route_outcome=outcome,
         input_chars=len(doc.text) if doc.text is not None else None,
         router_version=run.router_version,
     )
@@ -125,22 +129,39 @@ def _apply_small(row: ResultRow, small: Prediction, spec: JobSpec) -> None:
     row.truncated = small.truncated
 
 
+_DEFERRED_OUTCOMES = {
+    DeferReason.BUDGET_EXHAUSTED: RouteOutcome.BUDGET_EXHAUSTED,
+    DeferReason.SECOND_CALL_OVER_BUDGET: RouteOutcome.SECOND_CALL_OVER_BUDGET,
+    DeferReason.QUEUED: RouteOutcome.QUEUED,
+}
+
+
 def finish_escalated(row: ResultRow, outcome: Escalation | None, decision_reason: str, has_small: bool) -> None:
-    """Fill a row the small model did not settle, from the frontier's outcome."""
+    """Fill a row the small model did not settle, from the frontier's outcome.
+
+    A row without a small-model answer stays an error (retried: `SMALL_MODEL_FAILED`) unless the frontier answers
+    it, except while it waits in a frontier batch: then it is deferred (`QUEUED`), so no later run queues it again
+    before the batch's answer is collected.
+    """
     if outcome is None:  # no frontier configured
         if has_small:
             row.route, row.route_reason = "deferred", f"{decision_reason}; no frontier configured"
+            row.route_outcome = RouteOutcome.NO_FRONTIER
             row.final_model = row.small_model
         else:
-            row.route = "error"
+            row.route, row.route_outcome = "error", RouteOutcome.SMALL_MODEL_FAILED
         return
     if outcome.deferred_reason is not None:
+        waiting = has_small or outcome.queued
         row.route, row.route_reason = (
-            ("deferred" if has_small else "error"),
+            ("deferred" if waiting else "error"),
             f"{decision_reason}; {outcome.deferred_reason}",
         )
+        row.route_outcome = (
+            _DEFERRED_OUTCOMES[outcome.reason] if outcome.reason is not None else RouteOutcome.BUDGET_EXHAUSTED
+        )
         row.final_model = row.small_model if has_small else None
-        if not has_small:
+        if not waiting:
             row.error = row.route_reason
         return
     frontier = outcome.prediction
@@ -151,6 +172,7 @@ def finish_escalated(row: ResultRow, outcome: Escalation | None, decision_reason
     row.truncated = row.truncated or frontier.truncated
     if frontier.ok:
         row.route, row.route_reason = "frontier", f"{decision_reason}; answered by the frontier"
+        row.route_outcome = RouteOutcome.ANSWERED_BY_FRONTIER
         row.final_model = frontier.model
         row.label = frontier.label
         row.fields = dict(frontier.fields)
@@ -158,10 +180,13 @@ def finish_escalated(row: ResultRow, outcome: Escalation | None, decision_reason
     if frontier.retryable and has_small:
         row.route = "deferred"
         row.route_reason = f"{decision_reason}; frontier call failed, will retry: {frontier.error}"
+        row.route_outcome = RouteOutcome.FRONTIER_RETRYABLE
         row.final_model = row.small_model
         return
     row.route, row.error = "error", f"frontier failed: {frontier.error}"
     row.route_reason = f"{decision_reason}; {row.error}"
+    # without a small answer the small model's failure is the cause, and it is retried; with one, the frontier's
+    row.route_outcome = RouteOutcome.FRONTIER_FAILED if has_small else RouteOutcome.SMALL_MODEL_FAILED
     row.final_model = None
     row.label, row.fields = None, {}
 
@@ -187,9 +212,11 @@ def apply_audit(spec: JobSpec, row: ResultRow, outcome: Escalation | None, small
     if not agrees:
         row.route, row.final_model = "frontier", frontier.model
         row.route_reason = f"{row.route_reason}; audit: the frontier disagreed and its answer was taken"
+        row.route_outcome = RouteOutcome.AUDIT_DISAGREED
         row.label, row.fields = frontier.label, dict(frontier.fields)
     else:
         row.route_reason = f"{row.route_reason}; audit: the frontier agreed"
+        row.route_outcome = RouteOutcome.AUDIT_AGREED
 
 
 def answer_documents(
@@ -204,7 +231,9 @@ def answer_documents(
     readable = [d for d in documents if d.ok]
     for doc in documents:
         if not doc.ok:
-            row = _base_row(doc, spec_hash, run, "error", doc.error or "unreadable")
+            row = _base_row(
+                doc, spec_hash, run, "error", reason=doc.error or "unreadable", outcome=RouteOutcome.UNREADABLE
+            )
             row.error = doc.error
             rows[doc.doc_id] = row
     requests = [Request(id=d.doc_id, text=d.text or "") for d in readable]
@@ -213,13 +242,14 @@ def answer_documents(
     for doc in readable:
         prediction = small[doc.doc_id]
         if not prediction.ok:
-            row = _base_row(doc, spec_hash, run, "error", f"small model failed: {prediction.error}")
+            reason = f"small model failed: {prediction.error}"
+            row = _base_row(doc, spec_hash, run, "error", reason=reason, outcome=RouteOutcome.SMALL_MODEL_FAILED)
             row.small_model, row.error = prediction.model, f"small model failed: {prediction.error}"
             rows[doc.doc_id] = row
             escalated.append((doc, RouteDecision(True, None, row.route_reason)))
             continue
         decision = decide(prediction, run.thresholds or spec_thresholds(spec))
-        row = _base_row(doc, spec_hash, run, "small", decision.reason)
+        row = _base_row(doc, spec_hash, run, "small", reason=decision.reason, outcome=RouteOutcome.KEPT)
         _apply_small(row, prediction, spec)
         row.confidence = decision.confidence
         rows[doc.doc_id] = row

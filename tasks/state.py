@@ -26,9 +26,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from docroute.schemas.outcomes import RETRIED_OUTCOMES, legacy_outcome
 from docroute.schemas.spec import JobSpec, OutputSpec
 from docroute.tasks.discover import LISTING_SCHEMA
-from docroute.tasks.frontier_batches import QUEUED
 from docroute.tasks.spill import BUCKET_ROWS, BucketSpill, RowSpill, bucket_count, stream_files
 from docroute.tasks.write import MANIFEST_TIME_FORMAT
 
@@ -60,10 +60,6 @@ def conform_state(table: pa.Table) -> pa.Table:
         if field_.name not in table.column_names:
             table = table.append_column(field_.name, pa.nulls(table.num_rows, field_.type))
     return table.select(STATE_SCHEMA.names).cast(STATE_SCHEMA)
-
-
-TRANSIENT_ERRORS = ("shard failed after retries", "small model failed")
-"""Error reasons that a later run may not meet again (the same bytes always fail to parse the same way)."""
 
 
 def manifests_dir(output: OutputSpec) -> str:
@@ -158,7 +154,9 @@ def load_state(output: OutputSpec) -> pl.DataFrame | None:
     return pl.from_arrow(conform_state(table))  # type: ignore[return-value]
 
 
-STATE_SOURCE_COLUMNS = ["doc_id", "source_uri", "source_etag", "spec_hash", "small_model", "route", "route_reason"]
+STATE_SOURCE_COLUMNS = [
+    "doc_id", "source_uri", "source_etag", "spec_hash", "small_model", "route", "route_outcome", "route_reason",
+]  # fmt: skip
 
 
 _HANDED_OVER: dict[tuple[str, str], pa.Table] = {}
@@ -201,7 +199,26 @@ def read_part_state(output: OutputSpec, part_url: str) -> pa.Table:
     """
     fs, path = url_to_fs(part_url, **output.fsspec_options())
     with fs.open(path, "rb") as handle:
-        return state_of_part(pq.read_table(handle, columns=STATE_SOURCE_COLUMNS), part_url)
+        parquet = pq.ParquetFile(handle)
+        present = set(parquet.schema_arrow.names)  # parts written before `route_outcome` existed lack it
+        return state_of_part(parquet.read(columns=[c for c in STATE_SOURCE_COLUMNS if c in present]), part_url)
+
+
+def _outcomes(table: pa.Table, route: pa.Array) -> pa.Array:
+    """Each row's `route_outcome`; parts written before the column existed get theirs from route and reason."""
+    if "route_outcome" in table.column_names:
+        outcome = pc.cast(table["route_outcome"], pa.string())
+        if outcome.null_count == 0:
+            return outcome
+    reasons = pc.fill_null(pc.cast(table["route_reason"], pa.string()), "").to_pylist()
+    stored = table["route_outcome"].to_pylist() if "route_outcome" in table.column_names else [None] * len(reasons)
+    return pa.array(
+        [
+            value or legacy_outcome(r, reason).value
+            for value, r, reason in zip(stored, route.to_pylist(), reasons, strict=True)
+        ],
+        type=pa.string(),
+    )
 
 
 def state_of_part(table: pa.Table, part_url: str) -> pa.Table:
@@ -212,15 +229,7 @@ def state_of_part(table: pa.Table, part_url: str) -> pa.Table:
     """
     n = table.num_rows
     route = pc.cast(table["route"], pa.string())
-    reason = pc.fill_null(pc.cast(table["route_reason"], pa.string()), "")
-    transient = pa.array(np.zeros(n, dtype=bool))
-    for prefix in TRANSIENT_ERRORS:
-        transient = pc.or_(transient, pc.starts_with(reason, prefix))
-    queued = pc.match_substring(reason, QUEUED)
-    retry = pc.or_(
-        pc.and_(pc.equal(route, "deferred"), pc.invert(queued)),
-        pc.and_(pc.equal(route, "error"), transient),
-    )
+    retry = pc.is_in(_outcomes(table, route), value_set=pa.array(sorted(RETRIED_OUTCOMES), type=pa.string()))
     repeated = _REPEATED
     return pa.table(
         [

@@ -306,9 +306,12 @@ routing:
     for key in readable:
         row = by_key[key]
         assert row["route"] == "frontier" and row["label"] == gold[key]
+        assert row["route_outcome"] == "answered_by_frontier"
         assert row["final_model"] == "openai:gpt-4o-mini" and "frontier batch batch_1" in row["route_reason"]
         expected = price.cost_usd(row["frontier_input_tokens"], row["frontier_output_tokens"], batch=True)
         assert row["frontier_cost_usd"] == pytest.approx(expected)
+    first_rows = rows.sort("processed_at").group_by("doc_id").first()
+    assert set(first_rows.filter(pl.col("route") == "deferred")["route_outcome"]) == {"queued"}
     state = json.loads(next((output / "state" / "frontier_batches").glob("*.json")).read_text())
     assert state["status"] == "collected" and state["batch_status"] == "completed"
     labels = pl.read_parquet(f"{output}/labels/**/*.parquet")  # a batch's answers become labels when collected

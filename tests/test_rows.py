@@ -16,6 +16,7 @@ import pytest
 
 from docroute import __version__
 from docroute.schemas.columns import PROVENANCE_COLUMNS
+from docroute.schemas.outcomes import RouteOutcome
 from docroute.schemas.rows import ResultRow, answer_json, arrow_type, result_schema, rows_to_table
 from docroute.schemas.spec import FieldSpec, JobSpec
 
@@ -42,6 +43,7 @@ _LEADING = [
     "spec_hash",
     "processed_at",
     "route",
+    "route_outcome",
     "route_reason",
 ]
 _TRAILING = [
@@ -92,6 +94,7 @@ def _full_row(spec: JobSpec) -> ResultRow:
         processed_at=_PROCESSED,
         route="frontier",
         route_reason="low confidence: total 0.400 < 0.800",
+        route_outcome=RouteOutcome.ANSWERED_BY_FRONTIER,
         record_key="7",
         content_sha256="ab" * 32,
         doc_format="txt",
@@ -135,6 +138,7 @@ def _error_row(spec: JobSpec) -> ResultRow:
         processed_at=_PROCESSED,
         route="error",
         route_reason="parse failed",
+        route_outcome=RouteOutcome.UNREADABLE,
         doc_format="pdf",
         error="pdf_encrypted: the PDF is encrypted",
     )
@@ -259,6 +263,7 @@ def test_unknown_route_is_rejected() -> None:
             processed_at=_PROCESSED,
             route="maybe",
             route_reason="",
+            route_outcome=RouteOutcome.KEPT,
         )
 
 
