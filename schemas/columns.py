@@ -36,6 +36,7 @@ PROVENANCE_COLUMNS: tuple[str, ...] = (
     "cost_usd",
     "engine_seconds",
     "error",
+    "error_code",
     "truncated",
     "audited",
     "audit_agrees",

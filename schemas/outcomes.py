@@ -73,3 +73,29 @@ def outcome_of_record(record: dict[str, object]) -> RouteOutcome:
     if value:
         return RouteOutcome(str(value))
     return legacy_outcome(str(record.get("route") or ""), str(record.get("route_reason") or ""))
+
+
+class DocumentErrorCode(StrEnum):
+    """Why a document has no text to answer: the `error_code` column of its row (tasks/parse.py ERROR_CODES says
+    what each means; the `error` column holds the sentence)."""
+
+    EMPTY = "empty"
+    TOO_LARGE = "too_large"
+    TOO_COMPLEX = "too_complex"
+    BINARY = "binary"
+    DECODE = "decode"
+    UNSUPPORTED_FORMAT = "unsupported_format"
+    HTML_NO_TEXT = "html_no_text"
+    PDF_ENCRYPTED = "pdf_encrypted"
+    PDF_CORRUPT = "pdf_corrupt"
+    PDF_NO_TEXT = "pdf_no_text"
+    DOCX_CORRUPT = "docx_corrupt"
+    DOCX_TOO_LARGE = "docx_too_large"
+    EML_CORRUPT = "eml_corrupt"
+    JSON_CORRUPT = "json_corrupt"
+    JSON_NOT_OBJECT = "json_not_object"
+    JSON_MISSING_TEXT = "json_missing_text"
+    JSON_BAD_TEXT = "json_bad_text"
+    PARSE_FAILED = "parse_failed"
+    MISSING = "missing"  # listed, then gone before it was read
+    UNREADABLE = "unreadable"  # the storage refused it for good (permissions, a folder where a file was listed)

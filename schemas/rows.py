@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from docroute import __version__
 from docroute.schemas.columns import ROUTES, field_confidence_column
-from docroute.schemas.outcomes import RouteOutcome, outcome_of_record
+from docroute.schemas.outcomes import DocumentErrorCode, RouteOutcome, outcome_of_record
 from docroute.schemas.spec import FieldSpec, JobSpec
 from docroute.schemas.values import to_json_value
 
@@ -83,6 +83,7 @@ _TRAILING: list[tuple[str, pa.DataType, str]] = [
     ("cost_usd", pa.float64(), "small_cost_usd + frontier_cost_usd"),
     ("engine_seconds", pa.float64(), "small-model compute time spent on the row"),
     ("error", pa.string(), "what went wrong, for error rows"),
+    ("error_code", SMALL_CATEGORY, "why an unreadable document has no text, typed (schemas/outcomes.py)"),
     ("truncated", pa.bool_(), "the document was cut to the model's token budget"),
     ("audited", pa.bool_(), "a kept small-model answer was also sent to the frontier to check it"),
     ("audit_agrees", pa.bool_(), "for audited rows: whether the frontier gave the same answer"),
@@ -162,6 +163,7 @@ class ResultRow:
     frontier_cost_usd: float = 0.0
     engine_seconds: float = 0.0
     error: str | None = None
+    error_code: DocumentErrorCode | None = None
     truncated: bool = False
     audited: bool = False
     audit_agrees: bool | None = None
@@ -201,6 +203,7 @@ class ResultRow:
             "cost_usd": self.small_cost_usd + self.frontier_cost_usd,
             "engine_seconds": self.engine_seconds,
             "error": self.error,
+            "error_code": None if self.error_code is None else self.error_code.value,
             "truncated": self.truncated,
             "audited": self.audited,
             "audit_agrees": self.audit_agrees,
@@ -250,6 +253,7 @@ def row_from_record(record: dict[str, Any], spec: JobSpec) -> ResultRow:
         frontier_cost_usd=record.get("frontier_cost_usd") or 0.0,
         engine_seconds=record.get("engine_seconds") or 0.0,
         error=record.get("error"),
+        error_code=DocumentErrorCode(record["error_code"]) if record.get("error_code") else None,
         truncated=bool(record.get("truncated")),
         audited=bool(record.get("audited")),
         audit_agrees=record.get("audit_agrees"),
@@ -262,7 +266,7 @@ _COPIED = (
     "doc_id", "source_uri", "record_key", "content_sha256", "source_etag", "doc_format", "run_id", "spec_hash",
     "processed_at", "route", "route_outcome", "route_reason", "confidence", "small_model", "final_model",
     "small_input_tokens", "small_output_tokens", "frontier_input_tokens", "frontier_output_tokens", "small_cost_usd",
-    "frontier_cost_usd", "engine_seconds", "error", "truncated", "audited", "audit_agrees", "input_chars",
+    "frontier_cost_usd", "engine_seconds", "error", "error_code", "truncated", "audited", "audit_agrees", "input_chars",
     "router_version",
 )  # fmt: skip
 """Columns that are a row attribute as it is (the rest are derived: `to_record` is the reference)."""

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from docroute.engines.calibration import expected_calibration_error, reliability_table
 from docroute.tasks.certify import GUARANTEES, Procedure, Unit, certify_parts
 
 ECE_BINS = 10
@@ -148,37 +149,34 @@ def _check(inp: EvaluationInput) -> _Checked:
 # building blocks
 
 
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> dict[str, Any]:
-    """Expected calibration error over equal-width confidence bins on [0, 1]: sum of |accuracy - confidence| per bin,
-    weighted by the bin's share of rows.
+def calibration_summary(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> dict[str, Any]:
+    """Expected calibration error with its reliability bins, for the report (engines/calibration.py computes both).
 
     Thresholds are only meaningful if confidence tracks accuracy; a high ECE says a threshold picked on one data set
-    will not hold its accuracy on another. Rows without a confidence (NaN) are left out and counted in `n` only by
-    their absence; a confidence of exactly 1.0 falls in the top bin.
+    will not hold its accuracy on another. Rows without a finite confidence are left out (`n` counts the rest); a
+    confidence of exactly 1.0 falls in the top bin; empty bins are not listed.
     """
     conf = np.asarray(confidence, dtype=float)
     hits = np.asarray(correct, dtype=bool)
     known = np.isfinite(conf)
-    conf, hits = np.clip(conf[known], 0.0, 1.0), hits[known]
+    conf, hits = conf[known], hits[known]
     if conf.size == 0:
         return {"ece": None, "n": 0, "mean_confidence": None, "accuracy": None, "bins": []}
-    index = np.minimum((conf * bins).astype(int), bins - 1)
-    table = []
-    ece = 0.0
-    for b in range(bins):
-        members = index == b
-        count = int(members.sum())
-        if count == 0:
-            continue
-        accuracy, mean_conf = float(hits[members].mean()), float(conf[members].mean())
-        ece += count / conf.size * abs(accuracy - mean_conf)
-        table.append(
-            {"lower": b / bins, "upper": (b + 1) / bins, "count": count, "accuracy": accuracy, "confidence": mean_conf}
-        )
+    table = [
+        {
+            "lower": row["lower"],
+            "upper": row["upper"],
+            "count": row["count"],
+            "accuracy": row["accuracy"],
+            "confidence": row["mean_confidence"],
+        }
+        for row in reliability_table(conf, hits, bins)
+        if row["count"]
+    ]
     return {
-        "ece": ece,
+        "ece": expected_calibration_error(conf, hits, bins),
         "n": int(conf.size),
-        "mean_confidence": float(conf.mean()),
+        "mean_confidence": float(np.clip(conf, 0.0, 1.0).mean()),
         "accuracy": float(hits.mean()),
         "bins": table,
     }
@@ -432,9 +430,7 @@ def evaluate(inp: EvaluationInput) -> dict[str, Any]:
     all_frontier_1000 = _per_1000(frontier_total, n)
 
     calibration = {
-        part: expected_calibration_error(data.confidence[part], data.small[part])
-        for part in parts
-        if part in data.confidence
+        part: calibration_summary(data.confidence[part], data.small[part]) for part in parts if part in data.confidence
     }
     per_part: dict[str, dict[str, Any]] = {}
     routed_by_part: dict[str, np.ndarray] = {}

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from bs4 import BeautifulSoup, Tag
 
-    from docroute.schemas.spec import SourceSpec
+from docroute.schemas.outcomes import DocumentErrorCode
+from docroute.schemas.spec import SourceSpec
 
 SUPPORTED_FORMATS: tuple[str, ...] = ("txt", "md", "html", "pdf", "docx", "eml", "json", "jsonl")
 
@@ -68,6 +69,8 @@ ERROR_CODES: dict[str, str] = {
     "json_missing_text": "a JSON record without a value at source.text_field (or null)",
     "json_bad_text": "a JSON record whose text field holds an object, list or boolean",
     "parse_failed": "an unexpected error inside a third-party parser",
+    "missing": "listed, then gone before it was read (deleted during the run)",
+    "unreadable": "the storage refused it for good (permissions, a folder where a file was listed)",
 }
 
 _PDF_MAX_PAGES = 2000
@@ -134,14 +137,14 @@ class ParsedDocument:
     `record_key` tells records of one json/jsonl file apart (the id_field value, else the 0-based record
     index); a whole file has None. It is unique within its file, because the document id is derived from it: a
     repeated id, or a position that another record's id already names, gets "@<index>" appended. Exactly one
-    of `text` and `error` is set; `error_code` is a key of `ERROR_CODES`.
+    of `text` and `error` is set; `error_code` says why, typed (its meaning: `ERROR_CODES`).
     """
 
     record_key: str | None
     text: str | None
     format: str
     error: str | None = None
-    error_code: str | None = None
+    error_code: DocumentErrorCode | None = None
 
     @property
     def ok(self) -> bool:
@@ -152,13 +155,14 @@ class _DocumentError(Exception):
     """Unwinds a parser to parse_document carrying the row's error code and its human reason."""
 
     def __init__(self, code: str, reason: str) -> None:
-        super().__init__(f"{code}: {reason}")
-        self.code = code
+        self.code = DocumentErrorCode(code)  # a code outside the enum is a bug here, not a document's fault
+        super().__init__(f"{self.code}: {reason}")
         self.reason = reason
 
 
 def _failed(fmt: str, code: str, reason: str, record_key: str | None = None) -> ParsedDocument:
-    return ParsedDocument(record_key, None, fmt, error=f"{code}: {reason}", error_code=code)
+    typed = DocumentErrorCode(code)
+    return ParsedDocument(record_key, None, fmt, error=f"{typed}: {reason}", error_code=typed)
 
 
 def detect_format(uri: str, declared: str) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
+from docroute.schemas.outcomes import DocumentErrorCode
 from docroute.schemas.spec import SourceSpec
 from docroute.tasks.discover import DocumentRef, source_filesystem
 from docroute.tasks.parse import detect_format, parse_document
@@ -30,6 +31,7 @@ class SourceDocument:
     text: str | None
     error: str | None
     etag: str | None = None  # the listing's ETag of the file, so the state table can tell a changed file
+    error_code: DocumentErrorCode | None = None  # why there is no text, typed (set with `error`)
 
     @property
     def ok(self) -> bool:
@@ -42,8 +44,8 @@ def document_id(uri: str, record_key: str | None = None) -> str:
     return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 
 
-def _failed(ref: DocumentRef, reason: str, fmt: str | None = None) -> SourceDocument:
-    return SourceDocument(document_id(ref.uri), ref.uri, None, None, fmt, None, reason, ref.etag)
+def _failed(ref: DocumentRef, code: DocumentErrorCode, reason: str, fmt: str | None = None) -> SourceDocument:
+    return SourceDocument(document_id(ref.uri), ref.uri, None, None, fmt, None, f"{code}: {reason}", ref.etag, code)
 
 
 def read_documents(source: SourceSpec, refs: Sequence[DocumentRef]) -> list[SourceDocument]:
@@ -55,7 +57,8 @@ def read_documents(source: SourceSpec, refs: Sequence[DocumentRef]) -> list[Sour
         if ref.size is not None and ref.size > source.max_bytes:
             early[ref.uri] = _failed(
                 ref,
-                f"too_large: the file has {ref.size:,} bytes, over source.max_bytes ({source.max_bytes:,})",
+                DocumentErrorCode.TOO_LARGE,
+                f"the file has {ref.size:,} bytes, over source.max_bytes ({source.max_bytes:,})",
                 detect_format(ref.uri, source.format),
             )
         else:
@@ -69,10 +72,12 @@ def read_documents(source: SourceSpec, refs: Sequence[DocumentRef]) -> list[Sour
             continue
         data = contents.get(ref.path)
         if isinstance(data, FileNotFoundError) or data is None:
-            documents.append(_failed(ref, "missing: the file was listed but is gone (deleted during the run?)"))
+            documents.append(
+                _failed(ref, DocumentErrorCode.MISSING, "the file was listed but is gone (deleted during the run?)")
+            )
             continue
         if isinstance(data, PermissionError | IsADirectoryError | NotADirectoryError):  # this file only, for good
-            documents.append(_failed(ref, f"unreadable: {type(data).__name__}: {data}"))
+            documents.append(_failed(ref, DocumentErrorCode.UNREADABLE, f"{type(data).__name__}: {data}"))
             continue
         if isinstance(data, BaseException):
             raise data  # transient (network, throttling): the shard task retries
@@ -88,6 +93,7 @@ def read_documents(source: SourceSpec, refs: Sequence[DocumentRef]) -> list[Sour
                     text=parsed.text,
                     error=parsed.error,
                     etag=ref.etag,
+                    error_code=parsed.error_code,
                 )
             )
     return documents

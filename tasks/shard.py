@@ -234,7 +234,7 @@ def answer_documents(
             row = _base_row(
                 doc, spec_hash, run, "error", reason=doc.error or "unreadable", outcome=RouteOutcome.UNREADABLE
             )
-            row.error = doc.error
+            row.error, row.error_code = doc.error, doc.error_code
             rows[doc.doc_id] = row
     requests = [Request(id=d.doc_id, text=d.text or "") for d in readable]
     small = {p.id: p for p in run_engine(small_engine(spec, run.head_version), requests)}

@@ -314,6 +314,7 @@ def test_every_bad_input_becomes_one_precise_row(
             # the reason says what is wrong, names it by its stable code, and no model ever saw the document
             assert row["error"] and row["route_reason"], row
             assert row["route_reason"].split(":", 1)[0] == row["error"].split(":", 1)[0], row
+            assert row["error_code"] == row["error"].split(":", 1)[0] and row["route_outcome"] == "unreadable", row
             assert row["label"] is None and row["doc_id"] not in model_inputs
         else:
             assert row["route"] in ("small", "deferred"), row

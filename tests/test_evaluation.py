@@ -21,8 +21,8 @@ from docroute.tasks.evaluation import (
     CertificationSettings,
     EvaluationInput,
     _certified_markdown,
+    calibration_summary,
     evaluate,
-    expected_calibration_error,
     write_report,
 )
 
@@ -130,11 +130,11 @@ def test_expected_calibration_error_by_hand() -> None:
 
 
 def test_ece_edges() -> None:
-    perfect = expected_calibration_error(np.array([1.0, 1.0, 0.0]), np.array([T, T, F]))
+    perfect = calibration_summary(np.array([1.0, 1.0, 0.0]), np.array([T, T, F]))
     assert perfect["ece"] == pytest.approx(0.0)  # 1.0 falls in the top bin, 0.0 in the bottom one
-    assert expected_calibration_error(np.array([np.nan]), np.array([T]))["ece"] is None
+    assert calibration_summary(np.array([np.nan]), np.array([T]))["ece"] is None
     # NaN rows are left out: only the 0.75 row (wrong) counts -> 0.75
-    assert expected_calibration_error(np.array([np.nan, 0.75]), np.array([T, F]))["ece"] == pytest.approx(0.75)
+    assert calibration_summary(np.array([np.nan, 0.75]), np.array([T, F]))["ece"] == pytest.approx(0.75)
 
 
 def test_per_label_precision_recall_f1() -> None:

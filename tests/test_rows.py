@@ -16,7 +16,7 @@ import pytest
 
 from docroute import __version__
 from docroute.schemas.columns import PROVENANCE_COLUMNS
-from docroute.schemas.outcomes import RouteOutcome
+from docroute.schemas.outcomes import DocumentErrorCode, RouteOutcome
 from docroute.schemas.rows import ResultRow, answer_json, arrow_type, result_schema, rows_to_table
 from docroute.schemas.spec import FieldSpec, JobSpec
 
@@ -62,6 +62,7 @@ _TRAILING = [
     "cost_usd",
     "engine_seconds",
     "error",
+    "error_code",
     "truncated",
     "audited",
     "audit_agrees",
@@ -141,6 +142,7 @@ def _error_row(spec: JobSpec) -> ResultRow:
         route_outcome=RouteOutcome.UNREADABLE,
         doc_format="pdf",
         error="pdf_encrypted: the PDF is encrypted",
+        error_code=DocumentErrorCode.PDF_ENCRYPTED,
     )
 
 
