@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
+from docroute.schemas.errors import DocrouteError
+
 
 @dataclass(frozen=True, slots=True)
 class Request:
@@ -124,7 +126,7 @@ class FrontierEngine(Engine, Protocol):
         ...
 
 
-class EngineError(Exception):
+class EngineError(DocrouteError):
     """Base of the errors engines raise when a whole batch cannot be answered."""
 
 

@@ -42,6 +42,7 @@ from docroute.engines.base import (
     Usage,
     check_complete,
 )
+from docroute.schemas.errors import DocrouteError
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class SlotUnavailableError(EngineError):
     """A shared concurrency slot could not be taken; the call was not made, so it can be retried later."""
 
 
-class FinalAnswerError(Exception):
+class FinalAnswerError(DocrouteError):
     """An answer that asking again will not fix (a refusal, a content filter, output cut at the limit)."""
 
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from json.decoder import scanstring
 from typing import Any
 
+from docroute.schemas.errors import DocrouteError
 from docroute.schemas.spec import FieldSpec, TaskSpec
 from docroute.schemas.values import ValueCoercionError, coerce_value, match_choice, to_json_value
 
@@ -53,7 +54,7 @@ _FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\r?\n?(.*?)\r?\n?[ \t]*```", 
 _WHITESPACE = re.compile(r"[ \t\r\n]*")
 
 
-class AnswerError(ValueError):
+class AnswerError(DocrouteError, ValueError):
     """A model answer that is not valid JSON or does not fit the task; the message names the bad part."""
 
 

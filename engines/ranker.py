@@ -43,6 +43,7 @@ from docroute.engines.ranker_features import (
     ranker_candidates,
 )
 from docroute.schemas.compare import normalise
+from docroute.schemas.errors import DocrouteError, InputError
 from docroute.schemas.spec import ExtractSpec, FieldSpec
 
 __all__ = [
@@ -65,11 +66,11 @@ _MIN_DOCUMENTS = 2
 _MAX_ITERATIONS = 300
 
 
-class RankerMismatchError(ValueError):
+class RankerMismatchError(DocrouteError, ValueError):
     """A saved ranker used with an encoder (or feature version) other than the one it was trained with."""
 
 
-class RankerTrainingError(ValueError):
+class RankerTrainingError(InputError, ValueError):
     """Too little usable training data for a field: too few documents whose gold value is among the candidates."""
 
 

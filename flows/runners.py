@@ -14,10 +14,11 @@ from typing import Any
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from docroute.schemas.errors import DocrouteError
 from docroute.schemas.spec import RunnerSpec
 
 
-class RunnerUnavailableError(RuntimeError):
+class RunnerUnavailableError(DocrouteError, RuntimeError):
     """The job asks for a runner whose Prefect integration is not installed."""
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import Field, RootModel, ValidationError, field_validator
 
+from docroute.schemas.errors import InputError
 from docroute.schemas.load import _interpolate, _line_of
 from docroute.schemas.spec import SmallModelSpec, StrictModel
 
@@ -27,7 +28,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _ENGINE_TAGS = frozenset({"llamacpp", "vllm", "openai_compatible"})
 
 
-class CandidatesFileError(ValueError):
+class CandidatesFileError(InputError, ValueError):
     """A candidates file that cannot be used; the message lists every problem with its entry and line."""
 
     def __init__(self, source: str, problems: list[str]) -> None:

@@ -15,12 +15,13 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from docroute.schemas.errors import InputError
 from docroute.schemas.spec import JobSpec
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-class JobSpecError(ValueError):
+class JobSpecError(InputError, ValueError):
     """A job file that cannot be used; the message lists every problem with its line."""
 
     def __init__(self, source: str, problems: list[str]) -> None:

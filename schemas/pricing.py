@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from docroute.schemas.errors import InputError
+
 PRICES_AS_OF = date(2025, 11, 24)
 """When the default table was copied from the providers' public price pages; override in the job spec when stale."""
 
@@ -118,7 +120,7 @@ DEFAULT_PRICES: dict[str, ModelPrice] = {
 }
 
 
-class UnknownModelPriceError(KeyError):
+class UnknownModelPriceError(InputError, KeyError):
     """Raised for a model with no price: docroute never guesses $0."""
 
     def __str__(self) -> str:

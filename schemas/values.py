@@ -14,10 +14,11 @@ from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation, localcontext
 from typing import Any
 
+from docroute.schemas.errors import DocrouteError
 from docroute.schemas.spec import FieldSpec
 
 
-class ValueCoercionError(ValueError):
+class ValueCoercionError(DocrouteError, ValueError):
     """A raw value that cannot be read as its field's type; the message says why."""
 
 

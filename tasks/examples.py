@@ -7,10 +7,11 @@ import io
 import fsspec
 import polars as pl
 
+from docroute.schemas.errors import InputError
 from docroute.schemas.spec import ClassifySpec, ExtractExample, ExtractSpec
 
 
-class ExamplesFileError(ValueError):
+class ExamplesFileError(InputError, ValueError):
     """An examples file that cannot be used; the message names the file and the problem."""
 
 

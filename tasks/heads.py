@@ -10,11 +10,12 @@ from __future__ import annotations
 from fsspec.core import url_to_fs
 
 from docroute.engines.head import LabelHead
+from docroute.schemas.errors import StateError
 from docroute.schemas.spec import JobSpec
 from docroute.tasks.write import atomic_write
 
 
-class HeadMissingError(FileNotFoundError):
+class HeadMissingError(StateError, FileNotFoundError):
     """The router names a head whose file is gone: the run cannot use the router's certificate without it."""
 
 

@@ -20,6 +20,7 @@ from docroute.engines import build_frontier_engine, build_small_engine
 from docroute.engines.base import Engine, EngineError, Prediction, Request
 from docroute.engines.classify_choice import ClassifierChoice, measurement_key
 from docroute.engines.loop_thread import AsyncClientEngine, SharedGate
+from docroute.schemas.errors import DocrouteError
 from docroute.schemas.spec import FrontierSpec, JobSpec
 from docroute.tasks.classifier_choices import load_choice, save_choice
 from docroute.tasks.examples import load_extraction_examples, load_labeled_examples
@@ -235,7 +236,7 @@ def clear_engine_cache() -> None:
         engine.close()
 
 
-class ConcurrencyLimitMissingError(RuntimeError):
+class ConcurrencyLimitMissingError(DocrouteError, RuntimeError):
     """The job names a Prefect global concurrency limit the API does not have."""
 
 

@@ -15,12 +15,13 @@ from typing import Any
 import fsspec
 import polars as pl
 
+from docroute.schemas.errors import InputError
 from docroute.schemas.spec import JobSpec
 from docroute.tasks.discover import source_filesystem
 from docroute.tasks.read import document_id
 
 
-class LabelsFileError(ValueError):
+class LabelsFileError(InputError, ValueError):
     """A labels file that cannot be used; the message names the file and the problem."""
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from fsspec.core import url_to_fs
 from pydantic import BaseModel, ConfigDict
 
+from docroute.schemas.errors import StateError
 from docroute.schemas.spec import OutputSpec
 from docroute.tasks.write import atomic_write, create_exclusive
 
@@ -54,11 +55,11 @@ KEPT_GENERATIONS = 8
 """Older lease files are pruned; a few are kept as a short history of who ran (and who was taken over)."""
 
 
-class RunInProgressError(RuntimeError):
+class RunInProgressError(StateError, RuntimeError):
     """Another live run holds the output's lease; this run stopped before doing anything."""
 
 
-class LeaseLostError(RuntimeError):
+class LeaseLostError(StateError, RuntimeError):
     """This run's lease was taken over (it was judged dead, or forced): it must not commit."""
 
 

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from docroute.engines.prompts import chat_messages
+from docroute.schemas.errors import InputError
 from docroute.schemas.spec import JobSpec
 from docroute.schemas.values import to_json_value
 from docroute.tasks.certify import Certificate, certify_parts
@@ -31,7 +32,7 @@ from docroute.tasks.route import in_audit_sample
 _NEEDED = ["doc_id", "content_sha256", "processed_at", "text", "kind", "model"]
 
 
-class TrainingDataError(ValueError):
+class TrainingDataError(InputError, ValueError):
     """The labels cannot support a training round; the message says what is missing."""
 
 

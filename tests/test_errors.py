@@ -1,0 +1,116 @@
+"""Tests for schemas/errors.py: every public docroute exception derives from DocrouteError and keeps its old base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from docroute.engines.anthropic import _CutShortError as AnthropicCutShortError
+from docroute.engines.anthropic import _FinalAnswerError as AnthropicFinalAnswerError
+from docroute.engines.base import EngineError, EngineUnavailableError, ExchangeRefusedError
+from docroute.engines.loop_thread import FinalAnswerError, SlotUnavailableError
+from docroute.engines.openai_compat import _CutShortError as OpenAICutShortError
+from docroute.engines.openai_compat import _FinalAnswerError as OpenAIFinalAnswerError
+from docroute.engines.prompts import AnswerError
+from docroute.engines.ranker import RankerMismatchError, RankerTrainingError
+from docroute.engines.remote_encoders import EmbeddingsRequestError, EmbeddingsResponseError
+from docroute.flows.runners import RunnerUnavailableError
+from docroute.schemas.candidates import CandidatesFileError
+from docroute.schemas.errors import DocrouteError, InputError, StateError
+from docroute.schemas.load import JobSpecError, load_job
+from docroute.schemas.pricing import UnknownModelPriceError, lookup_price
+from docroute.schemas.values import ValueCoercionError
+from docroute.tasks.examples import ExamplesFileError
+from docroute.tasks.heads import HeadMissingError
+from docroute.tasks.infer import ConcurrencyLimitMissingError
+from docroute.tasks.labels import LabelsFileError
+from docroute.tasks.lease import LeaseLostError, RunInProgressError
+from docroute.tasks.training import TrainingDataError
+
+# (class, the docroute base it now has, the base it had before and must keep)
+HIERARCHY: list[tuple[type[Exception], type[DocrouteError], type[Exception]]] = [
+    (EngineError, DocrouteError, Exception),
+    (ExchangeRefusedError, DocrouteError, EngineError),
+    (EngineUnavailableError, DocrouteError, EngineError),
+    (SlotUnavailableError, DocrouteError, EngineError),
+    (EmbeddingsRequestError, DocrouteError, EngineError),
+    (EmbeddingsResponseError, DocrouteError, EngineError),
+    (FinalAnswerError, DocrouteError, Exception),
+    (AnthropicFinalAnswerError, DocrouteError, FinalAnswerError),
+    (OpenAIFinalAnswerError, DocrouteError, FinalAnswerError),
+    (AnswerError, DocrouteError, ValueError),
+    (AnthropicCutShortError, DocrouteError, AnswerError),
+    (OpenAICutShortError, DocrouteError, AnswerError),
+    (RankerMismatchError, DocrouteError, ValueError),
+    (RankerTrainingError, InputError, ValueError),
+    (ValueCoercionError, DocrouteError, ValueError),
+    (ConcurrencyLimitMissingError, DocrouteError, RuntimeError),
+    (RunnerUnavailableError, DocrouteError, RuntimeError),
+    (JobSpecError, InputError, ValueError),
+    (CandidatesFileError, InputError, ValueError),
+    (ExamplesFileError, InputError, ValueError),
+    (LabelsFileError, InputError, ValueError),
+    (TrainingDataError, InputError, ValueError),
+    (UnknownModelPriceError, InputError, KeyError),
+    (HeadMissingError, StateError, FileNotFoundError),
+    (RunInProgressError, StateError, RuntimeError),
+    (LeaseLostError, StateError, RuntimeError),
+]
+
+
+def test_intermediate_bases() -> None:
+    assert issubclass(DocrouteError, Exception)
+    assert InputError.__bases__ == (DocrouteError,)
+    assert StateError.__bases__ == (DocrouteError,)
+    assert not issubclass(InputError, StateError) and not issubclass(StateError, InputError)
+
+
+@pytest.mark.parametrize(("cls", "kind", "old_base"), HIERARCHY, ids=[c.__qualname__ for c, _, _ in HIERARCHY])
+def test_every_error_is_a_docroute_error_and_keeps_its_old_base(
+    cls: type[Exception], kind: type[DocrouteError], old_base: type[Exception]
+) -> None:
+    assert issubclass(cls, DocrouteError)
+    assert issubclass(cls, kind)
+    assert issubclass(cls, old_base)
+    # the MRO is valid (the class statement ran) and ends in the built-in chain
+    mro = cls.__mro__
+    assert mro[0] is cls and mro[-1] is object
+    assert mro.index(DocrouteError) < mro.index(Exception)
+    assert mro.index(old_base) <= mro.index(Exception)
+
+
+def test_only_one_kind_per_error() -> None:
+    """An error is user input or output state, never both."""
+    for cls, _, _ in HIERARCHY:
+        assert not (issubclass(cls, InputError) and issubclass(cls, StateError)), cls
+
+
+def test_messages_unchanged() -> None:
+    # a plain subclass's text is its message, as before
+    assert str(LeaseLostError("lease taken over")) == "lease taken over"
+    missing = HeadMissingError("head abc is gone")
+    assert str(missing) == "head abc is gone"
+    assert isinstance(missing, OSError)
+    # UnknownModelPriceError keeps its own text, not KeyError's quoted repr
+    with pytest.raises(DocrouteError) as info:
+        lookup_price("no-such-model")
+    assert isinstance(info.value, KeyError)
+    assert str(info.value).startswith("no price known for model 'no-such-model'")
+
+
+def test_bad_job_file_is_caught_as_docroute_error_and_as_value_error(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("name: [unclosed\n", encoding="utf-8")
+    with pytest.raises(DocrouteError) as info:
+        load_job(job)
+    assert isinstance(info.value, JobSpecError)
+    assert isinstance(info.value, InputError)
+    with pytest.raises(ValueError):
+        load_job(job)
+    # the way a caller writes it: one clause for any docroute error
+    try:
+        load_job(job)
+    except DocrouteError as exc:
+        caught: Exception = exc
+    assert str(caught)
