@@ -43,11 +43,10 @@ from docroute.tasks.state import (
     latest_manifest,
     open_run_state,
     select_todo,
-    state_snapshot_url,
     take_part_state,
     write_merged_state,
 )
-from docroute.tasks.write import manifest_url, read_parquet, write_parquet
+from docroute.tasks.write import read_parquet, write_parquet
 
 
 def _run_id() -> str:
@@ -230,7 +229,7 @@ def _run_job(spec: JobSpec, scratch: Path, run_id: str, lease: OutputLease, *, f
     results.sort(key=lambda r: r.shard_index)
     # the commit: state snapshot, then the manifest that makes this run's files count, then the clean-up
     previous = latest_manifest(spec.output)
-    snapshot = state_snapshot_url(spec.output, run.run_id)
+    snapshot = spec.output.layout.state_snapshot(run.run_id)
     lease.check()
     write_merged_state(spec.output, snapshot, state, run_id=run.run_id, processed_at=started)
     entries = merge_entries([e for r in results for e in r.entries])
@@ -255,7 +254,7 @@ def _run_job(spec: JobSpec, scratch: Path, run_id: str, lease: OutputLease, *, f
         record,
         entries,
         parts,
-        manifest=manifest_url(spec, run.run_id, datetime.now(UTC)),
+        manifest=spec.output.layout.manifest(run.run_id, datetime.now(UTC)),
         plan_id=plan.plan_id,
         snapshot=snapshot,
         previous_snapshot=previous.get("state") if previous else None,

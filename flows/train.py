@@ -52,10 +52,6 @@ from docroute.tasks.training import (
 from docroute.tasks.write import atomic_write, write_json
 
 
-def training_url(spec: JobSpec, version: str, name: str) -> str:
-    return f"{spec.output.url}/training/{version}/{name}"
-
-
 def _write_lines(spec: JobSpec, url: str, lines: list[str]) -> None:
     data = ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8")
     atomic_write(spec.output, url, lambda handle: handle.write(data))
@@ -63,7 +59,7 @@ def _write_lines(spec: JobSpec, url: str, lines: list[str]) -> None:
 
 def export_finetuning_set(spec: JobSpec, split: TrainingSplit, version: str) -> dict[str, str]:
     """Write train.jsonl and holdout.jsonl in the chat format OpenAI, vLLM and most LoRA trainers read."""
-    urls = {name: training_url(spec, version, f"{name}.jsonl") for name in ("train", "holdout")}
+    urls = {name: spec.output.layout.training(version, f"{name}.jsonl") for name in ("train", "holdout")}
     _write_lines(spec, urls["train"], finetune_lines(spec, split.train))
     _write_lines(spec, urls["holdout"], finetune_lines(spec, split.holdout))
     return urls
@@ -176,7 +172,7 @@ def train(job: str, output: str | None = None, min_holdout: int = 30) -> dict[st
         result.update(_train_round(spec, current, split, version))
     else:  # extraction only: the fields' candidate rankers learn from the worked examples and the frontier's answers
         result.update(_ranker_round(spec, current, split, version))
-    write_json(spec.output, training_url(spec, version, "report.json"), result)
+    write_json(spec.output, spec.output.layout.training(version, "report.json"), result)
     logger.info("%s", result["decision"])
     if FlowRunContext.get() is not None:
         create_markdown_artifact(

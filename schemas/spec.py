@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from docroute.schemas.columns import CONFIDENCE_SUFFIX, PROVENANCE_COLUMNS
+from docroute.schemas.layout import OutputLayout
 from docroute.schemas.pricing import (
     ModelPrice,
     UnknownModelPriceError,
@@ -659,6 +660,11 @@ class OutputSpec(StorageAccess):
     @classmethod
     def _resolve(cls, url: str, info: ValidationInfo) -> str:
         return _resolve_path(url, info).rstrip("/")
+
+    @property
+    def layout(self) -> OutputLayout:
+        """Every path under this output (schemas/layout.py): the one place they are built and parsed."""
+        return OutputLayout(self.url)
 
 
 class DaskRunnerSpec(StrictModel):

@@ -22,13 +22,9 @@ from docroute.tasks.write import atomic_write
 logger = logging.getLogger(__name__)
 
 
-def choice_url(spec: JobSpec, key: str) -> str:
-    return f"{spec.output.url}/heads/choice-{key}.json"
-
-
 def load_choice(spec: JobSpec, key: str) -> ClassifierChoice | None:
     """The choice stored under `key`, or None when there is none (or it cannot be read: then it is measured again)."""
-    url = choice_url(spec, key)
+    url = spec.output.layout.classifier_choice(key)
     fs, path = url_to_fs(url, **spec.output.fsspec_options())
     try:
         with fs.open(path, "rb") as handle:
@@ -41,7 +37,7 @@ def load_choice(spec: JobSpec, key: str) -> ClassifierChoice | None:
 
 
 def save_choice(spec: JobSpec, key: str, choice: ClassifierChoice) -> str:
-    url = choice_url(spec, key)
+    url = spec.output.layout.classifier_choice(key)
     data = json.dumps(choice.to_json(), indent=2).encode()
     atomic_write(spec.output, url, lambda handle: handle.write(data))
     return url

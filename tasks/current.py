@@ -15,13 +15,13 @@ import pyarrow.compute as pc
 from fsspec.core import url_to_fs
 
 from docroute.schemas.spec import OutputSpec
-from docroute.tasks.state import latest_manifest, load_state, manifests_dir
+from docroute.tasks.state import latest_manifest, load_state
 from docroute.tasks.write import read_parquet
 
 
 def committed_parts(output: OutputSpec) -> list[str]:
     """Every part the committed manifests name, oldest first (the full history)."""
-    fs, root = url_to_fs(manifests_dir(output), **output.fsspec_options())
+    fs, root = url_to_fs(output.layout.manifests_dir(), **output.fsspec_options())
     fs.invalidate_cache(root)
     try:
         names = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".json"))

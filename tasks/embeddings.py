@@ -36,7 +36,7 @@ class EmbeddingCache:
     def __init__(self, spec: JobSpec, encoder: str) -> None:
         self._spec = spec
         key = model_key(encoder, spec.small_model.max_input_tokens)
-        self._root = f"{spec.output.url}/training/embeddings/{key}"
+        self._root = spec.output.layout.embeddings(key)
         self._vectors: dict[str, np.ndarray] = {}
         self._new: dict[str, np.ndarray] = {}
         fs, path = url_to_fs(self._root, **spec.output.fsspec_options())

@@ -46,10 +46,6 @@ def batch_frontier(spec: JobSpec) -> Any:
     return _BATCH_FRONTIERS[key]
 
 
-def state_url(spec: JobSpec, *parts: str) -> str:
-    return "/".join([spec.output.url, "state", "frontier_batches", *parts])
-
-
 QUEUED = "queued for the frontier batch API"
 
 
@@ -99,7 +95,7 @@ def write_staging(spec: JobSpec, run_id: str, shard_index: int, staged: Sequence
     payload = "\n".join(
         json.dumps({"doc_id": s.doc_id, "part": s.part_url, "line": s.line, "text": s.text}) for s in staged
     )
-    url = state_url(spec, "staging", run_id, f"{shard_index:05d}.jsonl")
+    url = spec.output.layout.frontier_batches("staging", run_id, f"{shard_index:05d}.jsonl")
     fs, path = url_to_fs(url, **spec.output.fsspec_options())
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     with fs.open(path, "wb") as handle:
@@ -116,7 +112,7 @@ def submit_frontier_batches(spec: JobSpec, run_id: str) -> list[str]:
     """Submit every staged request (this run's, and any an interrupted run left) as batches; return their ids."""
     from docroute.engines.openai_batch import split_lines
 
-    fs, root = url_to_fs(state_url(spec, "staging"), **spec.output.fsspec_options())
+    fs, root = url_to_fs(spec.output.layout.frontier_batches("staging"), **spec.output.fsspec_options())
     if not fs.exists(root):
         return []
     staged_files = sorted(p for p in fs.find(root) if p.endswith(".jsonl"))
@@ -132,7 +128,7 @@ def submit_frontier_batches(spec: JobSpec, run_id: str) -> list[str]:
         texts = {by_line[line]["doc_id"]: by_line[line].get("text", "") for line in chunk}
         write_json(
             spec.output,
-            state_url(spec, f"{batch_id}.json"),
+            spec.output.layout.frontier_batches(f"{batch_id}.json"),
             {
                 "batch_id": batch_id,
                 "job": spec.name,
@@ -171,11 +167,10 @@ class CollectedBatch:
 @task(name="collect-frontier-batches", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
 def collect_frontier_batches(spec: JobSpec, run_id: str, run_date: Any) -> list[CollectedBatch]:
     """Collect every finished batch: rewrite its rows with the frontier's answers into this run's results."""
-    from docroute.tasks.harvest import batch_labels_url, write_labels
+    from docroute.tasks.harvest import write_labels
     from docroute.tasks.shard import finish_escalated
-    from docroute.tasks.write import batch_part_url
 
-    fs, root = url_to_fs(state_url(spec), **spec.output.fsspec_options())
+    fs, root = url_to_fs(spec.output.layout.frontier_batches(), **spec.output.fsspec_options())
     if not fs.exists(root):
         return []
     logger = get_run_logger()
@@ -210,10 +205,10 @@ def collect_frontier_batches(spec: JobSpec, run_id: str, run_date: Any) -> list[
                     row.small_answer is not None,
                 )
                 rows.append(row)
-        url = batch_part_url(spec.output, run_date, run_id, status.batch_id)
+        url = spec.output.layout.batch_part(run_date, run_id, status.batch_id)
         table = rows_to_table(rows, spec)
         texts = {doc_id: text for doc_id, text in state.get("texts", {}).items() if text}
-        labels_url = batch_labels_url(spec, run_date, run_id, status.batch_id)
+        labels_url = spec.output.layout.batch_labels_part(run_date, run_id, status.batch_id)
         write_labels(spec, labels_url, table, f"{spec.frontier.provider}:{spec.frontier.model}", texts)
         write_parquet(spec.output, url, table)
         state.update(
@@ -222,7 +217,7 @@ def collect_frontier_batches(spec: JobSpec, run_id: str, run_date: Any) -> list[
             collected_by=run_id,
             collected_at=datetime.now(UTC).isoformat(),
         )
-        write_json(spec.output, state_url(spec, posixpath.basename(path)), state)
+        write_json(spec.output, spec.output.layout.frontier_batches(posixpath.basename(path)), state)
         routes: dict[str, int] = defaultdict(int)
         for row in rows:
             routes[row.route] += 1

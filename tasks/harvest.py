@@ -10,7 +10,6 @@ fine-tuning set needs the text itself.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import date
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -19,16 +18,6 @@ from docroute.schemas.spec import JobSpec
 from docroute.tasks.write import write_parquet
 
 _KEYS = ["doc_id", "source_uri", "record_key", "content_sha256", "run_id", "spec_hash", "processed_at"]
-
-
-def labels_part_url(spec: JobSpec, run_date: date, run_id: str, shard_index: int) -> str:
-    return f"{spec.output.url}/labels/run_date={run_date.isoformat()}/labels-{run_id}-{shard_index:05d}.parquet"
-
-
-def batch_labels_url(spec: JobSpec, run_date: date, run_id: str, batch_id: str) -> str:
-    """Labels of a collected frontier batch, beside the labels of the run that collected it."""
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in batch_id)
-    return f"{spec.output.url}/labels/run_date={run_date.isoformat()}/labels-{run_id}-batch-{safe}.parquet"
 
 
 def answer_columns(spec: JobSpec) -> list[str]:

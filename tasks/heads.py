@@ -19,19 +19,15 @@ class HeadMissingError(StateError, FileNotFoundError):
     """The router names a head whose file is gone: the run cannot use the router's certificate without it."""
 
 
-def head_url(spec: JobSpec, version: str) -> str:
-    return f"{spec.output.url}/heads/head-{version}.npz"
-
-
 def write_head(spec: JobSpec, version: str, head: LabelHead) -> str:
-    url = head_url(spec, version)
+    url = spec.output.layout.head(version)
     data = head.to_bytes()
     atomic_write(spec.output, url, lambda handle: handle.write(data))
     return url
 
 
 def load_head(spec: JobSpec, version: str) -> LabelHead:
-    url = head_url(spec, version)
+    url = spec.output.layout.head(version)
     fs, path = url_to_fs(url, **spec.output.fsspec_options())
     try:
         with fs.open(path, "rb") as handle:

@@ -106,16 +106,8 @@ class LeaseRecord(BaseModel):
         return f"run {self.run_id} ({where}, lease generation {self.generation}, renewed {self.renewed_at:%H:%M:%S}Z)"
 
 
-def leases_dir(output: OutputSpec) -> str:
-    return f"{output.url}/state/leases"
-
-
-def lease_url(output: OutputSpec, generation: int) -> str:
-    return f"{leases_dir(output)}/lease-{generation:010d}.json"
-
-
 def _generations(output: OutputSpec) -> list[int]:
-    fs, root = url_to_fs(leases_dir(output), **output.fsspec_options())
+    fs, root = url_to_fs(output.layout.leases_dir(), **output.fsspec_options())
     fs.invalidate_cache(root)
     try:
         names = [posixpath.basename(p) for p in fs.ls(root, detail=False)]
@@ -130,7 +122,7 @@ def _generations(output: OutputSpec) -> list[int]:
 
 
 def _read(output: OutputSpec, generation: int) -> LeaseRecord | None:
-    fs, path = url_to_fs(lease_url(output, generation), **output.fsspec_options())
+    fs, path = url_to_fs(output.layout.lease(generation), **output.fsspec_options())
     try:
         return LeaseRecord.model_validate_json(fs.cat_file(path))
     except FileNotFoundError:
@@ -350,7 +342,7 @@ class OutputLease:
 
 def _write(output: OutputSpec, record: LeaseRecord) -> None:
     data = record.model_dump_json(indent=2).encode()
-    atomic_write(output, lease_url(output, record.generation), lambda handle: handle.write(data))
+    atomic_write(output, output.layout.lease(record.generation), lambda handle: handle.write(data))
 
 
 def _prune(output: OutputSpec, current: int) -> None:
@@ -358,7 +350,7 @@ def _prune(output: OutputSpec, current: int) -> None:
     fs, _ = url_to_fs(output.url, **output.fsspec_options())
     for generation in _generations(output):
         if generation <= current - KEPT_GENERATIONS:
-            _, path = url_to_fs(lease_url(output, generation), **output.fsspec_options())
+            _, path = url_to_fs(output.layout.lease(generation), **output.fsspec_options())
             with contextlib.suppress(FileNotFoundError):
                 fs.rm(path)
 
@@ -423,7 +415,7 @@ def acquire_lease(
             took_over=latest.generation if latest is not None and verdict.dead else None,
         )
         data = record.model_dump_json(indent=2).encode()
-        if not create_exclusive(output, lease_url(output, generation), data):
+        if not create_exclusive(output, output.layout.lease(generation), data):
             watched, deadline = None, None
             continue  # another run took this generation first: look again (it is most likely alive)
         if any(g > generation for g in _generations(output)):
@@ -442,7 +434,7 @@ def acquire_lease(
 
 
 def _remove(output: OutputSpec, generation: int) -> None:
-    fs, path = url_to_fs(lease_url(output, generation), **output.fsspec_options())
+    fs, path = url_to_fs(output.layout.lease(generation), **output.fsspec_options())
     with contextlib.suppress(FileNotFoundError):
         fs.rm(path)
 
@@ -473,5 +465,5 @@ def force_release(output: OutputSpec, why: str) -> LeaseRecord | None:
             released_by=f"forced: {why}",
             took_over=latest.generation,
         )
-        if create_exclusive(output, lease_url(output, record.generation), record.model_dump_json(indent=2).encode()):
+        if create_exclusive(output, output.layout.lease(record.generation), record.model_dump_json(indent=2).encode()):
             return latest

@@ -38,22 +38,10 @@ from docroute.tasks.spill import stream_files
 from docroute.tasks.state import committed_plan_ids, committed_run_ids
 from docroute.tasks.write import (
     atomic_write,
-    costs_url,
-    errors_part_url,
     read_parquet,
-    results_part_url,
-    runs_url,
 )
 
 PLAN_SCHEMA = pa.schema([pa.field("shard", pa.int64()), *LISTING_SCHEMA])
-
-
-def plans_dir(output: OutputSpec) -> str:
-    return f"{output.url}/state/plans"
-
-
-def plan_url(output: OutputSpec, plan_id: str) -> str:
-    return f"{plans_dir(output)}/{plan_id}.parquet"
 
 
 @dataclass
@@ -150,7 +138,7 @@ class Executor:
 
 def _plan_files(output: OutputSpec) -> list[PlanFile]:
     """Every plan file under the output, oldest first."""
-    fs, root = url_to_fs(plans_dir(output), **output.fsspec_options())
+    fs, root = url_to_fs(output.layout.plans_dir(), **output.fsspec_options())
     fs.invalidate_cache(root)
     try:
         paths = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".parquet"))
@@ -255,7 +243,7 @@ def make_plan(spec: JobSpec, todo_files: list[Path], todo_rows: int, run_id: str
 def _shard_files(output: OutputSpec, day: date, plan_id: str, shard: int) -> list[str]:
     """The files a shard of a plan writes that only its commit would make count (its labels are kept: they are
     the frontier's answers, paid for, and valid training data whatever happens to the run)."""
-    return [results_part_url(output, day, plan_id, shard), errors_part_url(output, day, plan_id, shard)]
+    return [output.layout.results_part(day, plan_id, shard), output.layout.errors_part(day, plan_id, shard)]
 
 
 def write_plan(output: OutputSpec, plan: RunPlan, run_id: str) -> None:
@@ -276,7 +264,7 @@ def write_plan(output: OutputSpec, plan: RunPlan, run_id: str) -> None:
                 shard = pa.array([index] * rows.num_rows, pa.int64())
                 writer.write_table(rows.select(LISTING_SCHEMA.names).add_column(0, "shard", shard).cast(schema))
 
-    atomic_write(output, plan_url(output, plan.plan_id), write)
+    atomic_write(output, output.layout.plan(plan.plan_id), write)
 
 
 def clean_up_after_commit(spec: JobSpec, plan: RunPlan, committed: Collection[str]) -> None:
@@ -294,12 +282,12 @@ def clean_up_after_commit(spec: JobSpec, plan: RunPlan, committed: Collection[st
         for executor in plan.dead_executors
         if executor.run_id not in runs
         for url in (
-            costs_url(spec, executor.run_date, executor.run_id),
-            runs_url(spec, executor.run_date, executor.run_id),
+            spec.output.layout.costs(executor.run_date, executor.run_id),
+            spec.output.layout.run_record(executor.run_date, executor.run_id),
         )
     ]
     keep = set(committed)
-    plans = [plan_url(output, p) for p in dict.fromkeys([plan.plan_id, *plan.obsolete_plans])]
+    plans = [output.layout.plan(p) for p in dict.fromkeys([plan.plan_id, *plan.obsolete_plans])]
     for url in [*plan.obsolete_parts, *ledgers, *plans]:
         if url not in keep:
             _delete(fs, url_to_fs(url, **output.fsspec_options())[1])

@@ -14,12 +14,8 @@ from docroute.schemas.spec import JobSpec
 from docroute.tasks.write import atomic_write
 
 
-def ranker_url(spec: JobSpec, version: str) -> str:
-    return f"{spec.output.url}/rankers/ranker-{version}.npz"
-
-
 def write_ranker(spec: JobSpec, version: str, ranker: ExtractionRanker) -> str:
-    url = ranker_url(spec, version)
+    url = spec.output.layout.ranker(version)
     data = ranker.to_bytes()
     atomic_write(spec.output, url, lambda handle: handle.write(data))
     return url
@@ -27,7 +23,7 @@ def write_ranker(spec: JobSpec, version: str, ranker: ExtractionRanker) -> str:
 
 def load_ranker(spec: JobSpec, version: str) -> ExtractionRanker | None:
     """The round's ranker, or None when that round trained none (a classification-only round)."""
-    fs, path = url_to_fs(ranker_url(spec, version), **spec.output.fsspec_options())
+    fs, path = url_to_fs(spec.output.layout.ranker(version), **spec.output.fsspec_options())
     try:
         with fs.open(path, "rb") as handle:
             return ExtractionRanker.from_bytes(handle.read())

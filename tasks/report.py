@@ -29,7 +29,7 @@ from docroute.schemas.spec import JobSpec
 from docroute.tasks.ledger import RUN_SCHEMA, LedgerEntry, cost_table
 from docroute.tasks.state import prune_snapshots
 from docroute.tasks.trend import read_run_records, version_trend
-from docroute.tasks.write import costs_url, runs_url, write_json, write_parquet
+from docroute.tasks.write import write_json, write_parquet
 
 
 def _in_run() -> bool:
@@ -146,8 +146,8 @@ def write_ledger(
     the same file instead of committing the run twice.
     """
     run_id, run_date = record["run_id"], record["run_date"]
-    costs = costs_url(spec, run_date, run_id)
-    runs = runs_url(spec, run_date, run_id)
+    costs = spec.output.layout.costs(run_date, run_id)
+    runs = spec.output.layout.run_record(run_date, run_id)
     write_parquet(spec.output, costs, cost_table(entries, spec, run_id=run_id, run_date=run_date))
     write_parquet(spec.output, runs, pa.Table.from_pylist([record], schema=RUN_SCHEMA))
     write_json(

@@ -89,22 +89,18 @@ def new_version(spec_hash: str, created_at: datetime) -> str:
     return f"{created_at.strftime('%Y%m%dT%H%M%SZ')}-{digest}"
 
 
-def router_url(spec: JobSpec, version: str | None = None) -> str:
-    return f"{spec.output.url}/router.json" if version is None else f"{spec.output.url}/routers/router-{version}.json"
-
-
 def write_router(spec: JobSpec, router: Router, *, current: bool = True) -> str:
     """Write the versioned router, then (unless `current` is off) make it current; returns the versioned URL."""
-    versioned = router_url(spec, router.version)
+    versioned = spec.output.layout.router(router.version)
     write_json(spec.output, versioned, router.to_json())
     if current:
-        write_json(spec.output, router_url(spec), router.to_json())
+        write_json(spec.output, spec.output.layout.router(), router.to_json())
     return versioned
 
 
 def load_router(spec: JobSpec) -> Router | None:
     """The current router, if one exists (spec-hash checks are the caller's: see `usable_router`)."""
-    fs, path = url_to_fs(router_url(spec), **spec.output.fsspec_options())
+    fs, path = url_to_fs(spec.output.layout.router(), **spec.output.fsspec_options())
     if not fs.exists(path):
         return None
     with fs.open(path, "rb") as handle:

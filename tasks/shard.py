@@ -28,14 +28,14 @@ from docroute.tasks.budget import FrontierBudget, release_run_budget, run_budget
 from docroute.tasks.discover import Shard
 from docroute.tasks.escalate import DeferReason, Escalation, escalate
 from docroute.tasks.frontier_batches import StagedRequest, queue_requests, write_staging
-from docroute.tasks.harvest import labels_part_url, write_labels
+from docroute.tasks.harvest import write_labels
 from docroute.tasks.infer import engines_built_by_this_thread, frontier_engine, run_engine, small_engine
 from docroute.tasks.ledger import LedgerEntry, summarise_part
 from docroute.tasks.read import SourceDocument, read_documents
 from docroute.tasks.route import RouteDecision, decide, in_audit_sample, required_parts, spec_thresholds
 from docroute.tasks.score import answers_of, part_correct
 from docroute.tasks.state import hand_over_part_state
-from docroute.tasks.write import errors_part_url, part_exists, read_parquet, results_part_url, write_parquet
+from docroute.tasks.write import part_exists, read_parquet, write_parquet
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +66,12 @@ class RunContext:
         return f"{self.run_id}/shard-{shard_index}"  # kept across the task's retries, so a retry cannot respend it
 
     def part_url(self, spec: JobSpec, shard_index: int) -> str:
-        return results_part_url(spec.output, self.plan_date or self.run_date, self.plan_id or self.run_id, shard_index)
+        return spec.output.layout.results_part(
+            self.plan_date or self.run_date, self.plan_id or self.run_id, shard_index
+        )
 
     def errors_url(self, spec: JobSpec, shard_index: int) -> str:
-        return errors_part_url(spec.output, self.plan_date or self.run_date, self.plan_id or self.run_id, shard_index)
+        return spec.output.layout.errors_part(self.plan_date or self.run_date, self.plan_id or self.run_id, shard_index)
 
 
 @dataclass(frozen=True)
@@ -319,7 +321,9 @@ def process_shard(spec: JobSpec, shard: Shard, run: RunContext) -> ShardResult:
         write_staging(spec, run.run_id, shard.index, staged)  # before the part: a committed row is never orphaned
         if spec.frontier is not None:  # every frontier answer is labeled data (issue 8); before the part, like
             # the staging above, so a part that a resumed run reuses never lacks its labels
-            labels_url = labels_part_url(spec, run.plan_date or run.run_date, run.plan_id or run.run_id, shard.index)
+            labels_url = spec.output.layout.labels_part(
+                run.plan_date or run.run_date, run.plan_id or run.run_id, shard.index
+            )
             texts = {d.doc_id: d.text for d in documents if d.text is not None}
             write_labels(spec, labels_url, table, f"{spec.frontier.provider}:{spec.frontier.model}", texts)
         write_parquet(spec.output, url, table)

@@ -15,7 +15,7 @@ import posixpath
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -26,11 +26,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from docroute.schemas.layout import OutputLayout
 from docroute.schemas.outcomes import RETRIED_OUTCOMES, legacy_outcome
 from docroute.schemas.spec import JobSpec, OutputSpec
 from docroute.tasks.discover import LISTING_SCHEMA
 from docroute.tasks.spill import BUCKET_ROWS, BucketSpill, RowSpill, bucket_count, stream_files
-from docroute.tasks.write import MANIFEST_TIME_FORMAT
 
 _REPEATED = pa.dictionary(pa.int32(), pa.string())
 """Values shared by many documents (a part's URL, a run id, a spec hash) are stored once, in memory and on disk."""
@@ -62,17 +62,9 @@ def conform_state(table: pa.Table) -> pa.Table:
     return table.select(STATE_SCHEMA.names).cast(STATE_SCHEMA)
 
 
-def manifests_dir(output: OutputSpec) -> str:
-    return f"{output.url}/manifests"
-
-
-def state_snapshot_url(output: OutputSpec, run_id: str) -> str:
-    return f"{output.url}/state/documents/state-{run_id}.parquet"
-
-
 def latest_manifest(output: OutputSpec) -> dict[str, Any] | None:
     """The newest committed run's manifest (names sort by commit time), or None before the first run."""
-    fs, root = url_to_fs(manifests_dir(output), **output.fsspec_options())
+    fs, root = url_to_fs(output.layout.manifests_dir(), **output.fsspec_options())
     fs.invalidate_cache(root)
     try:
         names = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".json"))
@@ -86,7 +78,7 @@ def latest_manifest(output: OutputSpec) -> dict[str, Any] | None:
 
 
 def _manifest_paths(output: OutputSpec) -> tuple[Any, list[str]]:
-    fs, root = url_to_fs(manifests_dir(output), **output.fsspec_options())
+    fs, root = url_to_fs(output.layout.manifests_dir(), **output.fsspec_options())
     fs.invalidate_cache(root)
     try:
         return fs, sorted(p for p in fs.ls(root, detail=False) if p.endswith(".json"))
@@ -94,14 +86,10 @@ def _manifest_paths(output: OutputSpec) -> tuple[Any, list[str]]:
         return fs, []
 
 
-def _manifest_run_id(path: str) -> str:
-    return posixpath.basename(path)[: -len(".json")].split("--", 1)[-1]
-
-
 def committed_run_ids(output: OutputSpec) -> set[str]:
     """Runs whose manifest exists: their parts are committed."""
     _, paths = _manifest_paths(output)
-    return {_manifest_run_id(p) for p in paths}
+    return {OutputLayout.manifest_run_id(p) for p in paths}
 
 
 def commits_plan(manifest: dict[str, Any], plan_id: str) -> bool:
@@ -121,17 +109,13 @@ def committed_plan_ids(output: OutputSpec, plans: dict[str, datetime]) -> set[st
     if not plans:
         return set()
     fs, paths = _manifest_paths(output)
-    committed = {_manifest_run_id(p) for p in paths} & set(plans)
+    committed = {OutputLayout.manifest_run_id(p) for p in paths} & set(plans)
     pending = {plan_id: at for plan_id, at in plans.items() if plan_id not in committed}
     if not pending:
         return committed
     oldest = min(pending.values()) - _CLOCK_SLACK
     for path in reversed(paths):
-        stamp = posixpath.basename(path).split("--", 1)[0]
-        try:
-            written = datetime.strptime(stamp, MANIFEST_TIME_FORMAT).replace(tzinfo=UTC)
-        except ValueError:
-            written = None
+        written = OutputLayout.manifest_committed_at(path)
         if written is not None and written < oldest:
             break
         manifest = json.loads(fs.cat_file(path))
@@ -379,7 +363,7 @@ def select_documents(listing: pa.Table, state: pl.DataFrame | None, spec: JobSpe
 
 def prune_snapshots(output: OutputSpec, keep: Sequence[str]) -> None:
     """Delete state snapshots other than `keep` (the one just committed, and the one before for readers mid-way)."""
-    fs, root = url_to_fs(f"{output.url}/state/documents", **output.fsspec_options())
+    fs, root = url_to_fs(output.layout.state_documents_dir(), **output.fsspec_options())
     kept = {url_to_fs(u, **output.fsspec_options())[1] for u in keep}
     fs.invalidate_cache(root)
     try:

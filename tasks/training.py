@@ -36,14 +36,10 @@ class TrainingDataError(InputError, ValueError):
     """The labels cannot support a training round; the message says what is missing."""
 
 
-def labels_root(spec: JobSpec) -> str:
-    return f"{spec.output.url}/labels"
-
-
 def read_harvested_labels(spec: JobSpec) -> pl.DataFrame:
     """Every label file under `<output>/labels/`, one frame (empty with the right columns when there are none)."""
     columns = _NEEDED + answer_columns(spec)
-    fs, root = url_to_fs(labels_root(spec), **spec.output.fsspec_options())
+    fs, root = url_to_fs(spec.output.layout.labels_dir(), **spec.output.fsspec_options())
     files = sorted(fs.glob(f"{root}/**/*.parquet")) if fs.exists(root) else []
     frames = []
     for file in files:

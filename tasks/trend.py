@@ -19,7 +19,7 @@ from docroute.tasks.state import committed_run_ids
 
 def read_run_records(spec: JobSpec) -> pl.DataFrame:
     """Every committed run's ledger row (files of runs without a manifest are left out), oldest first."""
-    fs, root = url_to_fs(f"{spec.output.url}/runs", **spec.output.fsspec_options())
+    fs, root = url_to_fs(spec.output.layout.runs_dir(), **spec.output.fsspec_options())
     fs.invalidate_cache(root)
     files = sorted(fs.glob(f"{root}/**/*.parquet")) if fs.exists(root) else []
     if not files:

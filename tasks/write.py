@@ -11,7 +11,6 @@ import os
 import posixpath
 import uuid
 from collections.abc import Callable
-from datetime import date, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -20,39 +19,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from docroute.schemas.spec import JobSpec, OutputSpec
-
-
-def results_part_url(output: OutputSpec, run_date: date, run_id: str, shard_index: int) -> str:
-    return f"{output.url}/results/run_date={run_date.isoformat()}/part-{run_id}-{shard_index:05d}.parquet"
-
-
-def errors_part_url(output: OutputSpec, run_date: date, run_id: str, shard_index: int) -> str:
-    """Where a shard's error rows are copied for triage."""
-    return f"{output.url}/errors/run_date={run_date.isoformat()}/errors-{run_id}-{shard_index:05d}.parquet"
-
-
-def batch_part_url(output: OutputSpec, run_date: date, run_id: str, batch_id: str) -> str:
-    """Where a run writes the rows a collected frontier batch answered."""
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in batch_id)
-    return f"{output.url}/results/run_date={run_date.isoformat()}/part-{run_id}-batch-{safe}.parquet"
-
-
-def costs_url(spec: JobSpec, run_date: date, run_id: str) -> str:
-    return f"{spec.output.url}/costs/run_date={run_date.isoformat()}/costs-{run_id}.parquet"
-
-
-def runs_url(spec: JobSpec, run_date: date, run_id: str) -> str:
-    return f"{spec.output.url}/runs/run_date={run_date.isoformat()}/run-{run_id}.parquet"
-
-
-MANIFEST_TIME_FORMAT = "%Y%m%dT%H%M%S%fZ"
-"""Manifest names are `<commit time>--<run id>.json`, so the listing's order is the commit order."""
-
-
-def manifest_url(spec: JobSpec, run_id: str, committed_at: datetime) -> str:
-    """Manifest names start with the commit time, so the newest committed run is the last name in the listing."""
-    return f"{spec.output.url}/manifests/{committed_at.strftime(MANIFEST_TIME_FORMAT)}--{run_id}.json"
+from docroute.schemas.spec import OutputSpec
 
 
 def atomic_write(output: OutputSpec, url: str, write: Callable[[IO[bytes]], None]) -> None:

@@ -18,9 +18,9 @@ from docroute.schemas.load import load_job
 from docroute.schemas.spec import JobSpec
 from docroute.tasks.discover import LISTING_SCHEMA
 from docroute.tasks.ledger import run_record
-from docroute.tasks.plan import Executor, RunPlan, clean_up_after_commit, make_plan, plan_url, write_plan
+from docroute.tasks.plan import Executor, RunPlan, clean_up_after_commit, make_plan, write_plan
 from docroute.tasks.report import write_ledger
-from docroute.tasks.write import manifest_url, results_part_url, write_json, write_parquet
+from docroute.tasks.write import write_json, write_parquet
 
 DAY = date(2026, 11, 30)
 
@@ -49,16 +49,16 @@ def _write_open_plan(spec: JobSpec, plan_id: str, executor: str, listing: pa.Tab
     )
     write_plan(spec.output, plan, executor)
     for shard in {int(s) for s in shards.to_pylist()}:
-        write_parquet(spec.output, results_part_url(spec.output, DAY, plan_id, shard), pa.table({"doc_id": ["x"]}))
+        write_parquet(spec.output, spec.output.layout.results_part(DAY, plan_id, shard), pa.table({"doc_id": ["x"]}))
     return plan
 
 
 def _commit(spec: JobSpec, run_id: str, plan_id: str, shards: int, *, name_the_plan: bool) -> list[str]:
-    parts = [results_part_url(spec.output, DAY, plan_id, s) for s in range(shards)]
+    parts = [spec.output.layout.results_part(DAY, plan_id, s) for s in range(shards)]
     manifest: dict[str, object] = {"run": {"run_id": run_id}, "parts": [{"url": u} for u in parts], "state": None}
     if name_the_plan:
         manifest["plan_id"] = plan_id
-    write_json(spec.output, manifest_url(spec, run_id, datetime.now(UTC) + timedelta(seconds=1)), manifest)
+    write_json(spec.output, spec.output.layout.manifest(run_id, datetime.now(UTC) + timedelta(seconds=1)), manifest)
     return parts
 
 
@@ -75,7 +75,7 @@ def test_a_plan_whose_work_a_resumed_run_committed_is_closed_not_resumed(tmp_pat
         assert plan_id in plan.obsolete_plans and not plan.obsolete_parts
         clean_up_after_commit(spec, plan, committed=[])
         assert all(Path(url).exists() for url in committed)  # committed parts stay
-        assert not Path(plan_url(spec.output, plan_id)).exists()  # the stale plan file goes
+        assert not Path(spec.output.layout.plan(plan_id)).exists()  # the stale plan file goes
 
 
 def test_an_open_plan_is_adopted_and_only_its_uncommitted_parts_can_go(tmp_path: Path) -> None:
@@ -88,18 +88,18 @@ def test_an_open_plan_is_adopted_and_only_its_uncommitted_parts_can_go(tmp_path:
         writer.write_table(listing.slice(0, 2))
     plan = make_plan(spec, [todo_file], 2, "rescuer", DAY)
     assert plan.resumed_from == "crashed" and plan.plan_id == "crashed" and plan.resumable == frozenset({0})
-    dropped = results_part_url(spec.output, DAY, "crashed", 1)
+    dropped = spec.output.layout.results_part(DAY, "crashed", 1)
     assert dropped in plan.obsolete_parts
     assert [e.run_id for e in plan.executors] == ["crashed", "rescuer"]
-    clean_up_after_commit(spec, plan, committed=[results_part_url(spec.output, DAY, "crashed", 0)])
-    assert not Path(dropped).exists() and Path(results_part_url(spec.output, DAY, "crashed", 0)).exists()
+    clean_up_after_commit(spec, plan, committed=[spec.output.layout.results_part(DAY, "crashed", 0)])
+    assert not Path(dropped).exists() and Path(spec.output.layout.results_part(DAY, "crashed", 0)).exists()
 
 
 def test_a_retried_commit_rewrites_its_manifest_instead_of_adding_one(tmp_path: Path) -> None:
     spec = _spec(tmp_path)
     now = datetime.now(UTC)
     record = run_record(spec, [], run_id="r1", run_date=DAY, started_at=now, finished_at=now, parts=0)
-    manifest = manifest_url(spec, "r1", now)
+    manifest = spec.output.layout.manifest("r1", now)
     for _ in range(3):  # Prefect retries the task after a failure that came after the manifest
         write_ledger.fn(spec, record, [], [], manifest=manifest, plan_id="r1")
     manifests = list((Path(spec.output.url) / "manifests").glob("*.json"))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import posixpath
 import random
 import signal
 import subprocess
@@ -27,6 +26,7 @@ import pytest
 from corpus import COOKING, SPORTS, WEATHER, topic_job_yaml
 from s3_server import make_bucket, s3_access_yaml
 
+from docroute.schemas.layout import OutputLayout
 from docroute.schemas.load import load_job
 from docroute.tasks.current import current_rows
 from docroute.tasks.lease import newest_lease
@@ -113,7 +113,7 @@ class Harness:
             if fs.exists(f"{root}/manifests")
             else []
         )
-        runs = [posixpath.basename(p).split("--", 1)[1] for p in manifests]
+        runs = [OutputLayout.manifest_run_id(p) for p in manifests]
         assert len(runs) == len(set(runs)), f"a run committed twice: {runs}"
         newest_state = None
         for path in manifests:

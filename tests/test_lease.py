@@ -25,7 +25,6 @@ from docroute.tasks.lease import (
     RunInProgressError,
     acquire_lease,
     force_release,
-    lease_url,
     newest_lease,
 )
 from docroute.tasks.write import create_exclusive
@@ -62,7 +61,7 @@ def _race(output: OutputSpec, url: str, contenders: int = 8) -> list[bool]:
 
 def test_create_exclusive_has_exactly_one_winner_on_a_local_disk(tmp_path: Path) -> None:
     output = _local(tmp_path)
-    url = f"{output.url}/state/leases/lease-0000000001.json"
+    url = output.layout.lease(1)
     won = _race(output, url)
     assert sum(won) == 1
     winner = won.index(True)
@@ -73,7 +72,7 @@ def test_create_exclusive_has_exactly_one_winner_on_a_local_disk(tmp_path: Path)
 def test_create_exclusive_has_exactly_one_winner_on_s3(s3_endpoint: str) -> None:
     """moto enforces `If-None-Match: *` as S3 does: the conditional PUT is what makes the lease atomic there."""
     output = _s3(s3_endpoint, "lease-race")
-    url = f"{output.url}/state/leases/lease-0000000001.json"
+    url = output.layout.lease(1)
     won = _race(output, url)
     assert sum(won) == 1
     assert not create_exclusive(output, url, b"late")
@@ -101,7 +100,7 @@ def _record(generation: int, **changes: object) -> LeaseRecord:
 
 
 def _plant(output: OutputSpec, record: LeaseRecord) -> None:
-    assert create_exclusive(output, lease_url(output, record.generation), record.model_dump_json().encode())
+    assert create_exclusive(output, output.layout.lease(record.generation), record.model_dump_json().encode())
 
 
 def _dead_pid() -> tuple[int, str | None]:

@@ -383,7 +383,6 @@ def test_an_extraction_round_fits_rankers_and_promotes_them_only_when_they_escal
     from docroute.engines.extractor import ExtractMethod
     from docroute.schemas.load import load_job
     from docroute.tasks.infer import small_engine
-    from docroute.tasks.rankers import ranker_url
 
     worked = tmp_path / "worked.jsonl"
     worked.write_text(
@@ -441,7 +440,7 @@ output: {{url: {tmp_path / "out"}}}
     for name in ("current", "candidate"):
         assert 0 <= comparison[f"{name}_escalation"] <= 1 and 0 <= comparison[f"{name}_accuracy"] <= 1
     assert result["promoted"] == (comparison["candidate_escalation"] < comparison["current_escalation"])
-    assert Path(ranker_url(spec, result["version"])).is_file()
+    assert Path(spec.output.layout.ranker(result["version"])).is_file()
     router = json.loads((tmp_path / "out" / "router.json").read_text()) if result["promoted"] else None
     if router is not None:  # promoted: the next run's engine answers fields with the promoted rankers
         assert router["head_version"] == result["version"]
