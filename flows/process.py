@@ -22,8 +22,7 @@ from prefect.utilities.annotations import quote
 from docroute.engines.classify_choice import describe
 from docroute.flows.runners import shard_task_options, shard_task_runner
 from docroute.schemas.load import load_job
-from docroute.schemas.outcomes import RouteOutcome
-from docroute.schemas.rows import ResultRow, rows_to_table
+from docroute.schemas.rows import rows_to_table
 from docroute.schemas.spec import JobSpec
 from docroute.tasks.budget import AllowanceBook, release_run_budget
 from docroute.tasks.discover import Shard, discover_documents
@@ -31,8 +30,8 @@ from docroute.tasks.frontier_batches import collect_frontier_batches, submit_fro
 from docroute.tasks.infer import require_concurrency_limit, settle_classifier_choice
 from docroute.tasks.lease import OutputLease, acquire_lease
 from docroute.tasks.ledger import merge_entries, run_record
+from docroute.tasks.outcome import failed_shard_rows
 from docroute.tasks.plan import clean_up_after_commit, make_plan, write_plan
-from docroute.tasks.read import document_id
 from docroute.tasks.report import start_progress, update_progress, write_ledger
 from docroute.tasks.router import usable_router
 from docroute.tasks.scratch import run_scratch, sweep_stale_scratch
@@ -56,22 +55,7 @@ def _run_id() -> str:
 
 def failed_shard_result(spec: JobSpec, shard: Shard, run: RunContext, reason: str) -> ShardResult:
     """Write one error row per file of a shard that failed for good, so its documents are not lost."""
-    now = datetime.now(UTC)
-    rows = [
-        ResultRow(
-            doc_id=document_id(ref.uri),
-            source_uri=ref.uri,
-            source_etag=ref.etag,
-            run_id=run.run_id,
-            spec_hash=spec.spec_hash(),
-            processed_at=now,
-            route="error",
-            route_reason=f"shard failed after retries: {reason}",
-            route_outcome=RouteOutcome.SHARD_FAILED,
-            error=f"shard failed after retries: {reason}",
-        )
-        for ref in shard.refs
-    ]
+    rows = failed_shard_rows(spec, shard.refs, run.run_id, reason)
     table = rows_to_table(rows, spec)
     url = run.part_url(spec, shard.index)
     write_parquet(spec.output, url, table)

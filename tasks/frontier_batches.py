@@ -30,6 +30,7 @@ from docroute.schemas.spec import JobSpec
 from docroute.tasks.budget import FrontierBudget
 from docroute.tasks.escalate import DeferReason, Escalation, budget_exhausted_message
 from docroute.tasks.ledger import summarise_part
+from docroute.tasks.outcome import finish_escalated
 from docroute.tasks.write import write_json, write_parquet
 
 _BATCH_FRONTIERS: dict[str, Any] = {}
@@ -168,7 +169,6 @@ class CollectedBatch:
 def collect_frontier_batches(spec: JobSpec, run_id: str, run_date: Any) -> list[CollectedBatch]:
     """Collect every finished batch: rewrite its rows with the frontier's answers into this run's results."""
     from docroute.tasks.harvest import write_labels
-    from docroute.tasks.shard import finish_escalated
 
     fs, root = url_to_fs(spec.output.layout.frontier_batches(), **spec.output.fsspec_options())
     if not fs.exists(root):

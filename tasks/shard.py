@@ -11,7 +11,8 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime
+from datetime import date
+from functools import partial
 from typing import Any
 
 import pyarrow as pa
@@ -19,21 +20,21 @@ import pyarrow.compute as pc
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from docroute.engines.base import Prediction, Request
+from docroute.engines.base import Request
 from docroute.engines.classify_choice import describe
 from docroute.schemas.outcomes import RouteOutcome
-from docroute.schemas.rows import ResultRow, answer_json, rows_to_table
+from docroute.schemas.rows import ResultRow, rows_to_table
 from docroute.schemas.spec import JobSpec
 from docroute.tasks.budget import FrontierBudget, release_run_budget, run_budget
 from docroute.tasks.discover import Shard
-from docroute.tasks.escalate import DeferReason, Escalation, escalate
+from docroute.tasks.escalate import Escalation, escalate
 from docroute.tasks.frontier_batches import StagedRequest, queue_requests, write_staging
 from docroute.tasks.harvest import write_labels
 from docroute.tasks.infer import engines_built_by_this_thread, frontier_engine, run_engine, small_engine
 from docroute.tasks.ledger import LedgerEntry, summarise_part
+from docroute.tasks.outcome import apply_audit, apply_small, base_row, finish_escalated, is_audited
 from docroute.tasks.read import SourceDocument, read_documents
-from docroute.tasks.route import RouteDecision, decide, in_audit_sample, required_parts, spec_thresholds
-from docroute.tasks.score import answers_of, part_correct
+from docroute.tasks.route import RouteDecision, decide, spec_thresholds
 from docroute.tasks.state import hand_over_part_state
 from docroute.tasks.write import part_exists, read_parquet, write_parquet
 
@@ -98,129 +99,6 @@ class ShardResult:
         return sum(entry.cost_usd for entry in self.entries if entry.role == "frontier")
 
 
-def _base_row(
-    doc: SourceDocument, spec_hash: str, run: RunContext, route: str, *, reason: str, outcome: RouteOutcome
-) -> ResultRow:
-    return ResultRow(
-        doc_id=doc.doc_id,
-        source_uri=doc.uri,
-        record_key=doc.record_key,
-        content_sha256=doc.content_sha256,
-        source_etag=doc.etag,
-        doc_format=doc.format,
-        run_id=run.run_id,
-        spec_hash=spec_hash,
-        processed_at=datetime.now(UTC),
-        route=route,
-        route_reason=reason,
-        route_outcome=outcome,
-        input_chars=len(doc.text) if doc.text is not None else None,
-        router_version=run.router_version,
-    )
-
-
-def _apply_small(row: ResultRow, small: Prediction, spec: JobSpec) -> None:
-    row.small_model = small.model
-    row.label, row.label_confidence = small.label, small.label_confidence
-    row.fields, row.field_confidences = dict(small.fields), dict(small.field_confidences)
-    row.small_answer = answer_json(small.label, small.label_confidence, small.fields, small.field_confidences)
-    row.small_input_tokens = small.usage.input_tokens
-    row.small_output_tokens = small.usage.output_tokens
-    row.engine_seconds = small.engine_seconds
-    row.small_cost_usd = spec.small_cost_usd(small.engine_seconds, small.encoder_tokens)
-    row.truncated = small.truncated
-
-
-_DEFERRED_OUTCOMES = {
-    DeferReason.BUDGET_EXHAUSTED: RouteOutcome.BUDGET_EXHAUSTED,
-    DeferReason.SECOND_CALL_OVER_BUDGET: RouteOutcome.SECOND_CALL_OVER_BUDGET,
-    DeferReason.QUEUED: RouteOutcome.QUEUED,
-}
-
-
-def finish_escalated(row: ResultRow, outcome: Escalation | None, decision_reason: str, has_small: bool) -> None:
-    """Fill a row the small model did not settle, from the frontier's outcome.
-
-    A row without a small-model answer stays an error (retried: `SMALL_MODEL_FAILED`) unless the frontier answers
-    it, except while it waits in a frontier batch: then it is deferred (`QUEUED`), so no later run queues it again
-    before the batch's answer is collected.
-    """
-    if outcome is None:  # no frontier configured
-        if has_small:
-            row.route, row.route_reason = "deferred", f"{decision_reason}; no frontier configured"
-            row.route_outcome = RouteOutcome.NO_FRONTIER
-            row.final_model = row.small_model
-        else:
-            row.route, row.route_outcome = "error", RouteOutcome.SMALL_MODEL_FAILED
-        return
-    if outcome.deferred_reason is not None:
-        waiting = has_small or outcome.queued
-        row.route, row.route_reason = (
-            ("deferred" if waiting else "error"),
-            f"{decision_reason}; {outcome.deferred_reason}",
-        )
-        row.route_outcome = (
-            _DEFERRED_OUTCOMES[outcome.reason] if outcome.reason is not None else RouteOutcome.BUDGET_EXHAUSTED
-        )
-        row.final_model = row.small_model if has_small else None
-        if not waiting:
-            row.error = row.route_reason
-        return
-    frontier = outcome.prediction
-    assert frontier is not None
-    row.frontier_input_tokens = frontier.usage.input_tokens
-    row.frontier_output_tokens = frontier.usage.output_tokens
-    row.frontier_cost_usd = outcome.cost_usd
-    row.truncated = row.truncated or frontier.truncated
-    if frontier.ok:
-        row.route, row.route_reason = "frontier", f"{decision_reason}; answered by the frontier"
-        row.route_outcome = RouteOutcome.ANSWERED_BY_FRONTIER
-        row.final_model = frontier.model
-        row.label = frontier.label
-        row.fields = dict(frontier.fields)
-        return
-    if frontier.retryable and has_small:
-        row.route = "deferred"
-        row.route_reason = f"{decision_reason}; frontier call failed, will retry: {frontier.error}"
-        row.route_outcome = RouteOutcome.FRONTIER_RETRYABLE
-        row.final_model = row.small_model
-        return
-    row.route, row.error = "error", f"frontier failed: {frontier.error}"
-    row.route_reason = f"{decision_reason}; {row.error}"
-    # without a small answer the small model's failure is the cause, and it is retried; with one, the frontier's
-    row.route_outcome = RouteOutcome.FRONTIER_FAILED if has_small else RouteOutcome.SMALL_MODEL_FAILED
-    row.final_model = None
-    row.label, row.fields = None, {}
-
-
-def is_audited(spec: JobSpec, doc_id: str) -> bool:
-    """Pick a stable `audit_fraction` of documents: the same ones on every run and in every shard."""
-    if spec.frontier is None or spec.frontier.mode == "batch":
-        return False
-    return in_audit_sample(doc_id, spec.routing.audit_fraction)
-
-
-def apply_audit(spec: JobSpec, row: ResultRow, outcome: Escalation | None, small: Prediction) -> None:
-    """Record whether the frontier agrees with a kept answer; where it disagrees, the row takes its answer."""
-    if outcome is None or outcome.prediction is None or not outcome.prediction.ok:
-        return  # no budget, or the frontier failed: the kept answer stands, unaudited
-    frontier = outcome.prediction
-    row.audited = True
-    row.frontier_input_tokens = frontier.usage.input_tokens
-    row.frontier_output_tokens = frontier.usage.output_tokens
-    row.frontier_cost_usd = outcome.cost_usd
-    agrees = all(part_correct(spec, part, small, answers_of(frontier)) for part in required_parts(spec))
-    row.audit_agrees = agrees
-    if not agrees:
-        row.route, row.final_model = "frontier", frontier.model
-        row.route_reason = f"{row.route_reason}; audit: the frontier disagreed and its answer was taken"
-        row.route_outcome = RouteOutcome.AUDIT_DISAGREED
-        row.label, row.fields = frontier.label, dict(frontier.fields)
-    else:
-        row.route_reason = f"{row.route_reason}; audit: the frontier agreed"
-        row.route_outcome = RouteOutcome.AUDIT_AGREED
-
-
 def answer_documents(
     spec: JobSpec, run: RunContext, documents: Sequence[SourceDocument], part_url: str = "", shard_index: int = 0
 ) -> tuple[list[ResultRow], list[StagedRequest]]:
@@ -229,12 +107,16 @@ def answer_documents(
     Also returns the escalations queued for a frontier batch (batch mode), which the caller persists.
     """
     rows: dict[str, ResultRow] = {}
-    spec_hash = spec.spec_hash()  # hashing the spec is a JSON dump: once per shard, not per row
+    # hashing the spec is a JSON dump: once per shard, not per row
+    new_row = partial(base_row, spec_hash=spec.spec_hash(), run_id=run.run_id, router_version=run.router_version)
     readable = [d for d in documents if d.ok]
     for doc in documents:
         if not doc.ok:
-            row = _base_row(
-                doc, spec_hash, run, "error", reason=doc.error or "unreadable", outcome=RouteOutcome.UNREADABLE
+            row = new_row(
+                doc,
+                route="error",
+                reason=doc.error or "unreadable",
+                outcome=RouteOutcome.UNREADABLE,
             )
             row.error, row.error_code = doc.error, doc.error_code
             rows[doc.doc_id] = row
@@ -245,14 +127,24 @@ def answer_documents(
         prediction = small[doc.doc_id]
         if not prediction.ok:
             reason = f"small model failed: {prediction.error}"
-            row = _base_row(doc, spec_hash, run, "error", reason=reason, outcome=RouteOutcome.SMALL_MODEL_FAILED)
+            row = new_row(
+                doc,
+                route="error",
+                reason=reason,
+                outcome=RouteOutcome.SMALL_MODEL_FAILED,
+            )
             row.small_model, row.error = prediction.model, f"small model failed: {prediction.error}"
             rows[doc.doc_id] = row
             escalated.append((doc, RouteDecision(True, None, row.route_reason)))
             continue
         decision = decide(prediction, run.thresholds or spec_thresholds(spec))
-        row = _base_row(doc, spec_hash, run, "small", reason=decision.reason, outcome=RouteOutcome.KEPT)
-        _apply_small(row, prediction, spec)
+        row = new_row(
+            doc,
+            route="small",
+            reason=decision.reason,
+            outcome=RouteOutcome.KEPT,
+        )
+        apply_small(row, prediction, spec)
         row.confidence = decision.confidence
         rows[doc.doc_id] = row
         if decision.escalate:

@@ -11,7 +11,7 @@ from docroute.schemas.outcomes import RETRIED_OUTCOMES, RouteOutcome, legacy_out
 from docroute.schemas.rows import ResultRow
 from docroute.tasks.escalate import DeferReason, Escalation
 from docroute.tasks.frontier_batches import QUEUED
-from docroute.tasks.shard import finish_escalated
+from docroute.tasks.outcome import finish_escalated
 from docroute.tasks.state import state_of_part
 
 
@@ -96,3 +96,24 @@ def test_every_way_a_row_is_finished_sets_its_outcome() -> None:
         )
         finish_escalated(row, outcome, "low confidence", has_small)
         assert (row.route, row.route_outcome) == (route, expected), (outcome, has_small)
+
+
+def test_a_shard_that_failed_for_good_still_gives_every_file_a_row_retried_later() -> None:
+    from docroute.schemas.spec import JobSpec
+    from docroute.tasks.discover import DocumentRef
+    from docroute.tasks.outcome import failed_shard_rows
+
+    spec = JobSpec.model_validate(
+        {
+            "name": "j",
+            "source": {"url": "/in"},
+            "task": {"classify": {"labels": [{"name": "a"}, {"name": "b"}]}},
+            "output": {"url": "/out"},
+        }
+    )
+    refs = [DocumentRef(uri=f"file:///in/{i}.txt", path=f"/in/{i}.txt", size=3, etag=f"e{i}") for i in range(3)]
+    rows = failed_shard_rows(spec, refs, "run-1", "OSError: disk full")
+    assert [r.source_uri for r in rows] == [ref.uri for ref in refs]
+    assert {(r.route, r.route_outcome) for r in rows} == {("error", RouteOutcome.SHARD_FAILED)}
+    assert all(r.error == "shard failed after retries: OSError: disk full" for r in rows)
+    assert RouteOutcome.SHARD_FAILED in RETRIED_OUTCOMES
