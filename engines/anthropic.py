@@ -41,6 +41,7 @@ from docroute.engines.base import (
     Prediction,
     Request,
     Usage,
+    one_line,
     redact,
 )
 from docroute.engines.loop_thread import AsyncClientEngine, FinalAnswerError
@@ -90,11 +91,6 @@ class _FinalAnswerError(FinalAnswerError):
 
 class _CutShortError(AnswerError):
     """An answer cut at its schema's length bound, below max_output_tokens: asking with the full limit may do."""
-
-
-def _short(text: str) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= _ERROR_CHARS else flat[: _ERROR_CHARS - 1] + "…"
 
 
 def _usage_of(message: Any) -> Usage:
@@ -249,7 +245,10 @@ class AnthropicEngine(AsyncClientEngine[AsyncAnthropic]):
         try:
             self._read(message, prediction)
         except AnswerError as exc:
-            prediction.error, prediction.retryable = f"invalid answer from {self.role}: {_short(str(exc))}", False
+            prediction.error, prediction.retryable = (
+                f"invalid answer from {self.role}: {_brief(str(exc))}",
+                False,
+            )
         except _FinalAnswerError as exc:
             prediction.error, prediction.retryable = str(exc), False
         if prediction.error is not None:
@@ -300,7 +299,7 @@ class AnthropicEngine(AsyncClientEngine[AsyncAnthropic]):
             log.debug("%s: answer cut at %d tokens, asking again with more", self.name, self.answer_tokens)
             kind, turns = ExchangeKind.WIDEN, []
         except AnswerError as exc:
-            reason = _short(str(exc))
+            reason = _brief(str(exc))
             repair = self._repair_turns(message, reason)
             if repair is None:
                 raise _FinalAnswerError(
@@ -313,7 +312,7 @@ class AnthropicEngine(AsyncClientEngine[AsyncAnthropic]):
         try:
             self._read(message, prediction, self._output_limit(kind))
         except AnswerError as exc:
-            prediction.error = f"invalid answer from {self.role}: {_short(str(exc))}"
+            prediction.error = f"invalid answer from {self.role}: {_brief(str(exc))}"
             prediction.retryable = False
 
     def _output_limit(self, kind: ExchangeKind) -> int:
@@ -390,7 +389,7 @@ class AnthropicEngine(AsyncClientEngine[AsyncAnthropic]):
             details = getattr(message, "stop_details", None)
             explanation = getattr(details, "explanation", None) if details is not None else None
             category = getattr(details, "category", None) if details is not None else None
-            said = f" ({category}): {_short(str(explanation))}" if explanation else f" ({category})" if category else ""
+            said = f" ({category}): {_brief(str(explanation))}" if explanation else f" ({category})" if category else ""
             raise _FinalAnswerError(f"{self.role} refused to answer{said}")
         if stop == "max_tokens":
             # a tool input cut short can still parse, minus the fields it never reached: never accept it
@@ -430,7 +429,7 @@ class AnthropicEngine(AsyncClientEngine[AsyncAnthropic]):
         else:
             retryable = False
             detail = str(exc)
-        return f"{type(exc).__name__}: {_short(redact(detail, self._api_key))}", retryable
+        return f"{type(exc).__name__}: {_brief(redact(detail, self._api_key))}", retryable
 
 
 def engine_from_frontier_spec(spec: FrontierSpec, task: TaskSpec) -> AnthropicEngine:
@@ -455,3 +454,7 @@ def engine_from_frontier_spec(spec: FrontierSpec, task: TaskSpec) -> AnthropicEn
         max_input_tokens=spec.max_input_tokens,
         extra_body=getattr(spec, "extra_body", None) or None,
     )
+
+
+def _brief(text: str) -> str:
+    return one_line(text, _ERROR_CHARS)

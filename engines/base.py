@@ -146,6 +146,16 @@ _WORDS = re.compile(r"[A-Za-z0-9_\-]{8,}")
 _KEY_OVERLAP = 8
 
 
+def one_line(text: str, limit: int) -> str:
+    """Whitespace collapsed and the text cut to `limit` characters with an ellipsis.
+
+    Error messages and prompts quote what a server or a document said; this keeps such a quote one readable line of
+    bounded length, the same way everywhere.
+    """
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "…"
+
+
 def redact(text: str, secret: str | None) -> str:
     """Remove a secret, any 8+ character piece of it, and anything shaped like an API key or bearer token.
 

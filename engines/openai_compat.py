@@ -32,7 +32,8 @@ from docroute.engines.base import (
     Prediction,
     Request,
     Usage,
-    redact,  # lived here before engines/base.py; still importable from this module
+    one_line,
+    redact,  # lived here before engines/base.py; still importable from this module,
 )
 from docroute.engines.loop_thread import AsyncClientEngine, FinalAnswerError
 from docroute.engines.openai_failure import sdk_failure
@@ -76,11 +77,6 @@ class _CutShortError(AnswerError):
 def is_openai_reasoning_model(model: str) -> bool:
     """Say whether an OpenAI model is a reasoning model (o-series, gpt-5), which rejects temperature != 1."""
     return bool(_OPENAI_REASONING.match(model))
-
-
-def _short(text: str) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= _ERROR_CHARS else flat[: _ERROR_CHARS - 1] + "…"
 
 
 def _usage_of(completion: Any) -> Usage:
@@ -243,14 +239,14 @@ class OpenAICompatibleEngine(AsyncClientEngine[AsyncOpenAI]):
             again = [
                 *messages,
                 {"role": "assistant", "content": _content_of(completion)},
-                {"role": "user", "content": INVALID_ANSWER_FEEDBACK.format(reason=_short(str(exc)))},
+                {"role": "user", "content": INVALID_ANSWER_FEEDBACK.format(reason=_brief(str(exc)))},
             ]
         completion = await self._complete(client, again, gate=gate, request_id=prediction.id, kind=kind)
         prediction.usage += _usage_of(completion)
         try:
             self._read(completion, prediction, self._output_limit(kind))
         except AnswerError as exc:
-            prediction.error = f"invalid answer from {self.role}: {_short(str(exc))}"
+            prediction.error = f"invalid answer from {self.role}: {_brief(str(exc))}"
             prediction.retryable = False
 
     def _output_limit(self, kind: ExchangeKind) -> int:
@@ -282,7 +278,7 @@ class OpenAICompatibleEngine(AsyncClientEngine[AsyncOpenAI]):
         try:
             self._read(completion, prediction)
         except AnswerError as exc:
-            prediction.error = f"invalid answer from {self.role}: {_short(str(exc))}"
+            prediction.error = f"invalid answer from {self.role}: {_brief(str(exc))}"
             prediction.retryable = False
         except _FinalAnswerError as exc:
             prediction.error = str(exc)
@@ -318,7 +314,7 @@ class OpenAICompatibleEngine(AsyncClientEngine[AsyncOpenAI]):
         choice = choices[0]
         refusal = getattr(choice.message, "refusal", None)
         if refusal:
-            raise _FinalAnswerError(f"{self.role} refused to answer: {_short(str(refusal))}")
+            raise _FinalAnswerError(f"{self.role} refused to answer: {_brief(str(refusal))}")
         if choice.finish_reason == "content_filter":
             raise _FinalAnswerError(f"{self.role} answer withheld by the provider's content filter")
         content = choice.message.content or ""
@@ -351,7 +347,7 @@ class OpenAICompatibleEngine(AsyncClientEngine[AsyncOpenAI]):
     def _transport_error(self, exc: openai.OpenAIError) -> tuple[str, bool]:
         """Describe a failure the SDK gave up on, without secrets, and say whether a later try may succeed."""
         failure = sdk_failure(exc)
-        return f"{type(exc).__name__}: {_short(redact(failure.message, self._api_key))}", failure.retryable
+        return f"{type(exc).__name__}: {_brief(redact(failure.message, self._api_key))}", failure.retryable
 
 
 def engine_from_frontier_spec(spec: FrontierSpec, task: TaskSpec) -> OpenAICompatibleEngine:
@@ -403,3 +399,7 @@ def engine_from_small_spec(spec: OpenAICompatibleSmallSpec, task: TaskSpec) -> O
         schema_style="json_object" if spec.server == "llamacpp" else "json_schema",
         bound_output_by_schema=False,  # no budget meters the small model: keep its own limit
     )
+
+
+def _brief(text: str) -> str:
+    return one_line(text, _ERROR_CHARS)

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from json.decoder import scanstring
 from typing import Any
 
+from docroute.engines.base import one_line
 from docroute.schemas.errors import DocrouteError
 from docroute.schemas.spec import FieldSpec, TaskSpec
 from docroute.schemas.values import ValueCoercionError, coerce_value, match_choice, to_json_value
@@ -133,11 +134,6 @@ def answer_schema(task: TaskSpec) -> dict[str, Any]:
 # messages
 
 
-def _one_line(text: str, limit: int) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "…"
-
-
 def neutralise_delimiters(text: str) -> str:
     """Rewrite literal <document>/</document> tags inside a document so it cannot close its own wrapper."""
     return _DELIMITER.sub(lambda m: "[/document]" if m.group(1) else "[document]", text)
@@ -184,7 +180,7 @@ def _system_prompt(task: TaskSpec) -> str:
                 entry += f": {label.description.strip()}"
             lines.append(entry)
             for example in label.examples[:_MAX_LABEL_EXAMPLES]:
-                shown = json.dumps(_one_line(example, _LABEL_EXAMPLE_CHARS), ensure_ascii=False)
+                shown = json.dumps(one_line(example, _LABEL_EXAMPLE_CHARS), ensure_ascii=False)
                 lines.append(f"    example: {shown}")
         if task.classify.instructions.strip():
             lines.append(task.classify.instructions.strip())
@@ -242,7 +238,7 @@ def _load_json(payload: str) -> Any:
     try:
         return json.loads(candidate)
     except json.JSONDecodeError as exc:
-        shown = _one_line(text, 60)
+        shown = one_line(text, 60)
         raise AnswerError(f"not valid JSON ({exc.msg} at position {exc.pos}): {shown!r}") from None
 
 

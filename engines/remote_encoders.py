@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from docroute.engines.base import PLACEHOLDER_API_KEY, EngineError, EngineUnavailableError, redact
+from docroute.engines.base import PLACEHOLDER_API_KEY, EngineError, EngineUnavailableError, one_line, redact
 from docroute.engines.encoders import Encoded
 from docroute.engines.prompts import truncate_text_to_tokens
 from docroute.engines.vllm import import_vllm, require_gpu
@@ -51,11 +51,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _ERROR_CHARS = 300
-
-
-def _short(text: str) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= _ERROR_CHARS else flat[: _ERROR_CHARS - 1] + "…"
 
 
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
@@ -185,7 +180,7 @@ def read_embedding_outputs(outputs: Sequence[Any], sent: Sequence[Sequence[int]]
     for output, ids in zip(outputs, sent, strict=True):
         error = getattr(output, "error", None)
         if error is not None:
-            raise EngineError(f"vLLM could not embed a text: {_short(str(getattr(error, 'message', error)))}")
+            raise EngineError(f"vLLM could not embed a text: {_brief(str(getattr(error, 'message', error)))}")
         pooled = getattr(output, "outputs", None)
         data = getattr(pooled, "embedding", None)
         if data is None:
@@ -248,7 +243,7 @@ class VllmEmbeddingRuntime:
             try:
                 outputs = self.llm.embed([{"prompt_token_ids": ids} for ids in prompts], use_tqdm=False)
             except ValueError as exc:  # e.g. the model's pooler offers no "embed" task
-                raise EngineError(f"vLLM could not embed with this model: {_short(str(exc))}") from exc
+                raise EngineError(f"vLLM could not embed with this model: {_brief(str(exc))}") from exc
             return list(outputs), time.perf_counter() - started
 
 
@@ -554,5 +549,9 @@ class OpenAICompatibleEncoder:
             f"{type(exc).__name__}: {detail}"
         )
         return EmbeddingsRequestError(
-            _short(redact(message, self._api_key)), retryable=failure.retryable, status=failure.status
+            _brief(redact(message, self._api_key)), retryable=failure.retryable, status=failure.status
         )
+
+
+def _brief(text: str) -> str:
+    return one_line(text, _ERROR_CHARS)

@@ -36,7 +36,7 @@ from docroute.engines.calibration import expected_calibration_error, fit_calibra
 from docroute.flows.process import with_output
 from docroute.schemas.candidates import JOB_CANDIDATE, SmallModelCandidate, load_candidates
 from docroute.schemas.load import load_job
-from docroute.schemas.pricing import ModelPrice, UnknownModelPriceError, lookup_price
+from docroute.schemas.pricing import ModelPrice, UnknownModelPriceError, format_usd, lookup_price
 from docroute.schemas.spec import JobSpec, SmallModelSpec
 from docroute.tasks.budget import release_run_budget
 from docroute.tasks.certify import Certificate, certify_parts, guarantee_of
@@ -179,10 +179,6 @@ class CandidateVerdict:
         }
 
 
-def _usd(value: float) -> str:
-    return f"${value:.4g}"
-
-
 def judge_candidates(
     measurements: Sequence[CandidateMeasurement], *, target_accuracy: float, delta: float
 ) -> list[CandidateVerdict]:
@@ -203,9 +199,10 @@ def judge_candidates(
             verdicts.append(CandidateVerdict(m, CandidateOutcome.MISSES_TARGET, why))
         elif m is winner:
             why = (
-                f"the cheapest of the {len(meeting)} candidate(s) that meet the target: {_usd(m.cost_per_1000 or 0.0)} "
-                f"per 1,000 documents (small {_usd(m.small_cost_per_1000 or 0.0)} + frontier "
-                f"{_usd(m.frontier_cost_per_1000 or 0.0)}), escalating {m.escalation_rate or 0.0:.1%}"
+                f"the cheapest of the {len(meeting)} candidate(s) that meet the target: "
+                f"{format_usd(m.cost_per_1000 or 0.0)} per 1,000 documents "
+                f"(small {format_usd(m.small_cost_per_1000 or 0.0)} + frontier "
+                f"{format_usd(m.frontier_cost_per_1000 or 0.0)}), escalating {m.escalation_rate or 0.0:.1%}"
             )
             verdicts.append(CandidateVerdict(m, CandidateOutcome.CHOSEN, why))
         else:
@@ -213,12 +210,14 @@ def judge_candidates(
             cost = m.cost_per_1000 or 0.0
             if cost > winner.cost_per_1000:
                 why = (
-                    f"meets the target but costs {_usd(cost)} per 1,000 documents, "
-                    f"{_usd(cost - winner.cost_per_1000)} more than {winner.name} ({_usd(winner.cost_per_1000)})"
+                    f"meets the target but costs {format_usd(cost)} per 1,000 documents, "
+                    f"{format_usd(cost - winner.cost_per_1000)} more than {winner.name} "
+                    f"({format_usd(winner.cost_per_1000)})"
                 )
             else:  # a tie: the earlier candidate (the job's own model first) keeps its place
                 why = (
-                    f"meets the target at the same {_usd(cost)} per 1,000 documents as {winner.name}, listed before it"
+                    f"meets the target at the same {format_usd(cost)} per 1,000 documents as {winner.name}, "
+                    "listed before it"
                 )
             verdicts.append(CandidateVerdict(m, CandidateOutcome.DEARER, why))
     return verdicts
@@ -308,7 +307,7 @@ def _candidates_summary(result: Mapping[str, Any]) -> str:
         "",
         f"Cost per 1,000 documents: small compute (engine seconds × `usd_per_hour`, plus paid encoder tokens) plus "
         f"the frontier ({result['frontier_model']}, list price) for the rows each router escalates; all-frontier "
-        f"{_usd(result['all_frontier_cost_per_1000'])}.",
+        f"{format_usd(result['all_frontier_cost_per_1000'])}.",
         "",
         "| candidate | small model | strategy | small-only accuracy | escalation | small /1k | frontier /1k "
         "| total /1k | verdict | why |",
@@ -382,7 +381,7 @@ def _calibrate_candidates(
                 name,
                 measurement.accuracy,
                 measurement.escalation_rate,
-                _usd(measurement.cost_per_1000 or 0.0),
+                format_usd(measurement.cost_per_1000 or 0.0),
                 "" if measurement.meets_target else " (misses the target)",
             )
     finally:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from docroute.engines.calibration import expected_calibration_error, reliability_table
+from docroute.schemas.pricing import format_usd
 from docroute.tasks.certify import GUARANTEES, Procedure, Unit, certify_parts
 
 ECE_BINS = 10
@@ -537,9 +538,7 @@ def _pct(value: float | None) -> str:
 
 
 def _money(value: float | None) -> str:
-    if value is None:
-        return "—"
-    return f"${value:,.2f}" if abs(value) >= 1 else f"${value:.4g}"
+    return "—" if value is None else format_usd(value)
 
 
 def _savings(value: float | None) -> str:

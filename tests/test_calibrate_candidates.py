@@ -206,6 +206,6 @@ def test_judging_ties_go_to_the_earlier_candidate_and_unscorable_ones_say_why() 
         CandidateOutcome.MISSES_TARGET,
         CandidateOutcome.UNAVAILABLE,
     ]
-    assert "same $0.3 per 1,000 documents as job" in verdicts[1].why
+    assert "same $0.30 per 1,000 documents as job" in verdicts[1].why
     assert "label" in verdicts[2].why and "connection refused" in verdicts[3].why
     assert verdicts[3].to_json()["cost_per_1000"] is None and not verdicts[3].to_json()["meets_target"]
