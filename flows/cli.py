@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from importlib.resources import as_file, files
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -81,14 +83,25 @@ def _check_job_and_start_api(job: Path) -> ApiStart:
     return start_ephemeral_api_early()
 
 
+@contextlib.contextmanager
+def _flow_run_of_this_process(api: ApiStart) -> Iterator[None]:
+    """Wait for the API, then let the flow run created inside name this process, so that a later run on this
+    machine can mark it Crashed if the process is killed (flows/run_liveness.py)."""
+    from docroute.flows.run_liveness import tagged_with_this_process
+
+    api.wait()
+    with tagged_with_this_process():
+        yield
+
+
 def _run(job: Path, output: str | None = None, full_refresh: bool = False) -> dict[str, Any]:
     api = _check_job_and_start_api(job)
     from docroute.flows.process import process_documents
     from docroute.tasks.lease import LeaseLostError, RunInProgressError
 
-    api.wait()
     try:
-        return process_documents(str(job), output=output, full_refresh=full_refresh)
+        with _flow_run_of_this_process(api):
+            return process_documents(str(job), output=output, full_refresh=full_refresh)
     except (RunInProgressError, LeaseLostError) as exc:  # another run owns the output: say so, in one line
         typer.echo(f"docroute: {exc}", err=True)
         raise typer.Exit(3) from None
@@ -190,16 +203,16 @@ def calibrate(
 
     from docroute.flows.calibrate import calibrate as calibrate_flow
 
-    api.wait()
-    result = calibrate_flow(
-        str(job),
-        labels=labels,
-        oracle=oracle,
-        sample=sample,
-        output=output,
-        candidates=str(candidates) if candidates is not None else None,
-        frontier_model=frontier_model,
-    )
+    with _flow_run_of_this_process(api):
+        result = calibrate_flow(
+            str(job),
+            labels=labels,
+            oracle=oracle,
+            sample=sample,
+            output=output,
+            candidates=str(candidates) if candidates is not None else None,
+            frontier_model=frontier_model,
+        )
     router = result["router"]
     console = Console(soft_wrap=True)
     console.print(
@@ -229,8 +242,8 @@ def train(
 
     from docroute.flows.train import train as train_flow
 
-    api.wait()
-    result = train_flow(str(job), output=output, min_holdout=min_holdout)
+    with _flow_run_of_this_process(api):
+        result = train_flow(str(job), output=output, min_holdout=min_holdout)
     console = Console(soft_wrap=True)
     console.print(
         f"round {result['version']}: {result['harvested']} labels ({result['distinct']} distinct), trained on "
@@ -256,10 +269,10 @@ def evaluate(
     api = _check_job_and_start_api(job)
     from docroute.flows.evaluate import evaluate_job
 
-    api.wait()
-    result = evaluate_job(
-        str(job), labels=labels, report=str(report), frontier=frontier, frontier_model=frontier_model, output=output
-    )
+    with _flow_run_of_this_process(api):
+        result = evaluate_job(
+            str(job), labels=labels, report=str(report), frontier=frontier, frontier_model=frontier_model, output=output
+        )
     metrics = result["metrics"]
     routed = metrics["routed"]
     typer.echo(

@@ -20,6 +20,7 @@ from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
 from docroute.engines.classify_choice import describe
+from docroute.flows.run_liveness import mark_dead_runs_crashed
 from docroute.flows.runners import shard_task_options, shard_task_runner
 from docroute.schemas.load import load_job
 from docroute.schemas.rows import rows_to_table
@@ -84,6 +85,8 @@ def run_job(spec: JobSpec, *, full_refresh: bool = False) -> dict[str, Any]:
         )
     if swept := sweep_stale_scratch():
         logger.info("removed %d scratch folder(s) that killed runs left behind", swept)
+    if crashed := mark_dead_runs_crashed(current=flow_run.get_id()):
+        logger.warning("marked %d flow run(s) Crashed whose process on this machine had died", crashed)
     outcome = "failed"
     try:
         with run_scratch() as scratch:

@@ -26,22 +26,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import posixpath
-import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from pathlib import Path
 
 from fsspec.core import url_to_fs
 from pydantic import BaseModel, ConfigDict
 
 from docroute.schemas.errors import StateError
 from docroute.schemas.spec import OutputSpec
+from docroute.tasks.process_identity import ProcessIdentity, process_started
 from docroute.tasks.write import atomic_write, create_exclusive
 
 log = logging.getLogger(__name__)
@@ -138,63 +136,6 @@ def newest_lease(output: OutputSpec) -> LeaseRecord | None:
     return None
 
 
-# -- who is this process ---------------------------------------------------------------------------------------
-
-
-def _read_text(path: str) -> str | None:
-    try:
-        return Path(path).read_text(encoding="ascii").strip()
-    except OSError:
-        return None
-
-
-def _pid_namespace() -> str | None:
-    try:
-        return str(Path("/proc/self/ns/pid").readlink())
-    except OSError:
-        return None
-
-
-def _process_started(pid: int) -> str | None:
-    """Start time of a process in clock ticks since boot: with the PID, it names one process for good."""
-    stat = _read_text(f"/proc/{pid}/stat")
-    if stat is None:
-        return None
-    # the command name (field 2) may hold spaces and parentheses: fields after the last ")" are fixed
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return fields[19] if len(fields) > 19 else None
-
-
-@dataclass(frozen=True)
-class ProcessIdentity:
-    host: str
-    pid: int
-    boot_id: str | None
-    pid_namespace: str | None
-    process_started: str | None
-
-    @classmethod
-    def current(cls) -> ProcessIdentity:
-        pid = os.getpid()
-        return cls(
-            socket.gethostname(),
-            pid,
-            _read_text("/proc/sys/kernel/random/boot_id"),
-            _pid_namespace(),
-            _process_started(pid),
-        )
-
-    def sees(self, record: LeaseRecord) -> bool:
-        """Whether this process can look at the holder's process table: same host, same boot, same PID namespace."""
-        return (
-            self.boot_id is not None
-            and self.pid_namespace is not None
-            and record.host == self.host
-            and record.boot_id == self.boot_id
-            and record.pid_namespace == self.pid_namespace
-        )
-
-
 def _flow_run_ended(flow_run_id: str | None) -> bool:
     """Whether Prefect reports the holder's flow run in a final state (False when it cannot tell)."""
     if not flow_run_id:
@@ -215,11 +156,11 @@ def judge(record: LeaseRecord | None, me: ProcessIdentity, now: datetime) -> Hol
         return HolderVerdict.NONE
     if record.released_at is not None:
         return HolderVerdict.RELEASED
-    if me.sees(record):
+    if me.sees(record.host, record.boot_id, record.pid_namespace):
         if record.pid == me.pid and record.process_started == me.process_started:
             with _HELD_LOCK:
                 return HolderVerdict.ALIVE if record.lease_id in _HELD else HolderVerdict.PROCESS_GONE
-        started = _process_started(record.pid)
+        started = process_started(record.pid)
         if started is None:
             return HolderVerdict.PROCESS_GONE
         if record.process_started is None or started == record.process_started:

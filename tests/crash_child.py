@@ -80,8 +80,10 @@ def main(argv: list[str]) -> int:
     if point != "none":
         _arm(point)
     from docroute.flows.process import process_documents
+    from docroute.flows.run_liveness import tagged_with_this_process
 
-    summary = process_documents(job)
+    with tagged_with_this_process():  # as `docroute run` does
+        summary = process_documents(job)
     print(f"crash_child: run {summary['run_id']} processed {summary['documents']}", flush=True)
     return 0
 

@@ -44,6 +44,10 @@ COMMIT_STEPS = [
     "docroute.tasks.plan:_delete@1+after",  # part-way through the clean-up
     "docroute.tasks.lease:OutputLease.release",  # all done, the lease never given back
 ]
+OUTSIDE_THE_LEASE = [
+    "docroute.flows.process:acquire_lease",  # the flow run exists in the API; no lease names it yet
+    "docroute.tasks.lease:OutputLease.release+after",  # the lease given back; Prefect not yet told Completed
+]
 
 
 def _child_env(home: Path) -> dict[str, str]:
@@ -203,9 +207,12 @@ def _s3_harness(tmp_path: Path, endpoint: str, bucket: str) -> Harness:
     return Harness(job, _prefect_home(tmp_path), put, remove, listed, fs, f"{bucket}/out")
 
 
-def _crash_loop(harness: Harness, steps: list[str], random_kills: int, seed: int) -> None:
+def _crash_loop(
+    harness: Harness, steps: list[str], random_kills: int, seed: int, outside_the_lease: list[str] | None = None
+) -> None:
     """Each commit step is hit by a run that resumes a run killed mid-shards, so every crash lands on adopted work
-    too; then kills at random moments; then one ordinary run, which must leave everything right."""
+    too; then kills at random moments, and where no lease names the run; then one ordinary run, which must leave
+    everything right."""
     rng = random.Random(seed)
     harness.add_documents(6)
     for step in steps:
@@ -221,6 +228,10 @@ def _crash_loop(harness: Harness, steps: list[str], random_kills: int, seed: int
         harness.add_documents(4)
         harness.run(kill_after_s=rng.uniform(4.0, 16.0))
         harness.check_committed()
+    for point in outside_the_lease or []:
+        harness.add_documents(1)
+        assert harness.run(point) == -signal.SIGKILL, harness.log[-1]
+        harness.check_committed()
     assert harness.run() == 0, harness.log[-1]
     harness.check_final()
 
@@ -229,12 +240,15 @@ def _crash_loop(harness: Harness, steps: list[str], random_kills: int, seed: int
 def test_a_crash_loop_on_a_local_folder_ends_with_one_current_row_per_document(tmp_path: Path) -> None:
     harness = _local_harness(tmp_path)
     try:
-        _crash_loop(harness, COMMIT_STEPS, random_kills=3, seed=14)
+        _crash_loop(harness, COMMIT_STEPS, random_kills=3, seed=14, outside_the_lease=OUTSIDE_THE_LEASE)
     except AssertionError:
         print("\n".join(harness.log))
         raise
-    # the dead runs' flow runs were found dead and marked Crashed in the local API, not left "Running"
-    assert _flow_run_states(harness.home).get("RUNNING", 0) == 0
+    # every dead run's flow run was found dead and marked Crashed in the local API, not left "Running" or "Pending"
+    # (by the run that took over its lease, or, where no lease named it, by the next run on this machine)
+    states = _flow_run_states(harness.home)
+    assert states.get("RUNNING", 0) == states.get("PENDING", 0) == 0, states
+    assert states["COMPLETED"] >= 1 and states["CRASHED"] >= 2 * len(COMMIT_STEPS) + len(OUTSIDE_THE_LEASE), states
 
 
 def _flow_run_states(home: Path) -> dict[str, int]:

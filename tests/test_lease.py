@@ -21,12 +21,12 @@ from docroute.tasks.lease import (
     HolderVerdict,
     LeaseLostError,
     LeaseRecord,
-    ProcessIdentity,
     RunInProgressError,
     acquire_lease,
     force_release,
     newest_lease,
 )
+from docroute.tasks.process_identity import ProcessIdentity
 from docroute.tasks.write import create_exclusive
 
 
@@ -106,7 +106,7 @@ def _plant(output: OutputSpec, record: LeaseRecord) -> None:
 def _dead_pid() -> tuple[int, str | None]:
     """A PID of this host whose process has ended, with the start time it had."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    from docroute.tasks.lease import _process_started
+    from docroute.tasks.process_identity import process_started as _process_started
 
     started = _process_started(child.pid)
     child.kill()
@@ -142,7 +142,7 @@ def test_a_live_holder_on_this_host_refuses_a_second_run_at_once(tmp_path: Path)
     output = _local(tmp_path)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        from docroute.tasks.lease import _process_started
+        from docroute.tasks.process_identity import process_started as _process_started
 
         _plant(output, _record(1, pid=child.pid, process_started=_process_started(child.pid)))
         with pytest.raises(RunInProgressError, match="holds the lease") as refused:
