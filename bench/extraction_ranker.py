@@ -1,4 +1,5 @@
-"""The learned candidate ranker (engines/ranker.py) on SROIE receipts: small-only accuracy and confidence quality.
+"""The learned candidate ranker (engines/extract/ranker.py) on SROIE receipts: small-only accuracy and confidence
+quality.
 
     nice -n 10 python bench/extraction_ranker.py [--train 100 --evaluate 400 --seed 7 --lm 0 --no-append]
 
@@ -31,8 +32,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from routing_economics import _sroie_text  # noqa: E402
 
-from docroute.engines.encoders import WordLlamaEncoder  # noqa: E402
-from docroute.engines.ranker import FieldRanker, train_extraction_ranker  # noqa: E402
+from docroute.engines.extract.ranker import FieldRanker, train_extraction_ranker  # noqa: E402
+from docroute.engines.local.encoders import WordLlamaEncoder  # noqa: E402
 from docroute.schemas.compare import normalise, values_match  # noqa: E402
 from docroute.schemas.spec import ExtractSpec, FieldSpec  # noqa: E402
 
@@ -46,7 +47,8 @@ FIELDS = ExtractSpec(
 )
 SECTION = "## Extraction candidate ranker (issue 15, item 3)"
 SECTION_INTRO = (
-    "Each field's value chosen among the document's candidates by a learned conditional logit (engines/ranker.py) "
+    "Each field's value chosen among the document's candidates by a learned conditional logit "
+    "(engines/extract/ranker.py) "
     "instead of the 270M LM's likelihood: trained on 100 labelled receipts, evaluated on others. Targets from the "
     "issue: date ≥ 97%, total ≥ 85%, company ≥ 85%, address ≥ 60% small-only accuracy."
 )
@@ -106,7 +108,7 @@ def _lm_baseline(
 
     Two training receipts are its worked examples, as in bench/routing_economics.py.
     """
-    from docroute.engines.llamacpp import LlamaCppEngine
+    from docroute.engines.local.llamacpp import LlamaCppEngine
     from docroute.schemas.spec import ExtractExample, LlamaCppSpec, TaskSpec
 
     examples = [ExtractExample(text=text, values=gold) for text, gold in shots[:2]]
@@ -156,7 +158,8 @@ def main() -> None:
         f"### Extraction ranker · sroie · {datetime.now(UTC).strftime('%Y-%m-%d')}",
         "",
         f"`bench/extraction_ranker.py --train {options.train} --evaluate {len(evaluation)} --seed {options.seed}`, "
-        f"{_machine()}. A conditional logit per field over engines/candidates.py's candidates (plus 5–6 line spans), "
+        f"{_machine()}. A conditional logit per field over engines/scoring/candidates.py's candidates "
+        "(plus 5–6 line spans), "
         "trained on the gold values of the training receipts; small-only accuracy = top candidate's value equals the "
         "gold under schemas/compare.py. `top 50%`/`top 75%`: accuracy of the most confident half / three quarters. "
         "`conf`: mean confidence (the chosen value's probability), to set against the accuracy. "

@@ -142,7 +142,8 @@ def run_child(job: Path, result_path: Path) -> None:
     from docroute.flows.process import process_documents
     from docroute.schemas.load import load_job
     from docroute.schemas.spec import JobSpec
-    from docroute.tasks import infer, shard
+    from docroute.tasks import shard
+    from docroute.tasks.model import infer
 
     spec = load_job(job)
     assert spec.task.classify is not None, "the benchmark job is a classification job"
@@ -151,7 +152,7 @@ def run_child(job: Path, result_path: Path) -> None:
     def null_small_engine(_spec: JobSpec, _head_version: str | None = None) -> Engine:
         return engine
 
-    # tasks/shard.py does `from docroute.tasks.infer import small_engine`: its own name is what shards call
+    # tasks/shard.py does `from docroute.tasks.model.infer import small_engine`: its own name is what shards call
     shard.small_engine = null_small_engine
     infer.small_engine = null_small_engine
 

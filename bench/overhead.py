@@ -90,8 +90,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from docroute.engines.base import Request
     from docroute.flows.process import process_documents
     from docroute.schemas.load import load_job
-    from docroute.tasks.infer import small_engine
-    from docroute.tasks.read import document_id
+    from docroute.tasks.ingest.read import document_id
+    from docroute.tasks.model.infer import small_engine
 
     messages, origin = texts(options.documents)
     with tempfile.TemporaryDirectory(prefix="docroute-overhead-") as scratch_name:

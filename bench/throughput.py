@@ -341,7 +341,7 @@ def run_child(job: Path, result_path: Path, full_refresh: bool) -> None:
     from docroute import engines
 
     engines.build_small_engine = timers.wrap(engines.build_small_engine, "engine build (head training)")
-    importlib.import_module("docroute.tasks.infer").build_small_engine = engines.build_small_engine
+    importlib.import_module("docroute.tasks.model.infer").build_small_engine = engines.build_small_engine
     flow = process_module.process_documents
     flow.fn = timers.wrap(flow.fn, BODY)
     flow_timer: dict[str, float] = {}

@@ -62,8 +62,8 @@ def sample(labels_wanted: int, documents: int, seed: int) -> tuple[list[str], li
 def build_engines(names: Sequence[str]) -> tuple[Any, Any]:
     """The project's own engines: zero-shot similarity over WordLlama, and llama.cpp label scoring."""
     from docroute.engines import build_small_engine
-    from docroute.engines.classifier import EncoderClassifier
-    from docroute.engines.llamacpp import LlamaCppEngine
+    from docroute.engines.local.classifier import EncoderClassifier
+    from docroute.engines.local.llamacpp import LlamaCppEngine
     from docroute.schemas.spec import ClassifySpec, LabelSpec, LlamaCppSpec, TaskSpec
 
     task = TaskSpec(instructions=INSTRUCTIONS, classify=ClassifySpec(labels=[LabelSpec(name=n) for n in names]))
@@ -82,8 +82,8 @@ def similarity_probabilities(engine: Any, texts: Sequence[str]) -> tuple[np.ndar
 
 def scoring_probabilities(engine: Any, text: str) -> np.ndarray:
     """The steps of `LlamaCppEngine._classify` (content-free calibration), kept as the whole vector."""
-    from docroute.engines import fewshot
-    from docroute.engines.confidence import contextual_calibration, softmax
+    from docroute.engines.scoring import fewshot
+    from docroute.engines.scoring.confidence import contextual_calibration, softmax
 
     nodes = sum(len(tokens) for tokens in engine._label_tokens)
     doc = engine._document_tokens(fewshot.classify_document(text), len(engine._classify_prefix), nodes)

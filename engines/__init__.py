@@ -13,9 +13,9 @@ from docroute.engines.base import Engine
 from docroute.schemas.spec import ExtractExample, FrontierSpec, SmallModelSpec, TaskSpec
 
 if TYPE_CHECKING:
-    from docroute.engines.classify_choice import ClassifierChoice
-    from docroute.engines.head import LabelHead
-    from docroute.engines.ranker import ExtractionRanker
+    from docroute.engines.extract.ranker import ExtractionRanker
+    from docroute.engines.local.classify_choice import ClassifierChoice
+    from docroute.engines.local.head import LabelHead
 
 
 def build_small_engine(
@@ -35,9 +35,9 @@ def build_small_engine(
     job answered wholly by the bundled encoder and rankers never loads a language model. The choices and their
     evidence ride on the engine (`classifier_choice`, `extraction_choice`) for the run log and summary.
     """
-    from docroute.engines.classifier import EncoderClassifier, SplitTaskEngine
-    from docroute.engines.classify_choice import ClassifyMethod, plan_classifier
-    from docroute.engines.extractor import ExtractMethod, RankerExtractor, plan_extraction
+    from docroute.engines.extract.extractor import ExtractMethod, RankerExtractor, plan_extraction
+    from docroute.engines.local.classifier import EncoderClassifier, SplitTaskEngine
+    from docroute.engines.local.classify_choice import ClassifyMethod, plan_classifier
 
     parts: list[Engine] = []
     left: dict[str, object] = {"classify": task.classify, "extract": task.extract}
@@ -68,15 +68,15 @@ def build_small_engine(
 def _generative_engine(spec: SmallModelSpec, task: TaskSpec, examples: Sequence[tuple[str, str]]) -> Engine:
     match spec.engine:
         case "llamacpp":
-            from docroute.engines.llamacpp import LlamaCppEngine
+            from docroute.engines.local.llamacpp import LlamaCppEngine
 
             return LlamaCppEngine(spec, task, examples=examples)
         case "vllm":
-            from docroute.engines.vllm import VllmEngine
+            from docroute.engines.local.vllm import VllmEngine
 
             return VllmEngine(spec, task, examples=examples)
         case "openai_compatible":
-            from docroute.engines.openai_compat import engine_from_small_spec
+            from docroute.engines.remote.openai_compat import engine_from_small_spec
 
             return engine_from_small_spec(spec, task)
     raise ValueError(f"unknown small-model engine {spec.engine!r}")  # pragma: no cover - spec validation
@@ -86,11 +86,11 @@ def build_frontier_engine(spec: FrontierSpec, task: TaskSpec) -> Engine:
     """Create the engine that answers escalated rows."""
     match spec.provider:
         case "openai" | "openai_compatible":
-            from docroute.engines.openai_compat import engine_from_frontier_spec
+            from docroute.engines.remote.openai_compat import engine_from_frontier_spec
 
             return engine_from_frontier_spec(spec, task)
         case "anthropic":
-            from docroute.engines.anthropic import engine_from_frontier_spec as anthropic_engine
+            from docroute.engines.remote.anthropic import engine_from_frontier_spec as anthropic_engine
 
             return anthropic_engine(spec, task)
     raise ValueError(f"unknown frontier provider {spec.provider!r}")  # pragma: no cover - spec validation

@@ -2,7 +2,7 @@
 
 Gold answers come from a labels file, or from the frontier on a random sample (`oracle="frontier"`). The small
 model answers the same documents; for each required part the flow picks the lowest threshold that reaches
-`routing.target_accuracy` with probability ≥ 1 − `routing.delta` (tasks/certify.py) — on the kept rows, or on the
+`routing.target_accuracy` with probability ≥ 1 − `routing.delta` (tasks/route/certify.py) — on the kept rows, or on the
 whole routed output relative to the frontier, as `routing.guarantee` says — fits a calibration of the
 part's confidences for reporting, and writes `<output>/router.json`. When no threshold meets the target it says so
 and the router escalates that part on every row rather than pretending.
@@ -32,20 +32,28 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
-from docroute.engines.calibration import expected_calibration_error, fit_calibrator
+from docroute.engines.scoring.calibration import expected_calibration_error, fit_calibrator
 from docroute.flows.process import with_output
 from docroute.schemas.candidates import JOB_CANDIDATE, SmallModelCandidate, load_candidates
+from docroute.schemas.documents import cut_shards
 from docroute.schemas.load import load_job
 from docroute.schemas.pricing import ModelPrice, UnknownModelPriceError, format_usd, lookup_price
 from docroute.schemas.spec import JobSpec, SmallModelSpec
-from docroute.tasks.budget import release_run_budget
-from docroute.tasks.certify import Certificate, certify_parts, guarantee_of
-from docroute.tasks.discover import cut_shards, list_documents
-from docroute.tasks.labels import LabelSet, load_labels
-from docroute.tasks.ledger import estimated_frontier_cost_usd
-from docroute.tasks.route import required_parts
-from docroute.tasks.router import Router, created_now, new_version, usable_router, write_router
-from docroute.tasks.score import ScoredDocument, align, answers_of, documents_with_every_part, part_arrays, score_shard
+from docroute.tasks.account.ledger import estimated_frontier_cost_usd
+from docroute.tasks.answer.budget import release_run_budget
+from docroute.tasks.answer.score import (
+    ScoredDocument,
+    align,
+    answers_of,
+    documents_with_every_part,
+    part_arrays,
+    score_shard,
+)
+from docroute.tasks.ingest.discover import list_documents
+from docroute.tasks.ingest.labels import LabelSet, load_labels
+from docroute.tasks.route.certify import Certificate, certify_parts, guarantee_of
+from docroute.tasks.route.decide import required_parts
+from docroute.tasks.route.router import Router, created_now, new_version, usable_router, write_router
 
 
 def score_labeled(

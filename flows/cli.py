@@ -97,7 +97,7 @@ def _flow_run_of_this_process(api: ApiStart) -> Iterator[None]:
 def _run(job: Path, output: str | None = None, full_refresh: bool = False) -> dict[str, Any]:
     api = _check_job_and_start_api(job)
     from docroute.flows.process import process_documents
-    from docroute.tasks.lease import LeaseLostError, RunInProgressError
+    from docroute.tasks.store.lease import LeaseLostError, RunInProgressError
 
     try:
         with _flow_run_of_this_process(api):
@@ -290,7 +290,7 @@ def unlock(
     a dead run's lease lapses after output.lease_ttl_s and the next run takes over by itself)."""
     from docroute.flows.process import with_output
     from docroute.schemas.load import load_job
-    from docroute.tasks.lease import force_release
+    from docroute.tasks.store.lease import force_release
 
     _check_job(job)
     spec = with_output(load_job(job), output)

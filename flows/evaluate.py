@@ -25,13 +25,13 @@ from docroute.flows.process import with_output
 from docroute.schemas.load import load_job
 from docroute.schemas.pricing import lookup_price
 from docroute.schemas.spec import JobSpec
-from docroute.tasks.budget import release_run_budget
-from docroute.tasks.evaluation import CertificationSettings, EvaluationInput, evaluate, write_report
-from docroute.tasks.labels import load_labels
-from docroute.tasks.ledger import estimated_frontier_cost_usd
-from docroute.tasks.route import required_parts, spec_thresholds
-from docroute.tasks.router import usable_router
-from docroute.tasks.score import align
+from docroute.tasks.account.evaluation import CertificationSettings, EvaluationInput, evaluate, write_report
+from docroute.tasks.account.ledger import estimated_frontier_cost_usd
+from docroute.tasks.answer.budget import release_run_budget
+from docroute.tasks.answer.score import align
+from docroute.tasks.ingest.labels import load_labels
+from docroute.tasks.route.decide import required_parts, spec_thresholds
+from docroute.tasks.route.router import usable_router
 
 
 def _frontier_price(spec: JobSpec, frontier_model: str | None) -> Any:

@@ -19,26 +19,27 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
-from docroute.engines.classify_choice import describe
+from docroute.engines.local.classify_choice import describe
 from docroute.flows.run_liveness import mark_dead_runs_crashed
 from docroute.flows.runners import shard_task_options, shard_task_runner
+from docroute.schemas.documents import Shard
 from docroute.schemas.load import load_job
 from docroute.schemas.rows import rows_to_table
 from docroute.schemas.spec import JobSpec
-from docroute.tasks.budget import AllowanceBook, release_run_budget
-from docroute.tasks.discover import Shard, discover_documents
-from docroute.tasks.frontier_batches import collect_frontier_batches, submit_frontier_batches
-from docroute.tasks.infer import require_concurrency_limit, settle_classifier_choice
-from docroute.tasks.lease import OutputLease, acquire_lease
-from docroute.tasks.ledger import merge_entries, run_record
-from docroute.tasks.outcome import failed_shard_rows
-from docroute.tasks.plan import clean_up_after_commit, make_plan, write_plan
-from docroute.tasks.report import start_progress, update_progress, write_ledger
-from docroute.tasks.router import usable_router
-from docroute.tasks.scratch import run_scratch, sweep_stale_scratch
+from docroute.tasks.account.ledger import merge_entries, run_record
+from docroute.tasks.account.report import start_progress, update_progress, write_ledger
+from docroute.tasks.answer.budget import AllowanceBook, release_run_budget
+from docroute.tasks.answer.frontier_batches import collect_frontier_batches, submit_frontier_batches
+from docroute.tasks.answer.outcome import failed_shard_rows
+from docroute.tasks.ingest.discover import discover_documents
+from docroute.tasks.model.infer import require_concurrency_limit, settle_classifier_choice
+from docroute.tasks.route.router import usable_router
 from docroute.tasks.shard import RunContext, ShardResult, process_shard, shard_result, write_errors
-from docroute.tasks.spill import BucketSpill
-from docroute.tasks.state import (
+from docroute.tasks.store.lease import OutputLease, acquire_lease
+from docroute.tasks.store.plan import clean_up_after_commit, make_plan, write_plan
+from docroute.tasks.store.scratch import run_scratch, sweep_stale_scratch
+from docroute.tasks.store.spill import BucketSpill
+from docroute.tasks.store.state import (
     forget_handed_over,
     latest_manifest,
     open_run_state,
@@ -46,7 +47,7 @@ from docroute.tasks.state import (
     take_part_state,
     write_merged_state,
 )
-from docroute.tasks.write import read_parquet, write_parquet
+from docroute.tasks.store.write import read_parquet, write_parquet
 
 
 def _run_id() -> str:
@@ -68,7 +69,7 @@ def run_job(spec: JobSpec, *, full_refresh: bool = False) -> dict[str, Any]:
     """Process the job's new, changed and retryable documents; must run inside a Prefect flow (it submits tasks).
 
     `full_refresh` ignores the state and processes every listed document again. The run holds the output's lease
-    from before it lists anything until its clean-up is done (tasks/lease.py), so runs of one output never
+    from before it lists anything until its clean-up is done (tasks/store/lease.py), so runs of one output never
     overlap and a dead run's work is taken over without a person. Per-document metadata (listing, state, to-do
     list) lives in hash buckets on local disk for the run, so memory does not grow with the bucket.
     """
@@ -111,7 +112,7 @@ def _flow_run_id() -> str | None:
 
 
 def _settle_classifier_choice(spec: JobSpec, head_version: str | None, logger: Any) -> None:
-    """Workers in other processes then read one stored choice instead of each measuring (tasks/infer.py)."""
+    """Workers in other processes then read one stored choice instead of each measuring (tasks/model/infer.py)."""
     try:
         choice = settle_classifier_choice(spec, head_version)
     except Exception as exc:  # not fatal: each worker then measures for itself, as without this step

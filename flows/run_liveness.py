@@ -1,7 +1,7 @@
 """Flow runs whose process died: tag each run with its process at creation, and mark dead ones Crashed.
 
 With the default local Prefect API nothing watches a flow run's process: a run killed by SIGKILL (the OOM killer, a
-lost node) stays "Running" in the UI forever. The output's lease (tasks/lease.py) names its holder's flow run, so
+lost node) stays "Running" in the UI forever. The output's lease (tasks/store/lease.py) names its holder's flow run, so
 a run that takes over a dead holder's lease marks that one Crashed; but a run can die before it holds the lease
 (while Prefect creates it, loads the job or waits for the lease) or after it gave the lease back (while Prefect
 records Completed), and then no lease names it.
@@ -20,7 +20,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from docroute.tasks.process_identity import ProcessIdentity, is_gone
+from docroute.tasks.store.process_identity import ProcessIdentity, is_gone
 
 log = logging.getLogger(__name__)
 

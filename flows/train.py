@@ -20,26 +20,20 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 
 from docroute.engines.base import Request
-from docroute.engines.calibration import fit_calibrator
-from docroute.engines.classifier import classifier_of
-from docroute.engines.confidence import pick
-from docroute.engines.encoders import build_encoder
-from docroute.engines.extractor import RankerExtractor
-from docroute.engines.head import LabelHead, examples_fingerprint, head_training_data, train_head
-from docroute.engines.ranker import train_extraction_ranker
+from docroute.engines.extract.extractor import RankerExtractor
+from docroute.engines.extract.ranker import train_extraction_ranker
+from docroute.engines.local.classifier import classifier_of
+from docroute.engines.local.encoders import build_encoder
+from docroute.engines.local.head import LabelHead, examples_fingerprint, head_training_data, train_head
+from docroute.engines.scoring.calibration import fit_calibrator
+from docroute.engines.scoring.confidence import pick
 from docroute.flows.process import with_output
 from docroute.schemas.compare import values_match
 from docroute.schemas.load import load_job
 from docroute.schemas.spec import JobSpec
-from docroute.tasks.certify import guarantee_of
-from docroute.tasks.embeddings import EmbeddingCache
-from docroute.tasks.examples import load_extraction_examples, load_labeled_examples
-from docroute.tasks.heads import write_head
-from docroute.tasks.infer import run_engine, small_engine
-from docroute.tasks.rankers import write_ranker
-from docroute.tasks.route import required_parts
-from docroute.tasks.router import Router, created_now, new_version, usable_router, write_router
-from docroute.tasks.training import (
+from docroute.tasks.ingest.examples import load_extraction_examples, load_labeled_examples
+from docroute.tasks.learn.embeddings import EmbeddingCache
+from docroute.tasks.learn.training import (
     HeadComparison,
     TrainingDataError,
     TrainingSplit,
@@ -49,7 +43,13 @@ from docroute.tasks.training import (
     read_harvested_labels,
     split_labels,
 )
-from docroute.tasks.write import atomic_write, write_json
+from docroute.tasks.model.heads import write_head
+from docroute.tasks.model.infer import run_engine, small_engine
+from docroute.tasks.model.rankers import write_ranker
+from docroute.tasks.route.certify import guarantee_of
+from docroute.tasks.route.decide import required_parts
+from docroute.tasks.route.router import Router, created_now, new_version, usable_router, write_router
+from docroute.tasks.store.write import atomic_write, write_json
 
 
 def _write_lines(spec: JobSpec, url: str, lines: list[str]) -> None:

@@ -30,7 +30,7 @@ class RouteOutcome(StrEnum):
 
 RETRIED_OUTCOMES: frozenset[RouteOutcome] = frozenset(
     {
-        RouteOutcome.NO_FRONTIER,  # retried once a frontier is configured (tasks/state.py select_todo)
+        RouteOutcome.NO_FRONTIER,  # retried once a frontier is configured (tasks/store/state.py select_todo)
         RouteOutcome.BUDGET_EXHAUSTED,
         RouteOutcome.SECOND_CALL_OVER_BUDGET,
         RouteOutcome.FRONTIER_RETRYABLE,
@@ -76,7 +76,7 @@ def outcome_of_record(record: dict[str, object]) -> RouteOutcome:
 
 
 class DocumentErrorCode(StrEnum):
-    """Why a document has no text to answer: the `error_code` column of its row (tasks/parse.py ERROR_CODES says
+    """Why a document has no text to answer: the `error_code` column of its row (tasks/ingest/parse.py ERROR_CODES says
     what each means; the `error` column holds the sentence)."""
 
     EMPTY = "empty"

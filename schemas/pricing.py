@@ -176,7 +176,7 @@ def self_hosted_cost_usd(engine_seconds: float, usd_per_hour: float) -> float:
 def encoder_cost_usd(price: ModelPrice | None, tokens: int) -> float:
     """Cost of embedding `tokens` input tokens: embeddings bill input only; no price (self-hosted) is $0.
 
-    Encoders report tokens (`Encoded`, and per row `row_usage` in engines/remote_encoders.py), never dollars; the
+    Encoders report tokens (`Encoded`, and per row `row_usage` in engines/local/remote_encoders.py), never dollars; the
     ledger prices them here with the encoder spec's `unit_price`, as it prices engines' `Usage`.
     """
     if price is None:

@@ -21,22 +21,22 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from docroute.engines.base import Request
-from docroute.engines.classify_choice import describe
+from docroute.engines.local.classify_choice import describe
+from docroute.schemas.documents import Shard
 from docroute.schemas.outcomes import RouteOutcome
 from docroute.schemas.rows import ResultRow, rows_to_table
 from docroute.schemas.spec import JobSpec
-from docroute.tasks.budget import FrontierBudget, release_run_budget, run_budget
-from docroute.tasks.discover import Shard
-from docroute.tasks.escalate import Escalation, escalate
-from docroute.tasks.frontier_batches import StagedRequest, queue_requests, write_staging
-from docroute.tasks.harvest import write_labels
-from docroute.tasks.infer import engines_built_by_this_thread, frontier_engine, run_engine, small_engine
-from docroute.tasks.ledger import LedgerEntry, summarise_part
-from docroute.tasks.outcome import apply_audit, apply_small, base_row, finish_escalated, is_audited
-from docroute.tasks.read import SourceDocument, read_documents
-from docroute.tasks.route import RouteDecision, decide, spec_thresholds
-from docroute.tasks.state import hand_over_part_state
-from docroute.tasks.write import part_exists, read_parquet, write_parquet
+from docroute.tasks.account.ledger import LedgerEntry, summarise_part
+from docroute.tasks.answer.budget import FrontierBudget, release_run_budget, run_budget
+from docroute.tasks.answer.escalate import Escalation, escalate
+from docroute.tasks.answer.frontier_batches import StagedRequest, queue_requests, write_staging
+from docroute.tasks.answer.outcome import apply_audit, apply_small, base_row, finish_escalated, is_audited
+from docroute.tasks.ingest.read import SourceDocument, read_documents
+from docroute.tasks.learn.harvest import write_labels
+from docroute.tasks.model.infer import engines_built_by_this_thread, frontier_engine, run_engine, small_engine
+from docroute.tasks.route.decide import RouteDecision, decide, spec_thresholds
+from docroute.tasks.store.state import hand_over_part_state
+from docroute.tasks.store.write import part_exists, read_parquet, write_parquet
 
 
 @dataclass(frozen=True, slots=True)

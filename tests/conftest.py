@@ -28,7 +28,7 @@ def prefect_server() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def model_path() -> Path:
     """The packaged Gemma 3 270M GGUF, assembled once from its PyPI chunks (no download)."""
-    from docroute.engines.llama_runtime import packaged_model_path
+    from docroute.engines.local.llama_runtime import packaged_model_path
 
     return packaged_model_path()
 
@@ -36,7 +36,7 @@ def model_path() -> Path:
 @pytest.fixture(scope="session")
 def runtime(model_path: Path):
     """This process's shared llama.cpp runtime (the same one engines use)."""
-    from docroute.engines.llama_runtime import shared_runtime
+    from docroute.engines.local.llama_runtime import shared_runtime
 
     return shared_runtime(model_path, n_ctx=2048, n_threads=None)
 

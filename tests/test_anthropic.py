@@ -14,7 +14,6 @@ import pytest
 from anthropic_server import AnthropicServer
 
 from docroute.engines import build_frontier_engine
-from docroute.engines.anthropic import TOOL_NAME, AnthropicEngine, engine_from_frontier_spec
 from docroute.engines.base import (
     Engine,
     EngineError,
@@ -24,7 +23,8 @@ from docroute.engines.base import (
     Request,
     Usage,
 )
-from docroute.engines.prompts import answer_schema, chat_messages
+from docroute.engines.remote.anthropic import TOOL_NAME, AnthropicEngine, engine_from_frontier_spec
+from docroute.engines.scoring.prompts import answer_schema, chat_messages
 from docroute.schemas.spec import FrontierSpec, TaskSpec
 
 KEY = "sk-ant-api03-oracle-0123456789abcdefGHIJ"

@@ -24,7 +24,7 @@ import pytest
 from corpus import COOKING, SPORTS, TOPIC_EXAMPLES, WEATHER, topic_job_yaml
 
 from docroute.engines.base import Prediction, Request
-from docroute.engines.llamacpp import LlamaCppEngine
+from docroute.engines.local.llamacpp import LlamaCppEngine
 from docroute.flows.process import process_documents
 
 pytestmark = pytest.mark.usefixtures("prefect_server")

@@ -13,7 +13,7 @@ from corpus import TOPIC_EXAMPLES, topic_job_yaml
 from docroute.flows.calibrate import calibrate
 from docroute.flows.process import process_documents
 from docroute.schemas.load import load_job
-from docroute.tasks.router import load_router
+from docroute.tasks.route.router import load_router
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -205,7 +205,7 @@ def test_document_unit_is_selected_by_the_spec_and_recorded(tmp_path: Path) -> N
 def test_whole_document_certification_uses_documents_with_every_part() -> None:
     import numpy as np
 
-    from docroute.tasks.score import PartArrays, documents_with_every_part
+    from docroute.tasks.answer.score import PartArrays, documents_with_every_part
 
     parts = {
         "label": PartArrays(["a", "b", "c"], np.array([0.9, 0.8, 0.7]), np.array([1, 0, 1], dtype=bool), None),

@@ -21,7 +21,7 @@ from docroute.flows.calibrate import CandidateOutcome, calibrate
 from docroute.flows.cli import app
 from docroute.schemas.candidates import CandidatesFileError, load_candidates
 from docroute.schemas.load import load_job
-from docroute.tasks.router import load_router
+from docroute.tasks.route.router import load_router
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

@@ -8,7 +8,7 @@ from decimal import Decimal
 
 import pytest
 
-from docroute.engines.candidates import Candidate, candidates_for
+from docroute.engines.scoring.candidates import Candidate, candidates_for
 from docroute.schemas.spec import FieldSpec
 
 RECEIPT = """\

@@ -1,4 +1,4 @@
-"""Certified thresholds (tasks/certify.py) and confidence calibration (engines/calibration.py).
+"""Certified thresholds (tasks/route/certify.py) and confidence calibration (engines/scoring/calibration.py).
 
 The simulations draw many calibration sets from populations whose true accuracy above any threshold (the "kept"
 guarantee) and true routed accuracy relative to the frontier (the "overall" guarantee) are known in closed form, and
@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
-from docroute.engines.calibration import (
+from docroute.engines.scoring.calibration import (
     Calibrator,
     expected_calibration_error,
     fit_calibrator,
     reliability_table,
 )
-from docroute.tasks.certify import (
+from docroute.tasks.route.certify import (
     DEFAULT_GRID,
     Certificate,
     accuracy_cost_curve,
@@ -35,7 +35,7 @@ from docroute.tasks.certify import (
     escalation_rate,
     guarantee_of,
 )
-from docroute.tasks.router import Router
+from docroute.tasks.route.router import Router
 
 TARGET = 0.9
 DELTA = 0.1

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from test_llamacpp_engine import TEST_TEXTS, TOPICS, _classify_task, _extract_task, _requests
 
-from docroute.engines import build_small_engine, llama_runtime
+from docroute.engines import build_small_engine
 from docroute.engines.base import EngineUnavailableError, Request
-from docroute.engines.classifier import EncoderClassifier, SplitTaskEngine, classifier_of
-from docroute.engines.classify_choice import ChoiceReason, ClassifyMethod, describe
-from docroute.engines.head import LabelHead
+from docroute.engines.local import llama_runtime
+from docroute.engines.local.classifier import EncoderClassifier, SplitTaskEngine, classifier_of
+from docroute.engines.local.classify_choice import ChoiceReason, ClassifyMethod, describe
+from docroute.engines.local.head import LabelHead
 from docroute.schemas.spec import (
     ClassifySpec,
     JobSpec,
@@ -189,9 +190,9 @@ def test_rankers_answer_the_fields_from_worked_examples_without_a_language_model
 ) -> None:
     from test_ranker import SPEC, receipts
 
-    from docroute.engines.extractor import ExtractMethod, RankerExtractor, plan_extraction
+    from docroute.engines.extract.extractor import ExtractMethod, RankerExtractor, plan_extraction
     from docroute.schemas.compare import values_match
-    from docroute.tasks.examples import load_extraction_examples
+    from docroute.tasks.ingest.examples import load_extraction_examples
 
     path = tmp_path / "receipts.jsonl"
     with path.open("w", encoding="utf-8") as handle:
@@ -224,8 +225,8 @@ def test_rankers_answer_the_fields_from_worked_examples_without_a_language_model
 def test_a_measured_choice_is_reused_without_measuring_or_loading_the_losers(
     runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from docroute.engines import classify_choice
-    from docroute.engines.classify_choice import CandidateScore, ClassifierChoice, measurement_key
+    from docroute.engines.local import classify_choice
+    from docroute.engines.local.classify_choice import CandidateScore, ClassifierChoice, measurement_key
 
     task = _classify_task(with_examples=True)
     assert task.classify is not None
@@ -263,8 +264,8 @@ def test_a_measured_choice_is_reused_without_measuring_or_loading_the_losers(
 
 
 def test_the_first_build_stores_its_choice_and_later_builds_read_it(runtime, tmp_path: Path) -> None:
-    from docroute.tasks import infer
-    from docroute.tasks.classifier_choices import load_choice
+    from docroute.tasks.model import infer
+    from docroute.tasks.model.classifier_choices import load_choice
 
     task = _classify_task(with_examples=True)
     spec = JobSpec.model_validate(

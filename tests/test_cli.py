@@ -75,7 +75,7 @@ def test_engine_example_jobs_are_valid(name: str) -> None:
 @pytest.mark.usefixtures("prefect_server")
 def test_unlock_ends_a_held_lease_and_run_refuses_a_held_output_in_one_line(tmp_path: Path) -> None:
     from docroute.schemas.load import load_job
-    from docroute.tasks.lease import acquire_lease, newest_lease
+    from docroute.tasks.store.lease import acquire_lease, newest_lease
 
     job = tmp_path / "job.yaml"
     job.write_text(

@@ -14,13 +14,13 @@ from pathlib import Path
 import pyarrow as pa
 from corpus import topic_job_yaml
 
+from docroute.schemas.documents import LISTING_SCHEMA
 from docroute.schemas.load import load_job
 from docroute.schemas.spec import JobSpec
-from docroute.tasks.discover import LISTING_SCHEMA
-from docroute.tasks.ledger import run_record
-from docroute.tasks.plan import Executor, RunPlan, clean_up_after_commit, make_plan, write_plan
-from docroute.tasks.report import write_ledger
-from docroute.tasks.write import write_json, write_parquet
+from docroute.tasks.account.ledger import run_record
+from docroute.tasks.account.report import write_ledger
+from docroute.tasks.store.plan import Executor, RunPlan, clean_up_after_commit, make_plan, write_plan
+from docroute.tasks.store.write import write_json, write_parquet
 
 DAY = date(2026, 11, 30)
 

@@ -28,8 +28,8 @@ from s3_server import make_bucket, s3_access_yaml
 
 from docroute.schemas.layout import OutputLayout
 from docroute.schemas.load import load_job
-from docroute.tasks.current import current_rows
-from docroute.tasks.lease import newest_lease
+from docroute.tasks.store.current import current_rows
+from docroute.tasks.store.lease import newest_lease
 
 CHILD = Path(__file__).with_name("crash_child.py")
 TEXTS = [SPORTS, WEATHER, COOKING]
@@ -38,15 +38,15 @@ MID_SHARDS = "docroute.flows.process:update_progress@1"
 COMMIT_STEPS = [
     "docroute.flows.process:write_merged_state",  # every part written; no state snapshot yet
     "docroute.flows.process:write_merged_state+after",  # snapshot written; no ledger, no manifest
-    "docroute.tasks.report:write_json",  # cost table and run row written; no manifest
-    "docroute.tasks.report:write_json+after",  # manifest written; old snapshots not pruned, no artifacts
+    "docroute.tasks.account.report:write_json",  # cost table and run row written; no manifest
+    "docroute.tasks.account.report:write_json+after",  # manifest written; old snapshots not pruned, no artifacts
     "docroute.flows.process:clean_up_after_commit",  # committed; plan file and obsolete parts not deleted
-    "docroute.tasks.plan:_delete@1+after",  # part-way through the clean-up
-    "docroute.tasks.lease:OutputLease.release",  # all done, the lease never given back
+    "docroute.tasks.store.plan:_delete@1+after",  # part-way through the clean-up
+    "docroute.tasks.store.lease:OutputLease.release",  # all done, the lease never given back
 ]
 OUTSIDE_THE_LEASE = [
     "docroute.flows.process:acquire_lease",  # the flow run exists in the API; no lease names it yet
-    "docroute.tasks.lease:OutputLease.release+after",  # the lease given back; Prefect not yet told Completed
+    "docroute.tasks.store.lease:OutputLease.release+after",  # the lease given back; Prefect not yet told Completed
 ]
 
 
@@ -271,8 +271,8 @@ def test_a_crash_loop_on_s3_ends_with_one_current_row_per_document(tmp_path: Pat
     harness = _s3_harness(tmp_path, s3_endpoint, "crash-loop")
     steps = [
         "docroute.flows.process:write_merged_state+after",
-        "docroute.tasks.report:write_json+after",
-        "docroute.tasks.plan:_delete@1+after",
+        "docroute.tasks.account.report:write_json+after",
+        "docroute.tasks.store.plan:_delete@1+after",
     ]
     try:
         _crash_loop(harness, steps, random_kills=2, seed=41)

@@ -14,11 +14,12 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from docroute.flows.process import process_documents
+from docroute.schemas.documents import cut_shards
 from docroute.schemas.load import load_job
 from docroute.schemas.spec import SourceSpec
-from docroute.tasks.current import current_rows
-from docroute.tasks.discover import _etagger, cut_shards, list_documents
-from docroute.tasks.read import document_id, read_documents
+from docroute.tasks.ingest.discover import _etagger, list_documents
+from docroute.tasks.ingest.read import document_id, read_documents
+from docroute.tasks.store.current import current_rows
 
 
 def _tree(root: Path) -> None:

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from docroute.engines import encoders
-from docroute.engines.encoders import WordLlamaEncoder, load_wordllama, wordllama_package_dir
+from docroute.engines.local import encoders
+from docroute.engines.local.encoders import WordLlamaEncoder, load_wordllama, wordllama_package_dir
 from docroute.schemas.spec import JobSpec
-from docroute.tasks.embeddings import model_key
+from docroute.tasks.learn.embeddings import model_key
 
 
 @pytest.fixture

@@ -6,27 +6,27 @@ from pathlib import Path
 
 import pytest
 
-from docroute.engines.anthropic import _CutShortError as AnthropicCutShortError
-from docroute.engines.anthropic import _FinalAnswerError as AnthropicFinalAnswerError
 from docroute.engines.base import EngineError, EngineUnavailableError, ExchangeRefusedError
-from docroute.engines.loop_thread import FinalAnswerError, SlotUnavailableError
-from docroute.engines.openai_compat import _CutShortError as OpenAICutShortError
-from docroute.engines.openai_compat import _FinalAnswerError as OpenAIFinalAnswerError
-from docroute.engines.prompts import AnswerError
-from docroute.engines.ranker import RankerMismatchError, RankerTrainingError
-from docroute.engines.remote_encoders import EmbeddingsRequestError, EmbeddingsResponseError
+from docroute.engines.extract.ranker import RankerMismatchError, RankerTrainingError
+from docroute.engines.local.remote_encoders import EmbeddingsRequestError, EmbeddingsResponseError
+from docroute.engines.remote.anthropic import _CutShortError as AnthropicCutShortError
+from docroute.engines.remote.anthropic import _FinalAnswerError as AnthropicFinalAnswerError
+from docroute.engines.remote.loop_thread import FinalAnswerError, SlotUnavailableError
+from docroute.engines.remote.openai_compat import _CutShortError as OpenAICutShortError
+from docroute.engines.remote.openai_compat import _FinalAnswerError as OpenAIFinalAnswerError
+from docroute.engines.scoring.prompts import AnswerError
 from docroute.flows.runners import RunnerUnavailableError
 from docroute.schemas.candidates import CandidatesFileError
 from docroute.schemas.errors import DocrouteError, InputError, StateError
 from docroute.schemas.load import JobSpecError, load_job
 from docroute.schemas.pricing import UnknownModelPriceError, lookup_price
 from docroute.schemas.values import ValueCoercionError
-from docroute.tasks.examples import ExamplesFileError
-from docroute.tasks.heads import HeadMissingError
-from docroute.tasks.infer import ConcurrencyLimitMissingError
-from docroute.tasks.labels import LabelsFileError
-from docroute.tasks.lease import LeaseLostError, RunInProgressError
-from docroute.tasks.training import TrainingDataError
+from docroute.tasks.ingest.examples import ExamplesFileError
+from docroute.tasks.ingest.labels import LabelsFileError
+from docroute.tasks.learn.training import TrainingDataError
+from docroute.tasks.model.heads import HeadMissingError
+from docroute.tasks.model.infer import ConcurrencyLimitMissingError
+from docroute.tasks.store.lease import LeaseLostError, RunInProgressError
 
 # (class, the docroute base it now has, the base it had before and must keep)
 HIERARCHY: list[tuple[type[Exception], type[DocrouteError], type[Exception]]] = [

@@ -1,4 +1,4 @@
-"""Tests for tasks/evaluation.py on small sets whose every number is worked out by hand in the comments.
+"""Tests for tasks/account/evaluation.py on small sets whose every number is worked out by hand in the comments.
 
 These numbers are what a reader uses to choose a threshold and to justify the frontier bill, so each metric is
 checked against arithmetic done independently of the code.
@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from docroute.tasks.certify import certify_threshold
-from docroute.tasks.evaluation import (
+from docroute.tasks.account.evaluation import (
     CertificationSettings,
     EvaluationInput,
     _certified_markdown,
@@ -25,6 +24,7 @@ from docroute.tasks.evaluation import (
     evaluate,
     write_report,
 )
+from docroute.tasks.route.certify import certify_threshold
 
 T, F = True, False
 
@@ -113,7 +113,7 @@ def test_headline_numbers() -> None:
 
 
 def test_threshold_is_inclusive_like_the_router() -> None:
-    # conf 0.8 at threshold 0.8 is kept (tasks/route.py: escalate when c < t)
+    # conf 0.8 at threshold 0.8 is kept (tasks/route/decide.py: escalate when c < t)
     m = evaluate(_classification(thresholds={"label": 0.8}))
     assert m["routed"]["escalated"] == 2  # 0.4 and 0.3 only
 
@@ -342,7 +342,7 @@ def test_thresholds_keep_every_digit(tmp_path: Path) -> None:
 
 
 def test_importing_evaluation_does_not_import_matplotlib() -> None:
-    code = "import sys, docroute.tasks.evaluation; print('matplotlib' in sys.modules)"
+    code = "import sys, docroute.tasks.account.evaluation; print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 

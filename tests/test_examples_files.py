@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from docroute.schemas.spec import ClassifySpec, ExtractExample, ExtractSpec, FieldSpec, LabelSpec
-from docroute.tasks.examples import ExamplesFileError, load_extraction_examples, load_labeled_examples
+from docroute.tasks.ingest.examples import ExamplesFileError, load_extraction_examples, load_labeled_examples
 
 FIELDS = [FieldSpec(name="total", type="decimal"), FieldSpec(name="vendor", type="str", required=False)]
 

@@ -203,7 +203,7 @@ def test_low_confidence_rows_are_answered_by_the_frontier(tmp_path: Path) -> Non
 
 def test_budget_cap_defers_the_rest_and_is_never_exceeded(tmp_path: Path) -> None:
     from docroute.engines.base import Request
-    from docroute.tasks.infer import frontier_engine
+    from docroute.tasks.model.infer import frontier_engine
 
     with OracleServer(ORACLE) as server:
         job = tmp_path / "probe.yaml"

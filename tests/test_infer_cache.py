@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from docroute.schemas.spec import JobSpec
-from docroute.tasks import infer
+from docroute.tasks.model import infer
 
 
 def _spec(tmp_path: Path, examples: Path) -> JobSpec:

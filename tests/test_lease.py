@@ -1,6 +1,6 @@
 """The output lease: atomic acquisition on a local disk and on S3, liveness, takeover, forcing, fencing.
 
-Fast tests of tasks/lease.py on their own (no model); the end-to-end crash tests are in test_crash_recovery.py.
+Fast tests of tasks/store/lease.py on their own (no model); the end-to-end crash tests are in test_crash_recovery.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 from s3_server import make_bucket, s3_access_yaml
 
 from docroute.schemas.spec import OutputSpec
-from docroute.tasks.lease import (
+from docroute.tasks.store.lease import (
     HolderVerdict,
     LeaseLostError,
     LeaseRecord,
@@ -26,8 +26,8 @@ from docroute.tasks.lease import (
     force_release,
     newest_lease,
 )
-from docroute.tasks.process_identity import ProcessIdentity
-from docroute.tasks.write import create_exclusive
+from docroute.tasks.store.process_identity import ProcessIdentity
+from docroute.tasks.store.write import create_exclusive
 
 
 def _local(tmp_path: Path) -> OutputSpec:
@@ -106,7 +106,7 @@ def _plant(output: OutputSpec, record: LeaseRecord) -> None:
 def _dead_pid() -> tuple[int, str | None]:
     """A PID of this host whose process has ended, with the start time it had."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    from docroute.tasks.process_identity import process_started as _process_started
+    from docroute.tasks.store.process_identity import process_started as _process_started
 
     started = _process_started(child.pid)
     child.kill()
@@ -142,7 +142,7 @@ def test_a_live_holder_on_this_host_refuses_a_second_run_at_once(tmp_path: Path)
     output = _local(tmp_path)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        from docroute.tasks.process_identity import process_started as _process_started
+        from docroute.tasks.store.process_identity import process_started as _process_started
 
         _plant(output, _record(1, pid=child.pid, process_started=_process_started(child.pid)))
         with pytest.raises(RunInProgressError, match="holds the lease") as refused:
@@ -179,7 +179,7 @@ def test_a_remote_holder_is_watched_until_it_expires_or_renews(tmp_path: Path) -
     stop = threading.Event()
 
     def renew() -> None:
-        from docroute.tasks.lease import _write
+        from docroute.tasks.store.lease import _write
 
         while not stop.wait(0.3):
             now = datetime.now(UTC)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from docroute.engines.llama_runtime import _build_trie, log_softmax_at
+from docroute.engines.local.llama_runtime import _build_trie, log_softmax_at
 
 
 def _reference_scores(runtime, prompt: list[int], continuations: list[list[int]]) -> np.ndarray:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from docroute.engines.base import Request
-from docroute.engines.llamacpp import LlamaCppEngine
+from docroute.engines.local.llamacpp import LlamaCppEngine
 from docroute.schemas.spec import (
     ClassifySpec,
     ExtractExample,

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from docroute.engines.base import Request
-from docroute.engines.openai_compat import engine_from_small_spec
+from docroute.engines.remote.openai_compat import engine_from_small_spec
 from docroute.schemas.spec import (
     ClassifySpec,
     ExtractSpec,

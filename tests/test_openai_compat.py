@@ -17,13 +17,13 @@ import pytest
 from oracle_server import OracleServer, fake_tokens
 
 from docroute.engines.base import Engine, EngineError, FrontierEngine, Request
-from docroute.engines.openai_compat import (
+from docroute.engines.remote.openai_compat import (
     OpenAICompatibleEngine,
     engine_from_frontier_spec,
     is_openai_reasoning_model,
     redact,
 )
-from docroute.engines.prompts import (
+from docroute.engines.scoring.prompts import (
     AnswerError,
     answer_schema,
     answer_value_spans,

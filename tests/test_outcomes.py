@@ -9,10 +9,10 @@ import pyarrow as pa
 from docroute.engines.base import Prediction
 from docroute.schemas.outcomes import RETRIED_OUTCOMES, RouteOutcome, legacy_outcome, outcome_of_record
 from docroute.schemas.rows import ResultRow
-from docroute.tasks.escalate import DeferReason, Escalation
-from docroute.tasks.frontier_batches import QUEUED
-from docroute.tasks.outcome import finish_escalated
-from docroute.tasks.state import state_of_part
+from docroute.tasks.answer.escalate import DeferReason, Escalation
+from docroute.tasks.answer.frontier_batches import QUEUED
+from docroute.tasks.answer.outcome import finish_escalated
+from docroute.tasks.store.state import state_of_part
 
 
 def _row(route: str = "error", outcome: RouteOutcome = RouteOutcome.SMALL_MODEL_FAILED) -> ResultRow:
@@ -99,9 +99,9 @@ def test_every_way_a_row_is_finished_sets_its_outcome() -> None:
 
 
 def test_a_shard_that_failed_for_good_still_gives_every_file_a_row_retried_later() -> None:
+    from docroute.schemas.documents import DocumentRef
     from docroute.schemas.spec import JobSpec
-    from docroute.tasks.discover import DocumentRef
-    from docroute.tasks.outcome import failed_shard_rows
+    from docroute.tasks.answer.outcome import failed_shard_rows
 
     spec = JobSpec.model_validate(
         {

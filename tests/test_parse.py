@@ -1,4 +1,4 @@
-"""Tests for tasks/parse.py: every test builds a real file in memory, so the parsers meet genuine bytes."""
+"""Tests for tasks/ingest/parse.py: every test builds a real file in memory, so the parsers meet genuine bytes."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from fpdf import FPDF
 from fpdf.enums import EncryptionMethod
 
 from docroute.schemas.spec import SourceSpec
-from docroute.tasks.parse import (
+from docroute.tasks.ingest.parse import (
     ERROR_CODES,
     SUPPORTED_FORMATS,
     ParsedDocument,

@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from docroute.engines.encoders import Encoded
-from docroute.engines.ranker import (
+from docroute.engines.extract.ranker import (
     ExtractionRanker,
     FieldRanker,
     RankerMismatchError,
@@ -29,7 +28,8 @@ from docroute.engines.ranker import (
     train_extraction_ranker,
     train_ranker,
 )
-from docroute.engines.ranker_features import ranker_candidates
+from docroute.engines.extract.ranker_features import ranker_candidates
+from docroute.engines.local.encoders import Encoded
 from docroute.schemas.compare import values_match
 from docroute.schemas.spec import ExtractSpec, FieldSpec
 

@@ -31,10 +31,10 @@ import httpx
 import numpy as np
 import pytest
 
-from docroute.engines import remote_encoders
 from docroute.engines.base import EngineError, EngineUnavailableError
-from docroute.engines.encoders import Encoded
-from docroute.engines.remote_encoders import (
+from docroute.engines.local import remote_encoders
+from docroute.engines.local.encoders import Encoded
+from docroute.engines.local.remote_encoders import (
     EmbeddingsRequestError,
     EmbeddingsResponseError,
     MeteredEncoded,
@@ -47,7 +47,7 @@ from docroute.engines.remote_encoders import (
     tokenize_for_embedding,
     vllm_encoder_llm_kwargs,
 )
-from docroute.engines.vllm import INSTALL_HINT
+from docroute.engines.local.vllm import INSTALL_HINT
 from docroute.schemas.pricing import DEFAULT_PRICES, ModelPrice, encoder_cost_usd
 from docroute.schemas.spec import OpenAICompatibleEncoderSpec, VllmEncoderSpec
 

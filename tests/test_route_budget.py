@@ -1,5 +1,6 @@
-"""Tests for tasks/route.py (which answers go to the frontier), tasks/budget.py (the per-run frontier spend cap) and
-tasks/escalate.py (per-call reservations against it, answers bounded by their schema), against real local servers."""
+"""Tests for tasks/route/decide.py (which answers go to the frontier), tasks/answer/budget.py (the per-run frontier
+spend cap) and tasks/answer/escalate.py (per-call reservations against it, answers bounded by their schema),
+against real local servers."""
 
 from __future__ import annotations
 
@@ -17,15 +18,15 @@ from typing import Any
 import pytest
 from oracle_server import OracleServer
 
-from docroute.engines.anthropic import AnthropicEngine
 from docroute.engines.base import ExchangeKind, Prediction, Request, Usage
-from docroute.engines.openai_compat import OpenAICompatibleEngine
-from docroute.engines.prompts import answer_bytes_bound
+from docroute.engines.remote.anthropic import AnthropicEngine
+from docroute.engines.remote.openai_compat import OpenAICompatibleEngine
+from docroute.engines.scoring.prompts import answer_bytes_bound
 from docroute.schemas.pricing import ModelPrice
 from docroute.schemas.spec import JobSpec, TaskSpec
-from docroute.tasks.budget import FrontierBudget, release_run_budget, run_budget
-from docroute.tasks.escalate import BudgetGate, DeferReason, Escalation, escalate
-from docroute.tasks.route import RouteDecision, decide, spec_thresholds
+from docroute.tasks.answer.budget import FrontierBudget, release_run_budget, run_budget
+from docroute.tasks.answer.escalate import BudgetGate, DeferReason, Escalation, escalate
+from docroute.tasks.route.decide import RouteDecision, decide, spec_thresholds
 
 # --------------------------------------------------------------------------------------------------------------------
 # decide()

@@ -12,7 +12,7 @@ from prefect.client.orchestration import get_client
 from prefect.states import Running
 
 from docroute.flows.run_liveness import MARKER_TAG, TaggedProcess, mark_dead_runs_crashed, tagged_with_this_process
-from docroute.tasks.process_identity import ProcessIdentity, process_started
+from docroute.tasks.store.process_identity import ProcessIdentity, process_started
 
 
 def _ended_process() -> TaggedProcess:

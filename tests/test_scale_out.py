@@ -17,8 +17,8 @@ from pydantic import ValidationError
 
 from docroute.flows.process import process_documents
 from docroute.schemas.spec import RunnerSpec
-from docroute.tasks.budget import AllowanceBook
-from docroute.tasks.infer import ConcurrencyLimitMissingError
+from docroute.tasks.answer.budget import AllowanceBook
+from docroute.tasks.model.infer import ConcurrencyLimitMissingError
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -64,7 +64,7 @@ def _worst_call_usd(tmp_path: Path, frontier: str) -> float:
     """What the budget reserves for one call of the topic corpus (the worst case of its longest snippet's answer)."""
     from docroute.engines.base import Request
     from docroute.schemas.load import load_job
-    from docroute.tasks.infer import frontier_engine
+    from docroute.tasks.model.infer import frontier_engine
 
     job = tmp_path / "probe.yaml"
     job.write_text(topic_job_yaml(tmp_path, tmp_path / "probe", extra=frontier), encoding="utf-8")

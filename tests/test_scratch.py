@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from docroute.tasks.scratch import LOCK_NAME, SCRATCH_PREFIX, UNLOCKED_GRACE_S, run_scratch, sweep_stale_scratch
+from docroute.tasks.store.scratch import LOCK_NAME, SCRATCH_PREFIX, UNLOCKED_GRACE_S, run_scratch, sweep_stale_scratch
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the child processes are killed with POSIX signals")
 
 CHILD = """
 import sys, time
-from docroute.tasks.scratch import run_scratch
+from docroute.tasks.store.scratch import run_scratch
 with run_scratch() as scratch:
     (scratch / "spill.arrow").write_bytes(b"x" * 1000)
     print(scratch, flush=True)
@@ -128,7 +128,7 @@ def test_lockless_folders_are_stale_only_once_old_and_other_names_are_never_touc
 
 
 def test_a_sweep_tolerates_folders_vanishing_and_a_missing_root(tmp_path: Path) -> None:
-    from docroute.tasks import scratch as scratch_module
+    from docroute.tasks.store import scratch as scratch_module
 
     assert scratch_module._remove_if_stale(tmp_path / f"{SCRATCH_PREFIX}gone", time.time()) is False
     assert sweep_stale_scratch(tmp_path / "no-such-folder") == 0

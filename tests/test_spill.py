@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from docroute.tasks.discover import LISTING_SCHEMA
-from docroute.tasks.plan import RunPlan
-from docroute.tasks.spill import BUCKET_ROWS, MAX_BUCKETS, BucketSpill, RowSpill, bucket_count
-from docroute.tasks.state import STATE_SCHEMA
+from docroute.schemas.documents import LISTING_SCHEMA
+from docroute.tasks.store.plan import RunPlan
+from docroute.tasks.store.spill import BUCKET_ROWS, MAX_BUCKETS, BucketSpill, RowSpill, bucket_count
+from docroute.tasks.store.state import STATE_SCHEMA
 
 
 def _listing(start: int, count: int) -> pa.Table:

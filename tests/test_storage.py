@@ -18,8 +18,8 @@ from s3_server import make_bucket as _bucket
 
 from docroute.flows.process import process_documents
 from docroute.schemas.load import load_job
-from docroute.tasks.current import committed_parts, current_rows
-from docroute.tasks.write import read_parquet
+from docroute.tasks.store.current import committed_parts, current_rows
+from docroute.tasks.store.write import read_parquet
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -212,7 +212,7 @@ def test_a_second_run_over_the_same_output_refuses_while_the_first_is_running(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import docroute.flows.process as process_module
-    from docroute.tasks.lease import RunInProgressError
+    from docroute.tasks.store.lease import RunInProgressError
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -244,8 +244,8 @@ def test_s3_reads_send_one_get_per_document_and_no_head(
     """The listing gave every size, so s3fs is not left to HEAD each object before its GET."""
     import s3fs
 
-    from docroute.tasks.discover import list_documents
-    from docroute.tasks.read import read_documents
+    from docroute.tasks.ingest.discover import list_documents
+    from docroute.tasks.ingest.read import read_documents
 
     fs = _bucket(s3_endpoint, "reads")
     _put_docs(fs, "reads", 0, 6)

@@ -19,9 +19,9 @@ from docroute.flows.calibrate import calibrate
 from docroute.flows.process import process_documents
 from docroute.flows.train import train
 from docroute.schemas.load import load_job
-from docroute.tasks.router import load_router
-from docroute.tasks.training import TrainingDataError, finetune_lines, latest_per_document, split_labels
-from docroute.tasks.trend import read_run_records, version_trend
+from docroute.tasks.account.trend import read_run_records, version_trend
+from docroute.tasks.learn.training import TrainingDataError, finetune_lines, latest_per_document, split_labels
+from docroute.tasks.route.router import load_router
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -380,9 +380,9 @@ def test_an_extraction_round_fits_rankers_and_promotes_them_only_when_they_escal
     import pyarrow.parquet as pq
     from test_ranker import receipts
 
-    from docroute.engines.extractor import ExtractMethod
+    from docroute.engines.extract.extractor import ExtractMethod
     from docroute.schemas.load import load_job
-    from docroute.tasks.infer import small_engine
+    from docroute.tasks.model.infer import small_engine
 
     worked = tmp_path / "worked.jsonl"
     worked.write_text(
@@ -453,7 +453,7 @@ output: {{url: {tmp_path / "out"}}}
 def test_candidate_rankers_are_promoted_only_when_fewer_rows_escalate() -> None:
     """The promotion rule itself, on answers whose rightness is known: a row escalates when any field does."""
     from docroute.schemas.spec import JobSpec
-    from docroute.tasks.training import compare_extractors
+    from docroute.tasks.learn.training import compare_extractors
 
     spec = JobSpec.model_validate(
         {

@@ -25,11 +25,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from docroute.engines import fewshot
 from docroute.engines.base import EngineUnavailableError, Request
-from docroute.engines.confidence import choice_probabilities, choose_value, contextual_calibration, softmax
-from docroute.engines.fewshot import truncate_tokens
-from docroute.engines.vllm import (
+from docroute.engines.local.vllm import (
     INSTALL_HINT,
     NO_GPU_MESSAGE,
     Call,
@@ -50,7 +47,7 @@ from docroute.engines.vllm import (
     special_prefix,
     supports_token_id_logprobs,
 )
-from docroute.engines.vllm_scoring import (
+from docroute.engines.local.vllm_scoring import (
     MISSING_LOGPROB,
     apportion,
     mean_softmax,
@@ -61,6 +58,9 @@ from docroute.engines.vllm_scoring import (
     trie_plan,
     trie_scores,
 )
+from docroute.engines.scoring import fewshot
+from docroute.engines.scoring.confidence import choice_probabilities, choose_value, contextual_calibration, softmax
+from docroute.engines.scoring.fewshot import truncate_tokens
 from docroute.schemas.spec import (
     ClassifySpec,
     ExtractExample,
@@ -742,7 +742,7 @@ def test_answer_schema_compiles_for_vllms_default_grammar_backend() -> None:
     xgrammar = pytest.importorskip("xgrammar", reason="xgrammar is not installed here")
     from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
 
-    from docroute.engines.prompts import answer_schema
+    from docroute.engines.scoring.prompts import answer_schema
 
     kinds = ["str", "int", "float", "decimal", "date", "datetime", "bool", "enum", "list[str]"]
     fields = [
@@ -784,7 +784,7 @@ def _gpu_skip_reason() -> str | None:
 @pytest.mark.skipif(_gpu_skip_reason() is not None, reason=str(_gpu_skip_reason()))
 def test_end_to_end_on_a_gpu() -> None:
     """A small instruct model (DOCROUTE_VLLM_TEST_MODEL: an HF id or a local path) classifies and extracts."""
-    from docroute.engines.vllm import shared_runtime
+    from docroute.engines.local.vllm import shared_runtime
 
     model = os.environ.get("DOCROUTE_VLLM_TEST_MODEL", "Qwen/Qwen2.5-0.5B-Instruct")
     spec = VllmSpec(model=model, max_model_len=4096, gpu_memory_utilization=0.4, max_input_tokens=1024)

@@ -1,0 +1,3 @@
+"""Turning model output into answers and confidences: prompts, few-shot examples, candidate values, confidence and
+calibration maths.
+"""

@@ -1,0 +1,3 @@
+"""The small and frontier engines of a worker process, built once, with the trained heads, rankers and measured
+classifier choice they load.
+"""
