@@ -176,24 +176,24 @@ def main(argv: Sequence[str] | None = None) -> None:
             started = time.perf_counter()
             run = process_documents(job)
             run_seconds = time.perf_counter() - started
-            kept_right, kept = kept_accuracy(scratch / "out", run["run_id"], gold)
+            kept_right, kept = kept_accuracy(scratch / "out", run.run_id, gold)
             started = time.perf_counter()
             trained = train(job)
             train_seconds = time.perf_counter() - started
             comparison = trained.get("comparison") or {}
             row = {
                 "round": index,
-                "router": run["router_version"],
-                "head": run["head_version"] or "examples",
-                "documents": run["documents"],
-                "escalated": run["escalated"],
-                "escalation_rate": run["escalation_rate"],
+                "router": run.router_version,
+                "head": run.head_version or "examples",
+                "documents": run.documents,
+                "escalated": run.escalated,
+                "escalation_rate": run.escalation_rate,
                 "kept": kept,
                 "kept_accuracy": kept_right / kept if kept else None,
-                "audited": run["audited"],
-                "cost_usd": run["cost_usd"],
-                "cost_per_1k": 1000 * run["cost_usd"] / run["documents"],
-                "all_frontier_per_1k": 1000 * (run["all_frontier_usd"] or 0) / run["documents"],
+                "audited": run.audited,
+                "cost_usd": run.cost_usd,
+                "cost_per_1k": 1000 * run.cost_usd / run.documents,
+                "all_frontier_per_1k": 1000 * (run.all_frontier_usd or 0) / run.documents,
                 "run_seconds": run_seconds,
                 "train_seconds": train_seconds,
                 "train_labels": trained["train_labels"],

@@ -168,8 +168,8 @@ def run_child(job: Path, result_path: Path) -> None:
         "peak_rss_kib": _status_kib("self", "VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "server_peak_rss_kib": max(server_peaks) if server_peaks else None,
         "null_engine_requests": engine.requests,
-        "listed": summary.get("listed"),
-        "parts": len(summary.get("parts", [])),
+        "listed": summary.listed,
+        "parts": len(summary.parts),
     }
     result_path.write_text(json.dumps(result), encoding="utf-8")
 

@@ -132,8 +132,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         flow_seconds = time.perf_counter() - started
         raw_batched.append(timed_raw(engine, shards))
         raw_single.append(timed_raw(engine, singles))
-        if summary["documents"] != len(messages):
-            raise SystemExit(f"the flow wrote {summary['documents']} rows for {len(messages)} documents")
+        if summary.documents != len(messages):
+            raise SystemExit(f"the flow wrote {summary.documents} rows for {len(messages)} documents")
 
     batched = sum(raw_batched) / len(raw_batched)
     single = sum(raw_single) / len(raw_single)
@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{raw_batched[0]:.1f}, {raw_batched[1]:.1f}) | {batched:.1f} | {n / batched:,.1f} | 1.00 |",
             f"| raw engine, one call per document (mean of 2: {raw_single[0]:.1f}, {raw_single[1]:.1f}) "
             f"| {single:.1f} | {n / single:,.1f} | {single / batched:.2f} |",
-            f"| `process_documents` (full refresh, {len(summary['parts'])} shards, max_workers {options.max_workers}) "
+            f"| `process_documents` (full refresh, {len(summary.parts)} shards, max_workers {options.max_workers}) "
             f"| {flow_seconds:.1f} | {n / flow_seconds:,.1f} | {flow_seconds / batched:.2f} |",
         ]
     )

@@ -258,7 +258,7 @@ STAGES: tuple[tuple[str, str, str], ...] = (
     ("docroute.flows.process", "select_todo", "state: select to-do"),
     ("docroute.flows.process", "make_plan", "plan"),
     ("docroute.flows.process", "write_plan", "plan"),
-    ("docroute.flows.process", "_keep_state", "flow: spill shard state"),
+    ("docroute.flows.process", "_spill_part_state", "flow: spill shard state"),
     ("docroute.flows.process", "update_progress", "flow: progress artifact"),
     ("docroute.flows.process", "start_progress", "flow: progress artifact"),
     ("docroute.flows.process", "write_merged_state", "commit: state snapshot"),

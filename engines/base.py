@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
-from docroute.schemas.errors import DocrouteError
+from docroute.schemas.errors import DocrouteError, ExitCode, TransientError
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,9 +129,13 @@ class FrontierEngine(Engine, Protocol):
 class EngineError(DocrouteError):
     """Base of the errors engines raise when a whole batch cannot be answered."""
 
+    exit_code = ExitCode.ENGINE
 
-class ExchangeRefusedError(EngineError):
+
+class ExchangeRefusedError(EngineError, TransientError):
     """An ExchangeGate would not admit a call: it was not sent, and a later run may send it."""
+
+    exit_code = ExitCode.TEMPORARY
 
 
 class EngineUnavailableError(EngineError):

@@ -11,12 +11,31 @@ from importlib.resources import as_file, files
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
+import click
 import typer
+from typer.core import TyperGroup
+
+from docroute.schemas.errors import DocrouteError
 
 if TYPE_CHECKING:
     from docroute.flows.prefect_api import ApiStart
+    from docroute.schemas.summary import RunSummary
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+class _DocrouteCommands(TyperGroup):
+    """Every command ends alike on an error docroute raised on purpose: its message on stderr, no traceback, and
+    the exit code of its kind (schemas/errors.py ExitCode), so a scheduler can tell "fix the job" (2) from
+    "another run holds the output" (3), the source (4), the storage (5), an engine (6) and "try later" (75)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DocrouteError as exc:
+            typer.echo(f"docroute: {exc}", err=True)
+            raise typer.Exit(int(exc.exit_code)) from None
+
+
+app = typer.Typer(cls=_DocrouteCommands, add_completion=False, no_args_is_help=True, help=__doc__)
 
 _QUIET_PREFECT = {
     # no analytics or update checks leave this machine; the ephemeral API needs no server of the user's
@@ -31,48 +50,50 @@ def _quiet_prefect() -> None:
         os.environ.setdefault(key, value)
 
 
-def _print_summary(summary: dict[str, Any], seconds: float) -> None:
+def _print_summary(summary: RunSummary, seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console(soft_wrap=True)
     console.print(
-        f"[bold]{summary['job']}[/bold]: {summary['documents']} documents processed in {seconds:.1f} s "
-        f"({summary.get('up_to_date', 0)} up to date, skipped)"
+        f"[bold]{summary.job}[/bold]: {summary.documents} documents processed in {seconds:.1f} s "
+        f"({summary.up_to_date} up to date, skipped)"
     )
     routes = Table()
     routes.add_column("route")
     routes.add_column("documents", justify="right")
     routes.add_column("cost (USD)", justify="right")
     cost_by_route: dict[str, float] = {}
-    for entry in summary["entries"]:
+    for entry in summary.entries:
         cost_by_route[entry.route] = cost_by_route.get(entry.route, 0.0) + entry.cost_usd
-    for route in ("small", "frontier", "deferred", "error"):
-        routes.add_row(route, str(summary[route]), f"{cost_by_route.get(route, 0.0):.6f}")
-    routes.add_row("total", str(summary["documents"]), f"{summary['cost_usd']:.6f}", style="bold")
+    by_route = (
+        ("small", summary.small),
+        ("frontier", summary.frontier),
+        ("deferred", summary.deferred),
+        ("error", summary.error),
+    )
+    for route, documents in by_route:
+        routes.add_row(route, str(documents), f"{cost_by_route.get(route, 0.0):.6f}")
+    routes.add_row("total", str(summary.documents), f"{summary.cost_usd:.6f}", style="bold")
     console.print(routes)
-    if summary["all_frontier_usd"] is not None:
+    if summary.all_frontier_usd is not None:
         console.print(
-            f"all-frontier estimate ${summary['all_frontier_usd']:.6f}"
-            + (f" · savings {summary['savings_pct']:.1f}%" if summary["savings_pct"] is not None else "")
+            f"all-frontier estimate ${summary.all_frontier_usd:.6f}"
+            + (f" · savings {summary.savings_pct:.1f}%" if summary.savings_pct is not None else "")
         )
-    results = {Path(p["url"]).parent.as_posix() for p in summary["parts"]}
+    results = {Path(part.url).parent.as_posix() for part in summary.parts}
     console.print(f"results: {', '.join(sorted(results)) or '(no documents)'}")
-    console.print(f"costs:   {summary['costs']}")
-    console.print(f"manifest: {summary['manifest']}")
-    if summary.get("classification"):
-        console.print(f"classification: {summary['classification']['summary']}")
+    console.print(f"costs:   {summary.costs}")
+    console.print(f"manifest: {summary.manifest}")
+    if summary.classification:
+        console.print(f"classification: {summary.classification['summary']}")
 
 
 def _check_job(job: Path) -> None:
     """Fail fast, before Prefect starts, with the spec's own error message."""
-    from docroute.schemas.load import JobSpecError, load_job
+    from docroute.schemas.load import load_job
 
-    try:
-        load_job(job)
-    except JobSpecError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
+    load_job(job)
 
 
 def _check_job_and_start_api(job: Path) -> ApiStart:
@@ -94,17 +115,12 @@ def _flow_run_of_this_process(api: ApiStart) -> Iterator[None]:
         yield
 
 
-def _run(job: Path, output: str | None = None, full_refresh: bool = False) -> dict[str, Any]:
+def _run(job: Path, output: str | None = None, full_refresh: bool = False) -> RunSummary:
     api = _check_job_and_start_api(job)
     from docroute.flows.process import process_documents
-    from docroute.tasks.store.lease import LeaseLostError, RunInProgressError
 
-    try:
-        with _flow_run_of_this_process(api):
-            return process_documents(str(job), output=output, full_refresh=full_refresh)
-    except (RunInProgressError, LeaseLostError) as exc:  # another run owns the output: say so, in one line
-        typer.echo(f"docroute: {exc}", err=True)
-        raise typer.Exit(3) from None
+    with _flow_run_of_this_process(api):
+        return process_documents(str(job), output=output, full_refresh=full_refresh)
 
 
 @app.command()
@@ -124,13 +140,9 @@ def run(
 
 def _check_candidates(candidates: Path) -> None:
     """Fail fast, before Prefect starts, naming the candidates file's bad entry and line."""
-    from docroute.schemas.candidates import CandidatesFileError, load_candidates
+    from docroute.schemas.candidates import load_candidates
 
-    try:
-        load_candidates(candidates)
-    except CandidatesFileError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
+    load_candidates(candidates)
 
 
 def _print_candidates(result: dict[str, Any]) -> None:
@@ -309,13 +321,9 @@ def validate(job: Annotated[Path, typer.Argument(help="the job's YAML file")]) -
     """Check a job file and print it with secrets masked."""
     import json
 
-    from docroute.schemas.load import JobSpecError, load_job
+    from docroute.schemas.load import load_job
 
-    try:
-        spec = load_job(job)
-    except JobSpecError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
+    spec = load_job(job)
     typer.echo(json.dumps(spec.redacted(), indent=2))
 
 

@@ -8,7 +8,7 @@ still yields one error row per document; the manifest, written last, commits the
 from __future__ import annotations
 
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
+from prefect.task_runners import TaskRunner
 from prefect.utilities.annotations import quote
 
 from docroute.engines.local.classify_choice import describe
@@ -26,6 +27,7 @@ from docroute.schemas.documents import Shard
 from docroute.schemas.load import load_job
 from docroute.schemas.rows import rows_to_table
 from docroute.schemas.spec import JobSpec
+from docroute.schemas.summary import CommittedPart, LedgerEntry, RunSummary
 from docroute.tasks.account.ledger import merge_entries, run_record
 from docroute.tasks.account.report import start_progress, update_progress, write_ledger
 from docroute.tasks.answer.budget import AllowanceBook, release_run_budget
@@ -36,10 +38,12 @@ from docroute.tasks.model.infer import require_concurrency_limit, settle_classif
 from docroute.tasks.route.router import usable_router
 from docroute.tasks.shard import RunContext, ShardResult, process_shard, shard_result, write_errors
 from docroute.tasks.store.lease import OutputLease, acquire_lease
-from docroute.tasks.store.plan import clean_up_after_commit, make_plan, write_plan
+from docroute.tasks.store.plan import RunPlan, clean_up_after_commit, make_plan, write_plan
 from docroute.tasks.store.scratch import run_scratch, sweep_stale_scratch
 from docroute.tasks.store.spill import BucketSpill
 from docroute.tasks.store.state import (
+    RunState,
+    Todo,
     forget_handed_over,
     latest_manifest,
     open_run_state,
@@ -65,7 +69,7 @@ def failed_shard_result(spec: JobSpec, shard: Shard, run: RunContext, reason: st
     return shard_result(spec, shard.index, url, table)
 
 
-def run_job(spec: JobSpec, *, full_refresh: bool = False) -> dict[str, Any]:
+def run_job(spec: JobSpec, *, full_refresh: bool = False) -> RunSummary:
     """Process the job's new, changed and retryable documents; must run inside a Prefect flow (it submits tasks).
 
     `full_refresh` ignores the state and processes every listed document again. The run holds the output's lease
@@ -122,30 +126,54 @@ def _settle_classifier_choice(spec: JobSpec, head_version: str | None, logger: A
         logger.info("classification for every worker: %s", describe(choice))
 
 
-def _run_job(spec: JobSpec, scratch: Path, run_id: str, lease: OutputLease, *, full_refresh: bool) -> dict[str, Any]:
+def _run_job(spec: JobSpec, scratch: Path, run_id: str, lease: OutputLease, *, full_refresh: bool) -> RunSummary:
+    """The README's data path, one step a line. Steps that add to the run's local state get its buckets by name
+    (`spill=`), so nothing is written on the side of a call that seems only to return a value."""
     logger = get_run_logger()
     started = datetime.now(UTC)
+    run = _run_context(spec, run_id, started, logger)
+    # discover: the source's listing, spilled to a local Arrow file
+    listing_file = scratch / "listing.arrow"
+    listed = discover_documents(spec, str(listing_file))
+    # state and plan: what changed since the last commit, cut into shards whose part files are named before any work
+    state = open_run_state(spec.output, listing_file, listed, scratch / "state", full_refresh=full_refresh)
+    todo = select_todo(state, spec)
+    plan = _plan(spec, run, todo, listed, logger)
+    run = replace(run, plan_id=plan.plan_id, plan_date=plan.run_date)
+    if spec.runner.distributed and plan.documents:
+        _settle_classifier_choice(spec, run.head_version, logger)
+    # shards: small model, route, frontier; each finished part's state rows are spilled into the run's state
+    results = _collect_frontier_batches(spec, run, spill=state.by_document)
+    results += _process_shards(spec, run, plan, spill=state.by_file, logger=logger)
+    _submit_frontier_batches(spec, run, logger)
+    results.sort(key=lambda r: r.shard_index)
+    # commit: state snapshot, ledger, then the manifest that makes this run's files count; then the clean-up
+    committed = _commit(spec, run, plan, state, results, lease, started)
+    clean_up_after_commit(spec, plan, committed=[part.url for part in committed.parts])
+    return _summary(committed, results, listed=listed, todo=todo, plan=plan)
+
+
+def _run_context(spec: JobSpec, run_id: str, started: datetime, logger: Any) -> RunContext:
+    """What every shard shares, fixed before listing: the router in force and the frontier's concurrency slots."""
     router, why = usable_router(spec)
     logger.info("routing: %s", why)
     _warn_if_output_is_temporary(spec, logger)
     if spec.frontier is not None and spec.frontier.concurrency_limit:
         slots = require_concurrency_limit(spec.frontier.concurrency_limit)
         logger.info("frontier calls hold slots of %r: at most %d in flight", spec.frontier.concurrency_limit, slots)
-    run = RunContext(
+    return RunContext(
         run_id=run_id,
         run_date=started.date(),
         router_version=router.version if router else None,
         head_version=router.head_version if router else None,
         thresholds=router.thresholds() if router else None,
     )
-    listing_file = scratch / "listing.arrow"
-    listed = discover_documents(spec, str(listing_file))
-    state = open_run_state(spec.output, listing_file, listed, scratch / "state", full_refresh=full_refresh)
-    todo = select_todo(state, spec)
+
+
+def _plan(spec: JobSpec, run: RunContext, todo: Todo, listed: int, logger: Any) -> RunPlan:
+    """Cut the to-do list into shards and write the plan before any part, so a run killed mid-way is resumed."""
     plan = make_plan(spec, todo.files, todo.rows, run.run_id, run.run_date)
     write_plan(spec.output, plan, run.run_id)
-    run = replace(run, plan_id=plan.plan_id, plan_date=plan.run_date)
-    shard_count = plan.shard_count()
     logger.info(
         "job %s: %d files listed; processing %d (%d new, %d changed, %d retried) in %d shards, %d up to date%s "
         "(run %s)",
@@ -155,41 +183,47 @@ def _run_job(spec: JobSpec, scratch: Path, run_id: str, lease: OutputLease, *, f
         todo.new,
         todo.changed,
         todo.retry,
-        shard_count,
+        plan.shard_count(),
         todo.up_to_date,
         f", resuming interrupted run {plan.resumed_from}" if plan.resumed_from else "",
         run.run_id,
     )
-    if spec.runner.distributed and plan.documents:
-        _settle_classifier_choice(spec, run.head_version, logger)
-    progress = start_progress(spec, shard_count)
+    return plan
+
+
+def _collect_frontier_batches(spec: JobSpec, run: RunContext, *, spill: BucketSpill) -> list[ShardResult]:
+    """Parts of the frontier batches answered since the last run, whose rows leave `deferred` (batch mode only).
+
+    Their state rows go to `spill` (by document: a batch answers some documents of a file, not all of them).
+    """
+    if spec.frontier is None or spec.frontier.mode != "batch":
+        return []
     results: list[ShardResult] = []
-    if spec.frontier is not None and spec.frontier.mode == "batch":
-        # answers that arrived since the last run first: their rows leave `deferred`
-        for number, batch in enumerate(collect_frontier_batches(spec, run.run_id, run.run_date)):
-            table = read_parquet(spec.output, batch.part_url)
-            results.append(
-                _keep_state(spec, run.run_id, shard_result(spec, -1 - number, batch.part_url, table), state.by_document)
-            )
+    for number, batch in enumerate(collect_frontier_batches(spec, run.run_id, run.run_date)):
+        table = read_parquet(spec.output, batch.part_url)
+        result = shard_result(spec, -1 - number, batch.part_url, table)
+        _spill_part_state(spec, run.run_id, result.part_url, spill)
+        results.append(result)
+    return results
+
+
+def _process_shards(
+    spec: JobSpec, run: RunContext, plan: RunPlan, *, spill: BucketSpill, logger: Any
+) -> list[ShardResult]:
+    """One Prefect task per shard, at most `runner.max_workers` in flight; a shard that fails for good still yields
+    one error row per document. Each finished part's state rows go to `spill` (by file) as it arrives."""
+    shard_count = plan.shard_count()
+    progress = start_progress(spec, shard_count)
     pending = plan.shards()  # built one at a time: only shards in flight hold their refs
     cap = spec.routing.max_frontier_usd
     allowances = AllowanceBook(cap, spec.runner.max_workers) if spec.runner.distributed and cap is not None else None
+    results: list[ShardResult] = []
     running: dict[PrefectFuture[ShardResult], Shard] = {}
-    done = 0
     try:
         with shard_task_runner(spec.runner) as runner, shard_task_options(spec.runner):
             while True:
                 while len(running) < spec.runner.max_workers and (shard := next(pending, None)) is not None:
-                    shard_run = run
-                    if allowances is not None:
-                        shard_run = replace(run, shard_allowance_usd=allowances.grant(shard.index))
-                    parameters: dict[str, Any] = {"spec": spec, "shard": shard, "run": shard_run}
-                    if not spec.runner.distributed:  # prefect-dask/ray rebuild `quote` as a plain tuple
-                        # quoted, Prefect does not walk every field of every ref looking for futures (~20% of a
-                        # run's time with an instant engine)
-                        parameters = {name: quote(value) for name, value in parameters.items()}
-                    future = runner.submit(process_shard, parameters=parameters)
-                    running[future] = shard
+                    running[_submit_shard(runner, spec, run, shard, allowances)] = shard
                 if not running:
                     break
                 finished = next(iter(as_completed(list(running))))
@@ -203,19 +237,61 @@ def _run_job(spec: JobSpec, scratch: Path, run_id: str, lease: OutputLease, *, f
                     result = failed_shard_result(spec, shard, run, f"{type(exc).__name__}: {exc}")
                 if allowances is not None:
                     allowances.settle(shard.index, spent)
-                results.append(_keep_state(spec, run.run_id, result, state.by_file, handed_over=spent is not None))
-                done += 1
-                update_progress(progress, done, shard_count)
+                _spill_part_state(spec, run.run_id, result.part_url, spill, handed_over=spent is not None)
+                results.append(result)
+                update_progress(progress, len(results), shard_count)
     finally:
         release_run_budget(run.run_id)
         forget_handed_over(run.run_id)
-    if spec.frontier is not None and spec.frontier.mode == "batch":
-        try:
-            submit_frontier_batches(spec, run.run_id)
-        except Exception as exc:  # the queued requests stay staged; the next run submits them
-            logger.warning("could not submit the frontier batch, the next run will: %s", exc)
-    results.sort(key=lambda r: r.shard_index)
-    # the commit: state snapshot, then the manifest that makes this run's files count, then the clean-up
+    return results
+
+
+def _submit_shard(
+    runner: TaskRunner[Any], spec: JobSpec, run: RunContext, shard: Shard, allowances: AllowanceBook | None
+) -> PrefectFuture[ShardResult]:
+    if allowances is not None:
+        run = replace(run, shard_allowance_usd=allowances.grant(shard.index))
+    parameters: dict[str, Any] = {"spec": spec, "shard": shard, "run": run}
+    if not spec.runner.distributed:  # prefect-dask/ray rebuild `quote` as a plain tuple
+        # quoted, Prefect does not walk every field of every ref looking for futures (~20% of a run's time with an
+        # instant engine)
+        parameters = {name: quote(value) for name, value in parameters.items()}
+    return runner.submit(process_shard, parameters=parameters)
+
+
+def _submit_frontier_batches(spec: JobSpec, run: RunContext, logger: Any) -> None:
+    """Send the escalations the shards queued to the batch API (batch mode only)."""
+    if spec.frontier is None or spec.frontier.mode != "batch":
+        return
+    try:
+        submit_frontier_batches(spec, run.run_id)
+    except Exception as exc:  # the queued requests stay staged; the next run submits them
+        logger.warning("could not submit the frontier batch, the next run will: %s", exc)
+
+
+@dataclass(frozen=True, slots=True)
+class _Committed:
+    """What the commit wrote: the ledger's run row, the files that commit it, its entries and the parts it counts."""
+
+    record: dict[str, Any]
+    files: dict[str, str]
+    entries: list[LedgerEntry]
+    parts: list[CommittedPart]
+
+
+def _commit(
+    spec: JobSpec,
+    run: RunContext,
+    plan: RunPlan,
+    state: RunState,
+    results: list[ShardResult],
+    lease: OutputLease,
+    started: datetime,
+) -> _Committed:
+    """The state snapshot, then the ledger and the manifest, written last: until it exists none of this counts.
+
+    The lease is checked before each write, so a run that lost the output to another never commits over its work.
+    """
     previous = latest_manifest(spec.output)
     snapshot = spec.output.layout.state_snapshot(run.run_id)
     lease.check()
@@ -235,7 +311,7 @@ def _run_job(spec: JobSpec, scratch: Path, run_id: str, lease: OutputLease, *, f
         audit_agreed=sum(r.audit_agreed for r in results),
         escalated=sum(r.escalated for r in results),
     )
-    parts = [{"url": r.part_url, "rows": r.rows, "shard": r.shard_index, "reused": r.reused} for r in results]
+    parts = [CommittedPart(url=r.part_url, rows=r.rows, shard=r.shard_index, reused=r.reused) for r in results]
     lease.check()
     files = write_ledger(
         spec,
@@ -248,20 +324,27 @@ def _run_job(spec: JobSpec, scratch: Path, run_id: str, lease: OutputLease, *, f
         previous_snapshot=previous.get("state") if previous else None,
         classification=next((r.classification["summary"] for r in results if r.classification), None),
     )
-    clean_up_after_commit(spec, plan, committed=[part["url"] for part in parts])
-    return {
+    return _Committed(record, files, entries, parts)
+
+
+def _summary(
+    committed: _Committed, results: list[ShardResult], *, listed: int, todo: Todo, plan: RunPlan
+) -> RunSummary:
+    # the run row counts its parts; the summary lists them
+    record = {key: value for key, value in committed.record.items() if key != "parts"}
+    return RunSummary(
         **record,
-        **files,
-        "entries": entries,
-        "parts": parts,
-        "listed": listed,
-        "up_to_date": todo.up_to_date,
-        "retried": todo.retry,
-        "resumed_from": plan.resumed_from,
-        "worker_processes": len({r.worker for r in results if r.worker}),
-        "engines_built": sum(r.engines_built for r in results),
-        "classification": next((r.classification for r in results if r.classification), None),
-    }
+        **committed.files,
+        entries=tuple(committed.entries),
+        parts=tuple(committed.parts),
+        listed=listed,
+        up_to_date=todo.up_to_date,
+        retried=todo.retry,
+        resumed_from=plan.resumed_from,
+        worker_processes=len({r.worker for r in results if r.worker}),
+        engines_built=sum(r.engines_built for r in results),
+        classification=next((r.classification for r in results if r.classification), None),
+    )
 
 
 def _warn_if_output_is_temporary(spec: JobSpec, logger: Any) -> None:
@@ -281,12 +364,11 @@ def _warn_if_output_is_temporary(spec: JobSpec, logger: Any) -> None:
         )
 
 
-def _keep_state(
-    spec: JobSpec, run_id: str, result: ShardResult, spill: BucketSpill, *, handed_over: bool = True
-) -> ShardResult:
-    """Spill the state rows of a written part (handed over in-process, or read back from it) to local buckets."""
-    spill.add(take_part_state(spec.output, run_id, result.part_url, handed_over=handed_over))
-    return result
+def _spill_part_state(
+    spec: JobSpec, run_id: str, part_url: str, spill: BucketSpill, *, handed_over: bool = True
+) -> None:
+    """Add a written part's state rows (handed over in-process, or read back from it) to the run's local buckets."""
+    spill.add(take_part_state(spec.output, run_id, part_url, handed_over=handed_over))
 
 
 def with_output(spec: JobSpec, output: str | None) -> JobSpec:
@@ -298,7 +380,7 @@ def with_output(spec: JobSpec, output: str | None) -> JobSpec:
 
 
 @flow(name="process-documents", log_prints=False)
-def process_documents(job: str, output: str | None = None, full_refresh: bool = False) -> dict[str, Any]:
+def process_documents(job: str, output: str | None = None, full_refresh: bool = False) -> RunSummary:
     """Classify and/or extract the new and changed documents of a job file; returns the run summary.
 
     `job` is the path of the job's YAML file; `output`, when given, replaces the job's output URL;

@@ -8,33 +8,27 @@ name the entry (its position and name) and the line, so a long file is fixed in 
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import Field, RootModel, ValidationError, field_validator
+from pydantic import Field, RootModel, field_validator
 
-from docroute.schemas.errors import InputError
-from docroute.schemas.load import _interpolate, _line_of
+from docroute.schemas.load import YamlFileError, read_yaml_file, validate_yaml
 from docroute.schemas.spec import SmallModelSpec, StrictModel
 
 JOB_CANDIDATE = "job"
 """The name of the job file's own small model, always the first candidate (so it cannot name another entry)."""
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_ENGINE_TAGS = frozenset({"llamacpp", "vllm", "openai_compatible"})
 
 
-class CandidatesFileError(InputError, ValueError):
-    """A candidates file that cannot be used; the message lists every problem with its entry and line."""
+class CandidatesFileError(YamlFileError):
+    """A candidates file that cannot be used; its problems name the entry (position and name) and line."""
 
-    def __init__(self, source: str, problems: list[str]) -> None:
-        self.source = source
-        self.problems = problems
-        super().__init__(f"invalid candidates file {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+    heading = "invalid candidates file"
+    what = "candidates file"
 
 
 class SmallModelCandidate(StrictModel):
@@ -79,48 +73,31 @@ def _where(data: Any, loc: tuple[int | str, ...]) -> str:
     return ".".join([label, *(str(p) for p in rest)])
 
 
+def _candidates_shape(data: Any) -> str | None:
+    if isinstance(data, list) and data:
+        return None
+    return "the candidates file must be a non-empty YAML list of entries {name: ..., small_model: {...}}"
+
+
 def parse_candidates(
     text: str, *, source: str = "<candidates>", base_dir: str | Path | None = None, env: Mapping[str, str] | None = None
 ) -> list[SmallModelCandidate]:
     """Validate YAML text as a list of candidates; `env` defaults to the process environment."""
-    env = dict(os.environ) if env is None else dict(env)
-    try:
-        tree = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise CandidatesFileError(source, [f"{where}not valid YAML: {getattr(exc, 'problem', exc)}"]) from exc
-    if not isinstance(data, list) or not data:
-        raise CandidatesFileError(
-            source, ["the candidates file must be a non-empty YAML list of entries {name: ..., small_model: {...}}"]
-        )
-    missing: list[str] = []
-    data = _interpolate(data, env, missing)
-    if missing:
-        raise CandidatesFileError(
-            source, [f"environment variable ${{{name}}} is not set" for name in sorted(set(missing))]
-        )
-    context = {"base_dir": str(base_dir) if base_dir is not None else None, "env": env}
-    try:
-        return CandidateList.model_validate(data, context=context).root
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors(include_url=False):
-            loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p in _ENGINE_TAGS))
-            line = _line_of(tree, loc)
-            prefix = f"line {line}: " if line is not None else ""
-            problems.append(f"{prefix}{_where(data, loc)}: {error['msg'].removeprefix('Value error, ')}")
-        raise CandidatesFileError(source, problems) from None
+    candidates = validate_yaml(
+        text,
+        CandidateList,
+        CandidatesFileError,
+        source=source,
+        base_dir=base_dir,
+        env=env,
+        shape_problem=_candidates_shape,
+        where=_where,
+    )
+    return candidates.root
 
 
 def load_candidates(path: str | Path, *, env: Mapping[str, str] | None = None) -> list[SmallModelCandidate]:
     """Read and validate a candidates file; relative paths inside it are taken from the file's folder."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CandidatesFileError(str(path), ["the candidates file does not exist"]) from None
-    except UnicodeDecodeError as exc:
-        raise CandidatesFileError(str(path), [f"the candidates file is not UTF-8 text ({exc.reason})"]) from None
+    text = read_yaml_file(path, CandidatesFileError)
     return parse_candidates(text, source=str(path), base_dir=path.resolve().parent, env=env)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from docroute.schemas.errors import InputError
 from docroute.schemas.spec import JobSpec
@@ -21,13 +21,29 @@ from docroute.schemas.spec import JobSpec
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-class JobSpecError(InputError, ValueError):
-    """A job file that cannot be used; the message lists every problem with its line."""
+ENGINE_TAGS = frozenset({"llamacpp", "vllm", "openai_compatible"})
+"""pydantic's discriminator tags in error locations: not keys the user wrote, so never shown."""
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class YamlFileError(InputError, ValueError):
+    """A YAML file that cannot be used; the message lists every problem with its line, so one pass fixes them all."""
+
+    heading: ClassVar[str] = "invalid YAML file"
+    what: ClassVar[str] = "YAML file"
 
     def __init__(self, source: str, problems: list[str]) -> None:
         self.source = source
         self.problems = problems
-        super().__init__(f"invalid job spec {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+        super().__init__(f"{self.heading} {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class JobSpecError(YamlFileError):
+    """A job file that cannot be used."""
+
+    heading = "invalid job spec"
+    what = "job file"
 
 
 def _interpolate(value: Any, env: Mapping[str, str], where: list[str]) -> Any:
@@ -71,9 +87,64 @@ def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
     return line
 
 
-def _format_loc(loc: tuple[int | str, ...]) -> str:
-    # drop pydantic's discriminator tags (e.g. 'llamacpp') that are not keys the user wrote
+def _dotted(_data: Any, loc: tuple[int | str, ...]) -> str:
+    """`small_model.model_path`: a location as the keys the user wrote."""
     return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def validate_yaml(
+    text: str,
+    model: type[ModelT],
+    error: type[YamlFileError],
+    *,
+    source: str,
+    base_dir: str | Path | None,
+    env: Mapping[str, str] | None,
+    shape_problem: Callable[[Any], str | None],
+    where: Callable[[Any, tuple[int | str, ...]], str] = _dotted,
+) -> ModelT:
+    """Parse YAML text, resolve `${NAME}` references, and validate it as `model`, raising `error` with every problem
+    and its line. `shape_problem` says what is wrong with the top level before validation (None when fine); `where`
+    names an error's location for a person; `env` defaults to the process environment."""
+    env = dict(os.environ) if env is None else dict(env)
+    try:
+        tree = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"line {mark.line + 1}: " if mark is not None else ""
+        raise error(source, [f"{at}not valid YAML: {getattr(exc, 'problem', exc)}"]) from exc
+    if (problem := shape_problem(data)) is not None:
+        raise error(source, [problem])
+    missing: list[str] = []
+    data = _interpolate(data, env, missing)
+    if missing:
+        raise error(source, [f"environment variable ${{{name}}} is not set" for name in sorted(set(missing))])
+    context = {"base_dir": str(base_dir) if base_dir is not None else None, "env": env}
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as exc:
+        problems = []
+        for item in exc.errors(include_url=False):
+            loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p in ENGINE_TAGS))
+            line = _line_of(tree, loc)
+            prefix = f"line {line}: " if line is not None else ""
+            problems.append(f"{prefix}{where(data, loc)}: {item['msg'].removeprefix('Value error, ')}")
+        raise error(source, problems) from None
+
+
+def read_yaml_file(path: Path, error: type[YamlFileError]) -> str:
+    """The file's text, or `error` saying in one line why it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(str(path), [f"the {error.what} does not exist"]) from None
+    except UnicodeDecodeError as exc:
+        raise error(str(path), [f"the {error.what} is not UTF-8 text ({exc.reason})"]) from None
+
+
+def _job_shape(data: Any) -> str | None:
+    return None if isinstance(data, dict) else "the job file must be a YAML mapping (key: value) at the top level"
 
 
 def parse_job(
@@ -84,43 +155,13 @@ def parse_job(
     env: Mapping[str, str] | None = None,
 ) -> JobSpec:
     """Validate YAML text as a JobSpec; `env` defaults to the process environment."""
-    env = dict(os.environ) if env is None else dict(env)
-    try:
-        tree = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise JobSpecError(source, [f"{where}not valid YAML: {getattr(exc, 'problem', exc)}"]) from exc
-    if not isinstance(data, dict):
-        raise JobSpecError(source, ["the job file must be a YAML mapping (key: value) at the top level"])
-    missing: list[str] = []
-    data = _interpolate(data, env, missing)
-    if missing:
-        raise JobSpecError(source, [f"environment variable ${{{name}}} is not set" for name in sorted(set(missing))])
-    context = {"base_dir": str(base_dir) if base_dir is not None else None, "env": env}
-    try:
-        return JobSpec.model_validate(data, context=context)
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors(include_url=False):
-            loc = tuple(
-                p for p in error["loc"] if not (isinstance(p, str) and p in {"llamacpp", "vllm", "openai_compatible"})
-            )
-            line = _line_of(tree, loc)
-            prefix = f"line {line}: " if line is not None else ""
-            message = error["msg"].removeprefix("Value error, ")
-            problems.append(f"{prefix}{_format_loc(loc)}: {message}")
-        raise JobSpecError(source, problems) from None
+    return validate_yaml(
+        text, JobSpec, JobSpecError, source=source, base_dir=base_dir, env=env, shape_problem=_job_shape
+    )
 
 
 def load_job(path: str | Path, *, env: Mapping[str, str] | None = None) -> JobSpec:
     """Read and validate a job file; relative paths inside it are taken from the file's folder."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise JobSpecError(str(path), ["the job file does not exist"]) from None
-    except UnicodeDecodeError as exc:
-        raise JobSpecError(str(path), [f"the job file is not UTF-8 text ({exc.reason})"]) from None
+    text = read_yaml_file(path, JobSpecError)
     return parse_job(text, source=str(path), base_dir=path.resolve().parent, env=env)

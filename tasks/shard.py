@@ -26,7 +26,8 @@ from docroute.schemas.documents import Shard
 from docroute.schemas.outcomes import RouteOutcome
 from docroute.schemas.rows import ResultRow, rows_to_table
 from docroute.schemas.spec import JobSpec
-from docroute.tasks.account.ledger import LedgerEntry, summarise_part
+from docroute.schemas.summary import LedgerEntry
+from docroute.tasks.account.ledger import summarise_part
 from docroute.tasks.answer.budget import FrontierBudget, release_run_budget, run_budget
 from docroute.tasks.answer.escalate import Escalation, escalate
 from docroute.tasks.answer.frontier_batches import StagedRequest, queue_requests, write_staging

@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
 
     with tagged_with_this_process():  # as `docroute run` does
         summary = process_documents(job)
-    print(f"crash_child: run {summary['run_id']} processed {summary['documents']}", flush=True)
+    print(f"crash_child: run {summary.run_id} processed {summary.documents}", flush=True)
     return 0
 
 

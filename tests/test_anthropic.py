@@ -1,10 +1,11 @@
-"""The Anthropic engine against a real local Messages API server, through the real `anthropic` SDK."""
+"""The Anthropic engine against a real local Messages API server, through the real `anthropic` SDK.
+
+What every remote engine promises (order, retries, error rows, concurrency, secrets, the event loop) is tested once
+for both in test_remote_contract.py; here is what only the Messages wire format has.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-import time
 from datetime import date
 from decimal import Decimal
 from typing import Any
@@ -16,7 +17,6 @@ from anthropic_server import AnthropicServer
 from docroute.engines import build_frontier_engine
 from docroute.engines.base import (
     Engine,
-    EngineError,
     EngineUnavailableError,
     ExchangeKind,
     FrontierEngine,
@@ -149,134 +149,26 @@ def test_prompt_cache_reads_are_input_and_cached_tokens_summed_per_row() -> None
     assert second.usage.output_tokens == read["output_tokens"] > 0
 
 
-def test_batch_keeps_order_one_prediction_each_and_bounds_concurrency() -> None:
-    labels = ["invoice", "receipt", "letter"]
-    answers = [(f"doc number {i:02d}.", {**LETTER, "label": labels[i % 3]}) for i in range(20)]
-    with AnthropicServer(answers, delay_s=0.05) as server:
-        batch = [Request(f"id-{i}", f"doc number {i:02d}.") for i in reversed(range(20))]
-        with make_engine(server, max_concurrency=4) as engine:
-            predictions = engine.predict(batch)
-        assert [p.id for p in predictions] == [r.id for r in batch]
-        assert [p.label for p in predictions] == [labels[i % 3] for i in reversed(range(20))]
-        assert all(p.ok for p in predictions)
-        assert len(server.message_requests) == 20
-        assert 2 <= server.max_in_flight <= 4
-
-
-def test_concurrency_bound_is_shared_by_threads_calling_predict() -> None:
-    with AnthropicServer([("doc", LETTER)], delay_s=0.05) as server:
-        results: list[list[Any]] = []
-        with make_engine(server, max_concurrency=3) as engine:
-            threads = [
-                threading.Thread(
-                    target=lambda n=n: results.append(engine.predict([Request(f"{n}-{i}", "doc") for i in range(6)]))
-                )
-                for n in range(3)
-            ]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-        assert sorted(len(r) for r in results) == [6, 6, 6]
-        assert all(p.ok for r in results for p in r)
-        assert 2 <= server.max_in_flight <= 3
-
-
-def test_predict_works_inside_a_running_event_loop_and_after_close() -> None:
-    with AnthropicServer([("INVOICE", INVOICE)]) as server:
-        engine = make_engine(server)
-
-        async def called_from_async_code() -> Any:
-            return engine.predict([Request("a", "INVOICE")])
-
-        assert asyncio.run(called_from_async_code())[0].label == "invoice"
-        engine.close()
-        engine.close()  # idempotent
-        assert engine.predict([Request("b", "INVOICE")])[0].label == "invoice"  # a fresh loop and client
-        assert engine.predict([]) == []
-        with pytest.raises(EngineError, match="twice"):
-            engine.predict([Request("c", "INVOICE"), Request("c", "INVOICE")])
-        assert len(server.message_requests) == 2
-        engine.close()
-
-
-def test_long_documents_are_truncated_before_sending() -> None:
-    text = "INVOICE " + "word " * 2000
-    with AnthropicServer([("INVOICE", INVOICE)]) as server:
-        prediction = predict_one(server, text, max_input_tokens=100)
-        sent = server.message_requests[0]["body"]["messages"][0]["content"]
-    assert prediction.ok and prediction.truncated
-    assert len(sent) < 100 * 4 + 50
-
-
 # ---------------------------------------------------------------------------------------------- transport faults
 
 
-def test_429_with_retry_after_is_retried_by_the_sdk_after_waiting() -> None:
-    with AnthropicServer([("INVOICE", INVOICE)], faults=["429"], retry_after="0.3") as server:
-        started = time.perf_counter()
+def test_overloaded_is_retried_by_the_sdk_with_its_retry_count_header() -> None:
+    with AnthropicServer([("INVOICE", INVOICE)], faults=["529"]) as server:
         prediction = predict_one(server)
-        elapsed = time.perf_counter() - started
-        assert statuses(server) == [429, 200]
+        assert statuses(server) == [529, 200]
+        assert server.message_requests[0]["response"]["error"]["type"] == "overloaded_error"
         assert [r["headers"].get("x-stainless-retry-count") for r in server.message_requests] == ["0", "1"]
     assert prediction.ok and prediction.label == "invoice"
-    assert elapsed >= 0.3
-    assert usage_tuple(prediction) == server.served_usage()  # the 429 is not billed
 
 
-@pytest.mark.parametrize("fault", ["529", "500"])
-def test_overloaded_and_server_errors_are_retried(fault: str) -> None:
-    with AnthropicServer([("INVOICE", INVOICE)], faults=[fault]) as server:
-        prediction = predict_one(server)
-        assert statuses(server) == [int(fault), 200]
-        assert server.message_requests[0]["response"]["error"]["type"] in ("overloaded_error", "api_error")
-    assert prediction.ok and prediction.label == "invoice"
-
-
-def test_hang_past_the_timeout_is_retried() -> None:
-    with AnthropicServer([("INVOICE", INVOICE)], faults=["hang"], hang_s=3.0) as server:
-        started = time.perf_counter()
-        prediction = predict_one(server, timeout_s=0.3)
-        elapsed = time.perf_counter() - started
-        assert len(server.message_requests) == 2
-    assert prediction.ok and prediction.label == "invoice"
-    assert 0.3 <= elapsed < 2.5
-
-
-@pytest.mark.parametrize(
-    ("fault", "error_class"),
-    [("529", "OverloadedError"), ("429", "RateLimitError"), ("500", "InternalServerError")],
-)
-def test_transient_errors_beyond_the_sdk_retries_are_retryable_rows(fault: str, error_class: str) -> None:
-    with AnthropicServer([("INVOICE", INVOICE)], faults=[fault] * 3, retry_after="0.05") as server:
+def test_overloaded_beyond_the_sdk_retries_is_a_retryable_row() -> None:
+    """529 is Anthropic's own status: transient like any 5xx (client_base.TRANSIENT_STATUSES)."""
+    with AnthropicServer([("INVOICE", INVOICE)], faults=["529"] * 3) as server:
         prediction = predict_one(server, max_retries=1)
         assert len(server.message_requests) == 2
-    assert not prediction.ok
-    assert prediction.error.startswith(f"{error_class}: Error code: {fault}")
+    assert prediction.error.startswith("OverloadedError: Error code: 529")
     assert prediction.retryable is True
     assert usage_tuple(prediction) == (0, 0, 0)
-    assert prediction.label is None and prediction.fields == {}
-
-
-def test_hang_on_every_attempt_is_a_retryable_timeout() -> None:
-    with AnthropicServer([("INVOICE", INVOICE)], faults=["hang", "hang"], hang_s=3.0) as server:
-        prediction = predict_one(server, timeout_s=0.2, max_retries=1)
-        assert len(server.message_requests) == 2
-    assert prediction.error.startswith("APITimeoutError: Request timed out")
-    assert prediction.retryable is True
-
-
-def test_auth_failure_is_final_not_retried_and_never_shows_the_key() -> None:
-    wrong = "sk-ant-api03-WRONGKEY-abcdefghijklmnop"
-    with AnthropicServer([("INVOICE", INVOICE)], api_key=KEY) as server:
-        prediction = predict_one(server, api_key=wrong)
-        assert statuses(server) == [401]  # 401 is not retried
-        assert wrong in server.message_requests[0]["response"]["error"]["message"]  # the server did echo it
-    assert prediction.error.startswith("AuthenticationError: Error code: 401")
-    assert "authentication_error" in prediction.error
-    assert prediction.retryable is False
-    assert wrong not in prediction.error
-    assert "WRONGKEY" not in prediction.error and "abcdefghijklmnop" not in prediction.error
 
 
 def test_injected_401_fault_never_shows_the_right_key_either() -> None:
@@ -288,24 +180,13 @@ def test_injected_401_fault_never_shows_the_right_key_either() -> None:
     assert KEY not in prediction.error and "0123456789abcdef" not in prediction.error
 
 
-@pytest.mark.parametrize("fault", ["400", "403", "404", "413"])
+@pytest.mark.parametrize("fault", ["403", "413"])
 def test_other_client_errors_are_final(fault: str) -> None:
     with AnthropicServer([("INVOICE", INVOICE)], faults=[fault]) as server:
         prediction = predict_one(server)
         assert len(server.message_requests) == 1
     assert f"Error: Error code: {fault} - " in prediction.error
     assert prediction.retryable is False
-
-
-def test_connection_refused_is_retryable() -> None:
-    server = AnthropicServer().start()
-    base_url = server.base_url
-    server.stop()
-    with AnthropicEngine(task=TASK, model=MODEL, base_url=base_url, api_key=KEY, max_retries=0) as engine:
-        (prediction,) = engine.predict([Request("x", "INVOICE")])
-    assert prediction.error.startswith("APIConnectionError: Connection error.")
-    assert prediction.retryable is True
-    assert KEY not in prediction.error
 
 
 # ---------------------------------------------------------------------------------------------- answer faults
@@ -337,18 +218,6 @@ def test_invalid_tool_input_gets_one_repair_round_through_a_tool_result() -> Non
         assert prediction.usage.cached_tokens > 0
 
 
-def test_invalid_twice_is_a_final_error_row() -> None:
-    with AnthropicServer([("INVOICE", INVOICE)], faults=["invalid", "invalid"]) as server:
-        prediction = predict_one(server)
-        assert len(server.message_requests) == 2
-        assert usage_tuple(prediction) == server.served_usage()
-    assert not prediction.ok
-    assert prediction.error.startswith("invalid answer from frontier: ")
-    assert "label" in prediction.error
-    assert prediction.retryable is False
-    assert prediction.label is None and prediction.fields == {}
-
-
 def test_text_instead_of_a_tool_call_is_repaired_as_text() -> None:
     with AnthropicServer([("INVOICE", INVOICE)], faults=["text"]) as server:
         prediction = predict_one(server)
@@ -369,29 +238,12 @@ def test_an_invalid_answer_too_big_to_send_back_is_final_without_a_repair_round(
     assert prediction.usage.output_tokens > 0
 
 
-@pytest.mark.parametrize(
-    ("fault", "expected"),
-    [("max_tokens", "cut off at max_output_tokens=512"), ("refusal", "refused to answer (general_harms)")],
-)
-def test_cut_off_and_refused_answers_are_final_without_a_repair_round(fault: str, expected: str) -> None:
-    with AnthropicServer([("INVOICE", INVOICE)], faults=[fault]) as server:
+def test_a_refusal_names_its_category_and_explanation() -> None:
+    with AnthropicServer([("INVOICE", INVOICE)], faults=["refusal"]) as server:
         prediction = predict_one(server)
-        assert len(server.message_requests) == 1
         assert usage_tuple(prediction) == server.served_usage()
-    assert expected in prediction.error
+    assert prediction.error == "frontier refused to answer (general_harms): Not something I do."
     assert prediction.retryable is False
-    assert prediction.usage.output_tokens > 0
-    assert prediction.label is None and prediction.fields == {}
-
-
-def test_one_failing_row_does_not_disturb_the_others() -> None:
-    with (
-        AnthropicServer([("INVOICE", INVOICE), ("LETTER", LETTER)], faults=["400"]) as server,
-        make_engine(server, max_concurrency=1) as engine,
-    ):
-        first, second = engine.predict([Request("1", "INVOICE"), Request("2", "LETTER")])
-    assert first.error is not None and first.retryable is False
-    assert second.ok and second.label == "letter" and second.fields["total"] is None
 
 
 # ---------------------------------------------------------------------------------------------- usage bound
@@ -528,7 +380,7 @@ def test_extra_body_reaches_the_server() -> None:
     assert body["metadata"] == {"user_id": "docroute-test"}
 
 
-def test_request_body_and_read_message_match_the_wire() -> None:
+def test_request_body_and_read_response_match_the_wire() -> None:
     with AnthropicServer([("INVOICE", INVOICE)], faults=["ok", "invalid", "max_tokens"]) as server:
         with make_engine(server, max_concurrency=1) as engine:
             requests = [Request("a", "INVOICE 1"), Request("b", "INVOICE 2"), Request("c", "INVOICE 3")]
@@ -537,10 +389,10 @@ def test_request_body_and_read_message_match_the_wire() -> None:
             assert engine.request_body(requests[0]) == sent
             engine.predict(requests[1:])
         ok, invalid, cut, _ = (anthropic.types.Message.model_validate(r["response"]) for r in server.message_requests)
-        good = engine.read_message("a", ok)
+        good = engine.read_response("a", ok)
         assert good.ok and good.label == "invoice" and good.fields["total"] == Decimal("1234.50")
         assert good.usage.input_tokens > 0 and good.model == engine.name
-        bad = engine.read_message("b", invalid)
+        bad = engine.read_response("b", invalid)
         assert bad.error.startswith("invalid answer from frontier") and bad.retryable is False
         assert bad.label is None and bad.fields == {}
-        assert "cut off" in engine.read_message("c", cut).error
+        assert "cut off" in engine.read_response("c", cut).error

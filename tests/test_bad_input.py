@@ -287,7 +287,7 @@ def test_every_bad_input_becomes_one_precise_row(
 
     # one row per document: a whole file is one document, a json/jsonl file one per record; no id is shared
     expected = sum(len(case.outcomes) for case in cases)
-    assert len(rows) == expected == summary["documents"]
+    assert len(rows) == expected == summary.documents
     assert len({row["doc_id"] for row in rows}) == len(rows)
 
     prefix = f"file://{source}/"

@@ -71,7 +71,7 @@ def test_calibration_certifies_writes_a_router_and_runs_use_it(tmp_path: Path) -
     assert (rows["router_version"] == router.version).all()
     kept = rows.filter(pl.col("route") == "small")
     if cert.threshold is None:
-        assert kept.height == 0 and summary["deferred"] == 90
+        assert kept.height == 0 and summary.deferred == 90
     else:
         assert (kept["label_confidence"] >= cert.threshold).all()
         escalated = rows.filter(pl.col("route") == "deferred")
@@ -88,7 +88,7 @@ def test_unreachable_target_escalates_everything(tmp_path: Path) -> None:
     router = calibrate(str(job), labels=str(labels))["router"]
     assert router.certificates["label"].threshold is None and not router.meets_target
     summary = process_documents(str(job))
-    assert summary["small"] == 0 and summary["deferred"] == 12
+    assert summary.small == 0 and summary.deferred == 12
     rows = pl.read_parquet(f"{tmp_path}/out/results/**/*.parquet")
     assert rows["route_reason"].str.contains("no certified threshold").all()
 

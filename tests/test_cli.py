@@ -97,3 +97,18 @@ def test_unlock_ends_a_held_lease_and_run_refuses_a_held_output_in_one_line(tmp_
     assert newest is not None and newest.released_by == "forced: docroute unlock"
     held.release("late")  # it lost the output: nothing written
     assert newest_lease(output) == newest
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_missing_source_ends_with_the_source_exit_code_in_one_line(tmp_path: Path) -> None:
+    """A typo in source.url is a failed run a scheduler can see (exit 4), not a successful run of nothing."""
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "name: ok\nsource: {url: no-such-docs}\ntask: {classify: {labels: [{name: a}, {name: b}]}}\n"
+        "output: {url: out}\n"
+    )
+    result = runner.invoke(app, ["run", str(job)])
+    assert result.exit_code == 4, result.output
+    assert f"docroute: source {tmp_path / 'no-such-docs'} does not exist" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out" / "manifests").exists()  # nothing committed

@@ -17,7 +17,8 @@ from corpus import topic_job_yaml
 from docroute.schemas.documents import LISTING_SCHEMA
 from docroute.schemas.load import load_job
 from docroute.schemas.spec import JobSpec
-from docroute.tasks.account.ledger import run_record
+from docroute.schemas.summary import RunSummary
+from docroute.tasks.account.ledger import RUN_SCHEMA, run_record
 from docroute.tasks.account.report import write_ledger
 from docroute.tasks.store.plan import Executor, RunPlan, clean_up_after_commit, make_plan, write_plan
 from docroute.tasks.store.write import write_json, write_parquet
@@ -104,3 +105,12 @@ def test_a_retried_commit_rewrites_its_manifest_instead_of_adding_one(tmp_path: 
         write_ledger.fn(spec, record, [], [], manifest=manifest, plan_id="r1")
     manifests = list((Path(spec.output.url) / "manifests").glob("*.json"))
     assert len(manifests) == 1 and json.loads(manifests[0].read_text())["plan_id"] == "r1"
+
+
+def test_the_run_summary_carries_every_figure_of_the_run_row(tmp_path: Path) -> None:
+    spec = _spec(tmp_path)
+    now = datetime.now(UTC)
+    record = run_record(spec, [], run_id="r1", run_date=DAY, started_at=now, finished_at=now, parts=0)
+    # the row counts its parts; the summary lists them (CommittedPart), under the same name
+    assert set(record) == set(RUN_SCHEMA.names)
+    assert set(RUN_SCHEMA.names) - {"parts"} <= set(RunSummary.model_fields)

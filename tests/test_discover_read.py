@@ -12,12 +12,14 @@ import pytest
 from corpus import COOKING, SPORTS, WEATHER, topic_job_yaml
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
+from s3_server import KEY, SECRET, make_bucket
 
 from docroute.flows.process import process_documents
 from docroute.schemas.documents import cut_shards
+from docroute.schemas.errors import ExitCode
 from docroute.schemas.load import load_job
 from docroute.schemas.spec import SourceSpec
-from docroute.tasks.ingest.discover import _etagger, list_documents
+from docroute.tasks.ingest.discover import SourceNotFoundError, _etagger, list_documents
 from docroute.tasks.ingest.read import document_id, read_documents
 from docroute.tasks.store.current import current_rows
 
@@ -48,6 +50,27 @@ def test_a_single_file_url_lists_itself(tmp_path: Path) -> None:
     _tree(tmp_path)
     refs = list_documents(SourceSpec(url=str(tmp_path / "a.txt")))
     assert [Path(r.uri).name for r in refs] == ["a.txt"]
+
+
+def test_a_source_that_does_not_exist_is_an_error_not_an_empty_listing(tmp_path: Path) -> None:
+    """A typo or an unmounted disk must not end as a successful run of zero documents."""
+    with pytest.raises(SourceNotFoundError, match="does not exist") as missing:
+        list_documents(SourceSpec(url=str(tmp_path / "no-such-folder")))
+    assert missing.value.exit_code == ExitCode.SOURCE
+    (tmp_path / "empty").mkdir()
+    assert list_documents(SourceSpec(url=str(tmp_path / "empty"))) == []  # there, and empty: no documents
+
+
+def test_an_empty_prefix_is_empty_but_a_missing_bucket_is_an_error(s3_endpoint: str) -> None:
+    fs = make_bucket(s3_endpoint, "listing-edges")
+    fs.pipe("listing-edges/in/a.txt", b"hello")
+    access = {"endpoint_url": s3_endpoint, "region": "us-east-1", "key": KEY, "secret": SECRET}
+    listed = list_documents(SourceSpec.model_validate({"url": "s3://listing-edges/in", "s3": access}))
+    assert [r.uri for r in listed] == ["s3://listing-edges/in/a.txt"]
+    empty = SourceSpec.model_validate({"url": "s3://listing-edges/nothing-yet", "s3": access})
+    assert list_documents(empty) == []  # objects may simply not have arrived
+    with pytest.raises(SourceNotFoundError, match="bucket 'no-such-bucket'"):
+        list_documents(SourceSpec.model_validate({"url": "s3://no-such-bucket/in", "s3": access}))
 
 
 def test_shards_are_consecutive_and_complete(tmp_path: Path) -> None:
@@ -175,10 +198,10 @@ def test_a_content_detecting_job_reprocesses_a_same_size_edit_with_its_mtime_res
     job.write_text(yaml.replace("  max_bytes:", "  change_detection: content\n  max_bytes:", 1), encoding="utf-8")
 
     first = process_documents(str(job))
-    assert first["documents"] == 3
+    assert first.documents == 3
     _same_size_edit_keeping_mtime(source / "b.txt", WEATHER.replace("rain", "hail"))
     second = process_documents(str(job))
-    assert second["documents"] == 1 and second["up_to_date"] == 2
+    assert second.documents == 1 and second.up_to_date == 2
     current = current_rows(load_job(job).output)
     edited = current.filter(pl.col("source_uri").str.ends_with("b.txt"))
-    assert edited["run_id"].item() == second["run_id"]
+    assert edited["run_id"].item() == second.run_id

@@ -9,24 +9,22 @@ import pytest
 from docroute.engines.base import EngineError, EngineUnavailableError, ExchangeRefusedError
 from docroute.engines.extract.ranker import RankerMismatchError, RankerTrainingError
 from docroute.engines.local.remote_encoders import EmbeddingsRequestError, EmbeddingsResponseError
-from docroute.engines.remote.anthropic import _CutShortError as AnthropicCutShortError
-from docroute.engines.remote.anthropic import _FinalAnswerError as AnthropicFinalAnswerError
-from docroute.engines.remote.loop_thread import FinalAnswerError, SlotUnavailableError
-from docroute.engines.remote.openai_compat import _CutShortError as OpenAICutShortError
-from docroute.engines.remote.openai_compat import _FinalAnswerError as OpenAIFinalAnswerError
+from docroute.engines.remote.client_base import CutShortError, FinalAnswerError, SlotUnavailableError
 from docroute.engines.scoring.prompts import AnswerError
 from docroute.flows.runners import RunnerUnavailableError
 from docroute.schemas.candidates import CandidatesFileError
-from docroute.schemas.errors import DocrouteError, InputError, StateError
+from docroute.schemas.errors import DocrouteError, ExitCode, InputError, SourceError, StateError, StorageError
 from docroute.schemas.load import JobSpecError, load_job
 from docroute.schemas.pricing import UnknownModelPriceError, lookup_price
 from docroute.schemas.values import ValueCoercionError
+from docroute.tasks.ingest.discover import SourceNotFoundError, SourceUnavailableError
 from docroute.tasks.ingest.examples import ExamplesFileError
 from docroute.tasks.ingest.labels import LabelsFileError
 from docroute.tasks.learn.training import TrainingDataError
 from docroute.tasks.model.heads import HeadMissingError
 from docroute.tasks.model.infer import ConcurrencyLimitMissingError
 from docroute.tasks.store.lease import LeaseLostError, RunInProgressError
+from docroute.tasks.store.write import OutputWriteError
 
 # (class, the docroute base it now has, the base it had before and must keep)
 HIERARCHY: list[tuple[type[Exception], type[DocrouteError], type[Exception]]] = [
@@ -37,11 +35,8 @@ HIERARCHY: list[tuple[type[Exception], type[DocrouteError], type[Exception]]] = 
     (EmbeddingsRequestError, DocrouteError, EngineError),
     (EmbeddingsResponseError, DocrouteError, EngineError),
     (FinalAnswerError, DocrouteError, Exception),
-    (AnthropicFinalAnswerError, DocrouteError, FinalAnswerError),
-    (OpenAIFinalAnswerError, DocrouteError, FinalAnswerError),
     (AnswerError, DocrouteError, ValueError),
-    (AnthropicCutShortError, DocrouteError, AnswerError),
-    (OpenAICutShortError, DocrouteError, AnswerError),
+    (CutShortError, DocrouteError, AnswerError),
     (RankerMismatchError, DocrouteError, ValueError),
     (RankerTrainingError, InputError, ValueError),
     (ValueCoercionError, DocrouteError, ValueError),
@@ -56,6 +51,9 @@ HIERARCHY: list[tuple[type[Exception], type[DocrouteError], type[Exception]]] = 
     (HeadMissingError, StateError, FileNotFoundError),
     (RunInProgressError, StateError, RuntimeError),
     (LeaseLostError, StateError, RuntimeError),
+    (SourceNotFoundError, SourceError, FileNotFoundError),
+    (SourceUnavailableError, SourceError, OSError),
+    (OutputWriteError, StorageError, OSError),
 ]
 
 
@@ -81,9 +79,14 @@ def test_every_error_is_a_docroute_error_and_keeps_its_old_base(
 
 
 def test_only_one_kind_per_error() -> None:
-    """An error is user input or output state, never both."""
+    """An error is user input, output state, the source or the storage: never two of them (one exit code)."""
     for cls, _, _ in HIERARCHY:
-        assert not (issubclass(cls, InputError) and issubclass(cls, StateError)), cls
+        assert sum(issubclass(cls, kind) for kind in (InputError, StateError, SourceError, StorageError)) <= 1, cls
+
+
+def test_transient_engine_failures_say_try_again_later() -> None:
+    assert ExchangeRefusedError.exit_code is SlotUnavailableError.exit_code is ExitCode.TEMPORARY
+    assert EngineUnavailableError.exit_code is ExitCode.ENGINE  # a missing model stays missing
 
 
 def test_messages_unchanged() -> None:

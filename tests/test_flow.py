@@ -15,11 +15,12 @@ from oracle_server import OracleServer
 from docroute.flows.process import process_documents
 from docroute.schemas.load import load_job
 from docroute.schemas.rows import result_schema
+from docroute.schemas.summary import RunSummary
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
-def _run(tmp_path: Path, extra: str = "", name: str = "job") -> tuple[dict, pl.DataFrame, dict]:
+def _run(tmp_path: Path, extra: str = "", name: str = "job") -> tuple[RunSummary, pl.DataFrame, dict]:
     source = tmp_path / "docs"
     gold = build_topic_corpus(source) if not source.exists() else None
     job = tmp_path / f"{name}.yaml"
@@ -37,7 +38,7 @@ def _key(row: dict) -> str:
 def test_every_document_becomes_exactly_one_typed_row(tmp_path: Path) -> None:
     summary, rows, gold = _run(tmp_path)
     assert sorted(_key(r) for r in rows.to_dicts()) == sorted(gold)
-    assert rows["doc_id"].n_unique() == rows.height == summary["documents"] == len(gold)
+    assert rows["doc_id"].n_unique() == rows.height == summary.documents == len(gold)
     by_key = {_key(r): r for r in rows.to_dicts()}
     for key, label in gold.items():
         row = by_key[key]
@@ -112,7 +113,7 @@ output: {{url: {tmp_path / "out"}}}
         encoding="utf-8",
     )
     summary = process_documents(str(job))
-    assert summary["documents"] == 2 and summary["error"] == 0
+    assert summary.documents == 2 and summary.error == 0
     rows = pl.read_parquet(f"{tmp_path}/out/results/**/*.parquet").sort("source_uri")
     assert rows.schema["total"] == pl.Decimal(12, 2)
     assert rows.schema["invoice_date"] == pl.Date
@@ -136,17 +137,17 @@ output: {{url: {tmp_path / "out"}}}
 
 def test_ledger_and_manifest_match_the_rows(tmp_path: Path) -> None:
     summary, rows, _ = _run(tmp_path)
-    manifest = json.loads(Path(summary["manifest"]).read_text())
+    manifest = json.loads(Path(summary.manifest).read_text())
     assert sum(p["rows"] for p in manifest["parts"]) == rows.height
     assert {Path(p["url"]).name for p in manifest["parts"]} == {
         Path(p).name for p in Path(tmp_path / "out-job" / "results").rglob("*.parquet")
     }
-    costs = pl.read_parquet(summary["costs"])
+    costs = pl.read_parquet(summary.costs)
     small = costs.filter(pl.col("role") == "small")
     assert small["documents"].sum() == rows.height
     assert small["input_tokens"].sum() == rows["small_input_tokens"].sum()
     assert abs(small["engine_seconds"].sum() - rows["engine_seconds"].sum()) < 1e-6
-    run = pl.read_parquet(summary["runs"]).to_dicts()[0]
+    run = pl.read_parquet(summary.runs).to_dicts()[0]
     assert run["documents"] == rows.height
     for route in ("small", "frontier", "deferred", "error"):
         assert run[route] == rows.filter(pl.col("route") == route).height
@@ -177,7 +178,7 @@ def test_low_confidence_rows_are_answered_by_the_frontier(tmp_path: Path) -> Non
         summary, rows, gold = _run(tmp_path, _frontier_block(server, threshold=1.0))
         calls = len(server.chat_requests)
     readable = [k for k, v in gold.items() if v]
-    assert summary["frontier"] == len(readable) == calls
+    assert summary.frontier == len(readable) == calls
     by_key = {_key(r): r for r in rows.to_dicts()}
     for key in readable:
         row = by_key[key]
@@ -186,12 +187,12 @@ def test_low_confidence_rows_are_answered_by_the_frontier(tmp_path: Path) -> Non
         assert row["frontier_input_tokens"] > 0 and row["frontier_cost_usd"] > 0
         assert row["cost_usd"] == pytest.approx(row["small_cost_usd"] + row["frontier_cost_usd"])
         assert json.loads(row["small_answer"])["label"] in ("sports", "weather", "cooking")
-    costs = pl.read_parquet(summary["costs"])
+    costs = pl.read_parquet(summary.costs)
     frontier_spend = costs.filter(pl.col("role") == "frontier")["cost_usd"].sum()
     assert frontier_spend == pytest.approx(rows["frontier_cost_usd"].sum())
-    assert summary["frontier_cost_usd"] == pytest.approx(frontier_spend)
-    assert summary["all_frontier_usd"] >= frontier_spend > 0
-    assert costs["all_frontier_usd"].sum() == pytest.approx(summary["all_frontier_usd"])
+    assert summary.frontier_cost_usd == pytest.approx(frontier_spend)
+    assert summary.all_frontier_usd >= frontier_spend > 0
+    assert costs["all_frontier_usd"].sum() == pytest.approx(summary.all_frontier_usd)
     labels = pl.read_parquet(f"{tmp_path}/out-job/labels/**/*.parquet")  # every frontier answer kept as a label
     assert labels.height == len(readable) and set(labels["kind"]) == {"escalation"}
     assert set(labels["model"]) == {"openai_compatible:oracle-1"}
@@ -217,7 +218,7 @@ def test_budget_cap_defers_the_rest_and_is_never_exceeded(tmp_path: Path) -> Non
     spent = rows["frontier_cost_usd"].sum()
     assert spent <= cap
     assert spent >= cap - one_call  # deferred only once what is left could not pay for one more call
-    assert summary["frontier"] >= 2
+    assert summary.frontier >= 2
     budget_deferred = rows.filter(pl.col("route_reason").str.contains("budget exhausted"))
     assert budget_deferred.height >= 1 and (budget_deferred["route"] == "deferred").all()
     assert budget_deferred["label"].is_not_null().all()  # the small model's answer is kept
@@ -281,7 +282,7 @@ routing:
     with OracleServer(ORACLE) as server:
         server.hold_batches = True
         first = process_documents(job(source, server))
-        assert first["deferred"] == len(readable) and first["frontier"] == 0
+        assert first.deferred == len(readable) and first.frontier == 0
         assert len(server.batches) == 1 and not server.chat_requests  # nothing sent synchronously
         (batch,) = server.batches.values()
         assert batch["endpoint"] == "/v1/chat/completions" and batch["completion_window"] == "24h"
@@ -293,12 +294,12 @@ routing:
         assert not list((output / "state" / "frontier_batches" / "staging").rglob("*.jsonl"))
 
         waiting = process_documents(job(empty, server))  # still in progress: nothing changes
-        assert waiting["documents"] == 0
+        assert waiting.documents == 0
 
         server.complete_batches()
         collected = process_documents(job(empty, server))
         price = load_job(Path(job(empty, server))).frontier.unit_price
-    assert collected["frontier"] == len(readable) and collected["documents"] == len(readable)
+    assert collected.frontier == len(readable) and collected.documents == len(readable)
     rows = pl.read_parquet(f"{output}/results/**/*.parquet")
     latest = rows.sort("processed_at").group_by("doc_id").last()
     assert latest.height == len(gold)
@@ -331,15 +332,15 @@ def test_audits_check_kept_rows_and_warn_when_agreement_is_low(tmp_path: Path) -
         summary, rows, gold = _run(tmp_path, extra, name="audit")
     readable = {k for k, v in gold.items() if v}
     by_key = {_key(r): r for r in rows.to_dicts()}
-    assert summary["audited"] == len(readable) == rows["audited"].sum()
+    assert summary.audited == len(readable) == rows["audited"].sum()
     for key in readable:
         row = by_key[key]
         small_label = json.loads(row["small_answer"])["label"]
         assert row["audit_agrees"] == (small_label == "cooking")
         assert row["route"] == ("small" if small_label == "cooking" else "frontier")
         assert row["label"] == "cooking" and row["frontier_cost_usd"] > 0
-    assert summary["audit_agreement"] == pytest.approx(rows["audit_agrees"].sum() / len(readable))
-    assert summary["audit_agreement"] < 0.95
+    assert summary.audit_agreement == pytest.approx(rows["audit_agrees"].sum() / len(readable))
+    assert summary.audit_agreement < 0.95
     labels = pl.read_parquet(f"{tmp_path}/out-audit/labels/**/*.parquet")
     assert labels.height == len(readable) and set(labels["kind"]) == {"audit"}
     assert set(labels["label"]) == {"cooking"}  # the frontier's answer, agreeing or not

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from docroute.flows.process import process_documents
 from docroute.schemas.spec import RunnerSpec
+from docroute.schemas.summary import RunSummary
 from docroute.tasks.answer.budget import AllowanceBook
 from docroute.tasks.model.infer import ConcurrencyLimitMissingError
 
@@ -31,7 +32,7 @@ def _run(tmp_path: Path, name: str, extra: str, *, shard_size: int = 4) -> pl.Da
     return _run_with_summary(tmp_path, name, extra, shard_size=shard_size)[0]
 
 
-def _run_with_summary(tmp_path: Path, name: str, extra: str, *, shard_size: int = 4) -> tuple[pl.DataFrame, dict]:
+def _run_with_summary(tmp_path: Path, name: str, extra: str, *, shard_size: int = 4) -> tuple[pl.DataFrame, RunSummary]:
     source = tmp_path / "docs"
     if not source.exists():
         build_topic_corpus(source)
@@ -76,8 +77,8 @@ def _worst_call_usd(tmp_path: Path, frontier: str) -> float:
 def test_a_local_dask_cluster_writes_the_same_rows_as_threads(tmp_path: Path) -> None:
     threads = _run(tmp_path, "threads", "runner: {kind: threads, max_workers: 2}\n")
     dask, summary = _run_with_summary(tmp_path, "dask", DASK, shard_size=2)
-    assert len(summary["parts"]) >= 5 and 1 <= summary["worker_processes"] <= 2
-    assert summary["engines_built"] == summary["worker_processes"]  # the model loaded once per worker process
+    assert len(summary.parts) >= 5 and 1 <= summary.worker_processes <= 2
+    assert summary.engines_built == summary.worker_processes  # the model loaded once per worker process
     assert dask.height == threads.height >= 10
     assert dask.select(COMPARED).equals(threads.select(COMPARED))
     both = threads.select("source_uri", "record_key", "label_confidence").join(
@@ -156,5 +157,5 @@ def test_a_local_ray_writes_the_same_rows_as_threads(tmp_path: Path) -> None:
     ray_runner = "runner: {kind: ray, max_workers: 2, ray: {num_cpus: 1, num_gpus: 0}}\n"
     ray, summary = _run_with_summary(tmp_path, "ray", ray_runner, shard_size=2)
     assert ray.select(COMPARED).equals(threads.select(COMPARED))
-    assert len(summary["parts"]) >= 5 and 1 <= summary["worker_processes"] <= 2
-    assert summary["engines_built"] == summary["worker_processes"]  # Ray keeps its workers: one load each
+    assert len(summary.parts) >= 5 and 1 <= summary.worker_processes <= 2
+    assert summary.engines_built == summary.worker_processes  # Ray keeps its workers: one load each

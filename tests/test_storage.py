@@ -53,31 +53,31 @@ def test_s3_source_and_output_incremental_runs_and_no_leaked_secret(tmp_path: Pa
     job = _s3_job(tmp_path, s3_endpoint, "incremental")
 
     first = process_documents(str(job))
-    assert first["documents"] == 5 and first["listed"] == 5 and first["up_to_date"] == 0
+    assert first.documents == 5 and first.listed == 5 and first.up_to_date == 0
     fs.invalidate_cache()
     parts = [p for p in fs.find("incremental/out/results") if p.endswith(".parquet")]
     assert parts and fs.exists("incremental/out/manifests")
 
     second = process_documents(str(job))  # nothing changed in the bucket
-    assert second["documents"] == 0 and second["up_to_date"] == 5 and second["parts"] == []
+    assert second.documents == 0 and second.up_to_date == 5 and second.parts == ()
 
     _put_docs(fs, "incremental", 5, 3)
     third = process_documents(str(job))
-    assert third["documents"] == 3 and third["up_to_date"] == 5
+    assert third.documents == 3 and third.up_to_date == 5
 
     fs.pipe("incremental/in/doc-001.txt", f"{COOKING} (rewritten)\n".encode())  # a changed object: new ETag
     fourth = process_documents(str(job))
-    assert fourth["documents"] == 1 and fourth["up_to_date"] == 7
+    assert fourth.documents == 1 and fourth.up_to_date == 7
 
     current = current_rows(load_job(job).output)
     assert current.height == 8 and current["doc_id"].n_unique() == 8
     rewritten = current.filter(pl.col("source_uri").str.ends_with("doc-001.txt"))
-    assert rewritten["run_id"].item() == fourth["run_id"]  # the current row is the newest answer
+    assert rewritten["run_id"].item() == fourth.run_id  # the current row is the newest answer
     history = _all_committed_rows(job)
     assert history.height == 9  # the old answer to doc-001 stays in the history, superseded
 
     refreshed = process_documents(str(job), full_refresh=True)
-    assert refreshed["documents"] == 8
+    assert refreshed.documents == 8
 
     fs.invalidate_cache()
     for path in fs.find("incremental/out"):  # parquet, json manifests, plans, state: no credential anywhere
@@ -112,17 +112,17 @@ def test_a_crash_after_k_shards_then_a_rerun_gives_exactly_one_row_per_document(
 
     _put_docs(fs, "crash", 8, 1)  # the bucket grows before the re-run
     rerun = process_documents(str(job))
-    assert rerun["resumed_from"] is not None
-    assert sum(p["reused"] for p in rerun["parts"]) == 2  # the finished shards are not recomputed
-    assert rerun["documents"] == 9
+    assert rerun.resumed_from is not None
+    assert sum(p.reused for p in rerun.parts) == 2  # the finished shards are not recomputed
+    assert rerun.documents == 9
 
     history = _all_committed_rows(job)
     assert history.height == 9 and history["doc_id"].n_unique() == 9
     fs.invalidate_cache()
     everything = [p for p in fs.find("crash/out/results") if p.endswith(".parquet")]
-    assert len(everything) == len(rerun["parts"])  # no orphan part left for a glob reader to double count
+    assert len(everything) == len(rerun.parts)  # no orphan part left for a glob reader to double count
     assert not [p for p in fs.find("crash/out/state/plans")]  # the adopted plan is closed
-    assert process_documents(str(job))["documents"] == 0
+    assert process_documents(str(job)).documents == 0
 
 
 def test_frontier_outage_defers_then_the_next_run_retries_the_deferred_rows_first(tmp_path: Path) -> None:
@@ -146,20 +146,20 @@ routing:
         job = tmp_path / "job.yaml"
         job.write_text(topic_job_yaml(docs, tmp_path / "out", extra=frontier), encoding="utf-8")
         first = process_documents(str(job))
-        assert first["deferred"] == 4 and first["frontier"] == 0
+        assert first.deferred == 4 and first.frontier == 0
         second = process_documents(str(job))
-    assert second["retried"] == 4 and second["documents"] == 4 and second["frontier"] == 4
+    assert second.retried == 4 and second.documents == 4 and second.frontier == 4
     current = current_rows(load_job(job).output)
     assert current.height == 4 and (current["route"] == "frontier").all()
     last = process_documents(str(job))
-    assert last["documents"] == 0  # nothing left to retry
+    assert last.documents == 0  # nothing left to retry
 
     import duckdb  # the README's warehouse query gives the same current rows
 
     out = load_job(job).output.url
     query = (
         f"SELECT r.doc_id, r.route FROM read_parquet('{out}/results/**/*.parquet', filename = true) r "
-        f"JOIN read_parquet('{last['state']}') s ON r.doc_id = s.doc_id AND r.filename = s.part_url"
+        f"JOIN read_parquet('{last.state}') s ON r.doc_id = s.doc_id AND r.filename = s.part_url"
     )
     found = duckdb.sql(query).fetchall()
     assert len(found) == 4 and {route for _, route in found} == {"frontier"}
@@ -203,7 +203,7 @@ def test_transient_storage_errors_are_retried_by_prefect_and_lose_nothing(tmp_pa
     job.write_text(text.replace("  url: /placeholder-in\n", "  url: flakymem:///flaky-corpus\n"), encoding="utf-8")
     summary = process_documents(str(job))
     assert flaky.reads == 2  # the shard failed once and its retry succeeded
-    assert summary["documents"] == 3 and summary["error"] == 0
+    assert summary.documents == 3 and summary.error == 0
     rows = current_rows(load_job(job).output)
     assert rows.height == 3 and rows["error"].is_null().all()
 
@@ -233,7 +233,7 @@ def test_a_second_run_over_the_same_output_refuses_while_the_first_is_running(
 
     monkeypatch.setattr(process_module, "update_progress", start_another_run_mid_way)
     summary = process_documents(str(job))
-    assert len(refusals) == 1 and "never overlap" in refusals[0] and summary["run_id"] in refusals[0]
+    assert len(refusals) == 1 and "never overlap" in refusals[0] and summary.run_id in refusals[0]
     rows = current_rows(load_job(job).output)
     assert rows.height == 2 and rows["doc_id"].n_unique() == 2  # the first run was not disturbed
 

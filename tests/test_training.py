@@ -154,8 +154,8 @@ def test_two_rounds_escalate_less_at_the_same_certified_accuracy(tmp_path: Path)
         calibrate(job2, oracle="frontier", sample=40)  # recalibrating certifies the promoted head, not the old one
         recalibrated = load_router(load_job(Path(job2)))
 
-    labels = pl.read_parquet(f"{output}/labels/**/*.parquet").filter(pl.col("run_id") == run1["run_id"])
-    assert labels.height == run1["frontier"] + run1["audited"] - _audited_and_replaced(output, run1["run_id"])
+    labels = pl.read_parquet(f"{output}/labels/**/*.parquet").filter(pl.col("run_id") == run1.run_id)
+    assert labels.height == run1.frontier + run1.audited - _audited_and_replaced(output, run1.run_id)
     assert result["holdout"] >= 60 and result["train_labels"] > 0
     comparison = result["comparison"]
     assert comparison["current"]["target_accuracy"] == comparison["candidate"]["target_accuracy"] == 0.8
@@ -164,17 +164,15 @@ def test_two_rounds_escalate_less_at_the_same_certified_accuracy(tmp_path: Path)
     assert comparison["candidate"]["lower_bound"] >= 0.8  # the promoted head's certificate meets the target
 
     assert router1 is not None and router1.head_version == result["version"] == router1.version
-    assert Path(result["head"]).exists() and run2["router_version"] == router1.version
-    assert run2["head_version"] == router1.head_version and run1["head_version"] is None
+    assert Path(result["head"]).exists() and run2.router_version == router1.version
+    assert run2.head_version == router1.head_version and run1.head_version is None
     assert recalibrated is not None and recalibrated.version != router1.version
     assert recalibrated.head_version == router1.head_version
 
-    escalation1 = (run1["frontier"] + run1["deferred"] - _audited_and_replaced(output, run1["run_id"])) / 200
-    escalation2 = (run2["frontier"] + run2["deferred"] - _audited_and_replaced(output, run2["run_id"])) / 200
+    escalation1 = (run1.frontier + run1.deferred - _audited_and_replaced(output, run1.run_id)) / 200
+    escalation2 = (run2.frontier + run2.deferred - _audited_and_replaced(output, run2.run_id)) / 200
     assert escalation2 < escalation1, (escalation1, escalation2)
-    assert run1["escalation_rate"] == pytest.approx(escalation1) and run2["escalation_rate"] == pytest.approx(
-        escalation2
-    )
+    assert run1.escalation_rate == pytest.approx(escalation1) and run2.escalation_rate == pytest.approx(escalation2)
     trend = version_trend(read_run_records(load_job(Path(job2))))  # the ledger by version, as the UI shows it
     assert [(t["router_version"], t["runs"], t["documents"]) for t in trend] == [
         (router0.version, 1, 200),
@@ -184,7 +182,7 @@ def test_two_rounds_escalate_less_at_the_same_certified_accuracy(tmp_path: Path)
     assert [t["escalation_rate"] for t in trend] == pytest.approx([escalation1, escalation2], abs=1e-4)
     assert trend[1]["cost_per_1k_docs_usd"] < trend[0]["cost_per_1k_docs_usd"]
     assert "distil-versions" in _artifact_keys()
-    accuracy2, kept2 = _kept_accuracy(output, run2["run_id"], gold)
+    accuracy2, kept2 = _kept_accuracy(output, run2.run_id, gold)
     assert kept2 > 0 and accuracy2 >= 0.8, (accuracy2, kept2)
 
     finetune = [json.loads(line) for line in Path(result["finetune"]["train"]).read_text().splitlines()]

@@ -533,9 +533,9 @@ class OpenAICompatibleEncoder:
 
     def _request_error(self, exc: openai.OpenAIError) -> EmbeddingsRequestError:
         """A clear, key-free error for a request the SDK gave up on."""
-        from docroute.engines.remote.openai_failure import sdk_failure
+        from docroute.engines.remote.openai_compat import OPENAI_ERRORS
 
-        failure = sdk_failure(exc)
+        failure = OPENAI_ERRORS.read(exc)
         detail = failure.message
         if failure.status is not None:
             detail = f"HTTP {failure.status}: {detail}"

@@ -1,3 +1,3 @@
-"""HTTP back ends: the OpenAI-compatible and Anthropic engines on one async client base, the batch API and SDK failure
-reading.
+"""HTTP back ends: the OpenAI-compatible and Anthropic engines on one client base (client_base.py), and the OpenAI
+batch API.
 """

@@ -2,7 +2,7 @@
 
 Batch requests cost half the synchronous price and are answered within 24 hours. The request bodies are built by
 the synchronous engine (`OpenAICompatibleEngine.request_body`), so a batched answer is the same call, validated
-the same way (`read_completion`); the file format is the one `vllm run-batch` reads too.
+the same way (`read_response`); the file format is the one `vllm run-batch` reads too.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ class OpenAIBatchFrontier:
                     response = item.get("response") or {}
                     if response.get("status_code") == 200 and isinstance(response.get("body"), dict):
                         completion = ChatCompletion.model_validate(response["body"])
-                        answers[custom_id] = self.engine.read_completion(custom_id, completion)
+                        answers[custom_id] = self.engine.read_response(custom_id, completion)
                     else:
                         error = item.get("error") or (response.get("body") or {}).get("error") or {}
                         message = error.get("message") if isinstance(error, dict) else str(error)

@@ -7,7 +7,7 @@ own escalations measured, so "savings" compares like with like.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import date, datetime
 from typing import Any
 
@@ -17,37 +17,10 @@ import pyarrow.compute as pc
 from docroute.engines.scoring.prompts import chat_messages
 from docroute.schemas.pricing import ModelPrice
 from docroute.schemas.spec import JobSpec
+from docroute.schemas.summary import LedgerEntry
 
 CHARS_PER_TOKEN = 4.0
 """Fallback characters per token for the counterfactual when no row reached the frontier in this run."""
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerEntry:
-    """Spend of one model on the rows of one route."""
-
-    route: str
-    role: str  # "small" or "frontier"
-    model: str
-    documents: int
-    input_tokens: int
-    output_tokens: int
-    cost_usd: float
-    engine_seconds: float
-    input_chars: int
-
-    def __add__(self, other: LedgerEntry) -> LedgerEntry:
-        return LedgerEntry(
-            self.route,
-            self.role,
-            self.model,
-            self.documents + other.documents,
-            self.input_tokens + other.input_tokens,
-            self.output_tokens + other.output_tokens,
-            self.cost_usd + other.cost_usd,
-            self.engine_seconds + other.engine_seconds,
-            self.input_chars + other.input_chars,
-        )
 
 
 def _frontier_model(spec: JobSpec) -> str:

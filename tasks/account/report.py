@@ -8,6 +8,7 @@ manifest exists has all its parts committed.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import MissingContextError
 
 from docroute.schemas.spec import JobSpec
-from docroute.tasks.account.ledger import RUN_SCHEMA, LedgerEntry, cost_table
+from docroute.schemas.summary import CommittedPart, LedgerEntry
+from docroute.tasks.account.ledger import RUN_SCHEMA, cost_table
 from docroute.tasks.account.trend import read_run_records, version_trend
 from docroute.tasks.store.state import prune_snapshots
 from docroute.tasks.store.write import write_json, write_parquet
@@ -130,7 +132,7 @@ def write_ledger(
     spec: JobSpec,
     record: dict[str, Any],
     entries: list[LedgerEntry],
-    parts: list[dict[str, Any]],
+    parts: Sequence[CommittedPart],
     *,
     manifest: str,
     plan_id: str,
@@ -153,7 +155,14 @@ def write_ledger(
     write_json(
         spec.output,
         manifest,
-        {"run": record, "plan_id": plan_id, "parts": parts, "costs": costs, "runs": runs, "state": snapshot},
+        {
+            "run": record,
+            "plan_id": plan_id,
+            "parts": [part.model_dump() for part in parts],
+            "costs": costs,
+            "runs": runs,
+            "state": snapshot,
+        },
     )
     if snapshot is not None:  # readers part-way through the previous snapshot keep it; older ones go
         prune_snapshots(spec.output, [snapshot, *([previous_snapshot] if previous_snapshot else [])])

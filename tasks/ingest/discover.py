@@ -30,9 +30,36 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import glob_translate
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import State
 
 from docroute.schemas.documents import LISTING_SCHEMA, DocumentRef, refs_of
+from docroute.schemas.errors import SourceError
 from docroute.schemas.spec import JobSpec, SourceSpec
+
+
+class SourceNotFoundError(SourceError, FileNotFoundError):
+    """The source's folder, file or bucket does not exist: a typo or an unmounted disk, never "no documents"."""
+
+
+class SourceUnavailableError(SourceError, OSError):
+    """The source exists but could not be listed (no permission, the store unreachable after retries)."""
+
+
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss", "r2"})
+"""Where a prefix is only a name: it exists once an object is under it, so an empty one is an empty listing."""
+
+
+def _check_source_exists(source: SourceSpec, fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """Refuse a source that is not there, rather than list it as empty and report success with zero documents."""
+    if fs.exists(root):
+        return
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & OBJECT_STORES:
+        bucket = root.strip("/").split("/", 1)[0]
+        if bucket != root.strip("/") and fs.exists(bucket):
+            return  # an empty prefix of a bucket that exists
+        raise SourceNotFoundError(f"source {source.url}: the bucket {bucket!r} does not exist or is not visible")
+    raise SourceNotFoundError(f"source {source.url} does not exist")
 
 
 def source_filesystem(source: SourceSpec) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -137,8 +164,14 @@ def iter_listing(source: SourceSpec, *, exclude_prefix: str | None = None) -> It
     """
     fs, root = source_filesystem(source)
     fs.invalidate_cache(root)  # s3fs and friends cache listings per process: a scheduled run must see new objects
-    with _etagger(source, fs) as etags:
-        yield from _walk(source, fs, root, etags, exclude_prefix)
+    try:
+        _check_source_exists(source, fs, root)
+        with _etagger(source, fs) as etags:
+            yield from _walk(source, fs, root, etags, exclude_prefix)
+    except SourceError:
+        raise
+    except OSError as exc:  # s3fs and fsspec translate store failures to OSError subclasses
+        raise SourceUnavailableError(f"cannot list source {source.url}: {type(exc).__name__}: {exc}") from exc
 
 
 def _walk(
@@ -197,7 +230,18 @@ def _table(found: Found, fs: fsspec.AbstractFileSystem, etags: list[str | None])
     )
 
 
-@task(name="discover-documents", retries=3, retry_delay_seconds=[1, 5, 20], cache_policy=NO_CACHE)
+def _worth_retrying(_task: object, _task_run: object, state: State[Any]) -> bool:
+    """A source that does not exist will not appear in 26 seconds: fail at once; retry everything else."""
+    return not isinstance(state.data, SourceNotFoundError)
+
+
+@task(
+    name="discover-documents",
+    retries=3,
+    retry_delay_seconds=[1, 5, 20],
+    retry_condition_fn=_worth_retrying,
+    cache_policy=NO_CACHE,
+)
 def discover_documents(spec: JobSpec, spill_path: str) -> int:
     """List the source into a local Arrow file, folder by folder; returns the number of files.
 

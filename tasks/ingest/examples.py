@@ -2,38 +2,15 @@
 
 from __future__ import annotations
 
-import io
-
-import fsspec
 import polars as pl
 
 from docroute.schemas.errors import InputError
 from docroute.schemas.spec import ClassifySpec, ExtractExample, ExtractSpec
+from docroute.tasks.ingest.tables import read_table_file
 
 
 class ExamplesFileError(InputError, ValueError):
     """An examples file that cannot be used; the message names the file and the problem."""
-
-
-def _read_frame(path: str) -> pl.DataFrame:
-    try:
-        with fsspec.open(path, "rb") as handle:
-            data = handle.read()
-    except (OSError, ValueError) as exc:
-        raise ExamplesFileError(f"cannot read examples file {path}: {exc}") from exc
-    suffix = path.lower().rsplit(".", 1)[-1]
-    try:
-        if suffix == "csv":
-            frame = pl.read_csv(io.BytesIO(data), infer_schema=False)
-        elif suffix in ("jsonl", "ndjson"):
-            frame = pl.read_ndjson(io.BytesIO(data))
-        elif suffix == "parquet":
-            frame = pl.read_parquet(io.BytesIO(data))
-        else:
-            raise ExamplesFileError(f"examples file {path} must be .csv, .jsonl or .parquet")
-    except pl.exceptions.PolarsError as exc:
-        raise ExamplesFileError(f"examples file {path} is not readable: {exc}") from exc
-    return frame
 
 
 def load_labeled_examples(classify: ClassifySpec) -> list[tuple[str, str]]:
@@ -41,7 +18,7 @@ def load_labeled_examples(classify: ClassifySpec) -> list[tuple[str, str]]:
     path = classify.examples_file
     if path is None:
         return []
-    frame = _read_frame(path)
+    frame = read_table_file(path, ExamplesFileError, "examples file")
     missing = {"text", "label"} - set(frame.columns)
     if missing:
         raise ExamplesFileError(f"examples file {path} lacks column(s) {', '.join(sorted(missing))}")
@@ -63,7 +40,7 @@ def load_extraction_examples(extract: ExtractSpec) -> list[ExtractExample]:
     path = extract.examples_file
     if path is None:
         return examples
-    frame = _read_frame(path)
+    frame = read_table_file(path, ExamplesFileError, "examples file")
     if "text" not in frame.columns:
         raise ExamplesFileError(f"examples file {path} lacks column text")
     names = {field.name for field in extract.fields}

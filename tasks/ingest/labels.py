@@ -7,41 +7,19 @@ documents by the same stable `doc_id` the result rows carry.
 
 from __future__ import annotations
 
-import io
 import posixpath
 from dataclasses import dataclass
 from typing import Any
-
-import fsspec
-import polars as pl
 
 from docroute.schemas.errors import InputError
 from docroute.schemas.spec import JobSpec
 from docroute.tasks.ingest.discover import source_filesystem
 from docroute.tasks.ingest.read import document_id
+from docroute.tasks.ingest.tables import read_table_file
 
 
 class LabelsFileError(InputError, ValueError):
     """A labels file that cannot be used; the message names the file and the problem."""
-
-
-def _read_frame(url: str) -> pl.DataFrame:
-    try:
-        with fsspec.open(url, "rb") as handle:
-            data = handle.read()
-    except (OSError, ValueError) as exc:
-        raise LabelsFileError(f"cannot read labels file {url}: {exc}") from exc
-    suffix = url.lower().rsplit(".", 1)[-1]
-    try:
-        if suffix == "csv":
-            return pl.read_csv(io.BytesIO(data), infer_schema=False)
-        if suffix in ("jsonl", "ndjson"):
-            return pl.read_ndjson(io.BytesIO(data), infer_schema_length=None)
-        if suffix == "parquet":
-            return pl.read_parquet(io.BytesIO(data))
-    except pl.exceptions.PolarsError as exc:
-        raise LabelsFileError(f"labels file {url} is not readable: {exc}") from exc
-    raise LabelsFileError(f"labels file {url} must be .csv, .jsonl or .parquet")
 
 
 @dataclass(frozen=True)
@@ -55,7 +33,7 @@ class LabelSet:
 
 def load_labels(spec: JobSpec, url: str) -> LabelSet:
     """Read gold answers as {doc_id: {"label": …, field: …}} with raw values (compare them with schemas.compare)."""
-    frame = _read_frame(url)
+    frame = read_table_file(url, LabelsFileError, "labels file")
     key = "path" if "path" in frame.columns else "source_uri" if "source_uri" in frame.columns else None
     if key is None:
         raise LabelsFileError(f"labels file {url} needs a `path` (or `source_uri`) column naming each document")

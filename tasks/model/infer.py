@@ -19,7 +19,7 @@ from fsspec.core import url_to_fs
 from docroute.engines import build_frontier_engine, build_small_engine
 from docroute.engines.base import Engine, EngineError, Prediction, Request
 from docroute.engines.local.classify_choice import ClassifierChoice, measurement_key
-from docroute.engines.remote.loop_thread import AsyncClientEngine, SharedGate
+from docroute.engines.remote.client_base import AsyncClientEngine, SharedGate
 from docroute.schemas.errors import DocrouteError
 from docroute.schemas.spec import FrontierSpec, JobSpec
 from docroute.tasks.ingest.examples import load_extraction_examples, load_labeled_examples

@@ -6,11 +6,12 @@ On a local disk a file is written under a temporary name and renamed; an object 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -19,26 +20,43 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from docroute.schemas.errors import StorageError
 from docroute.schemas.spec import OutputSpec
+
+
+class OutputWriteError(StorageError, OSError):
+    """A file of the output could not be written (no permission, a full disk, the store unreachable); still an
+    OSError, so code that caught those catches it."""
+
+
+@contextlib.contextmanager
+def _writing(url: str) -> Iterator[None]:
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write {url}: {type(exc).__name__}: {exc}") from exc
 
 
 def atomic_write(output: OutputSpec, url: str, write: Callable[[IO[bytes]], None]) -> None:
     """Stream into the file: under a temporary name then renamed on a local disk; object stores publish an object
     only when its upload completes (one PUT, or the multipart upload's completion), so readers never see half."""
     fs, path = url_to_fs(url, **output.fsspec_options())
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        temporary = f"{posixpath.dirname(path)}/.{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp"
-        try:
-            with fs.open(temporary, "wb") as handle:
+    with _writing(url):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            temporary = f"{posixpath.dirname(path)}/.{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp"
+            try:
+                with fs.open(temporary, "wb") as handle:
+                    write(handle)
+                fs.mv(temporary, path)
+            finally:
+                if fs.exists(temporary):
+                    fs.rm(temporary)
+        else:
+            with fs.open(path, "wb") as handle:
                 write(handle)
-            fs.mv(temporary, path)
-        finally:
-            if fs.exists(temporary):
-                fs.rm(temporary)
-    else:
-        with fs.open(path, "wb") as handle:
-            write(handle)
 
 
 def create_exclusive(output: OutputSpec, url: str, data: bytes) -> bool:
@@ -50,6 +68,11 @@ def create_exclusive(output: OutputSpec, url: str, data: bytes) -> bool:
     S3 gets a conditional PUT (`If-None-Match: *`, s3fs's `mode="create"`), which S3 and moto enforce. Other fsspec
     stores get their own `mode="create"` where they implement it.
     """
+    with _writing(url):
+        return _create_exclusive(output, url, data)
+
+
+def _create_exclusive(output: OutputSpec, url: str, data: bytes) -> bool:
     fs, path = url_to_fs(url, **output.fsspec_options())
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
@@ -95,7 +118,8 @@ def write_parquet(
     }
     fs, path = url_to_fs(url, **output.fsspec_options())
     if isinstance(fs, LocalFileSystem):
-        _write_local_parquet(path, table, options)
+        with _writing(url):
+            _write_local_parquet(path, table, options)
         return
 
     def write(handle: IO[bytes]) -> None:
