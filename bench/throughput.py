@@ -266,6 +266,7 @@ STAGES: tuple[tuple[str, str, str], ...] = (
     ("docroute.flows.process", "run_record", "commit: ledger"),
     ("docroute.flows.process", "write_ledger", "commit: ledger + manifest"),
     ("docroute.flows.process", "clean_up_after_commit", "commit: clean-up"),
+    ("docroute.flows.process", "sync_current_table", "commit: current table (Delta MERGE)"),
     ("docroute.tasks.shard", "read_documents", "shard: read + parse"),
     ("docroute.tasks.shard", "small_engine", "shard: engine lookup / build"),
     ("docroute.tasks.shard", "run_engine", "shard: engine predict"),

@@ -33,10 +33,9 @@ from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
 from docroute.engines.scoring.calibration import expected_calibration_error, fit_calibrator
-from docroute.flows.process import with_output
 from docroute.schemas.candidates import JOB_CANDIDATE, SmallModelCandidate, load_candidates
 from docroute.schemas.documents import cut_shards
-from docroute.schemas.load import load_job
+from docroute.schemas.load import load_job, with_output
 from docroute.schemas.pricing import ModelPrice, UnknownModelPriceError, format_usd, lookup_price
 from docroute.schemas.spec import JobSpec, SmallModelSpec
 from docroute.tasks.account.ledger import estimated_frontier_cost_usd

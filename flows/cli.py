@@ -7,6 +7,8 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from datetime import date, datetime
+from enum import StrEnum
 from importlib.resources import as_file, files
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -18,7 +20,10 @@ from typer.core import TyperGroup
 from docroute.schemas.errors import DocrouteError
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from docroute.flows.prefect_api import ApiStart
+    from docroute.schemas.spec import JobSpec
     from docroute.schemas.summary import RunSummary
 
 
@@ -300,8 +305,7 @@ def unlock(
 ) -> None:
     """End the output's lease now, for a run that died on a host this machine cannot see (normally not needed:
     a dead run's lease lapses after output.lease_ttl_s and the next run takes over by itself)."""
-    from docroute.flows.process import with_output
-    from docroute.schemas.load import load_job
+    from docroute.schemas.load import load_job, with_output
     from docroute.tasks.store.lease import force_release
 
     _check_job(job)
@@ -314,6 +318,149 @@ def unlock(
         f"ended the lease of {ended.describe()} on {spec.output.url}; if that run is still alive it stops before "
         "committing, and the next run resumes its work"
     )
+
+
+class OutputFormat(StrEnum):
+    """How `docroute sql` prints rows."""
+
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def _job_spec(job: Path, output: str | None) -> JobSpec:
+    """The job's spec, reading `--output` instead of its output.url when given (without importing the flows)."""
+    from docroute.schemas.load import load_job, with_output
+
+    return with_output(load_job(job), output)
+
+
+def _cell(value: Any) -> str:
+    """A value as text for a table or CSV cell: empty for null, ISO for times, JSON for lists and structs."""
+    import json
+
+    if value is None:
+        return ""
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, list | dict):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+_NO_WRAP = frozenset({"run_id", "doc_id"})
+"""Ids a person copies whole: a narrow terminal squeezes the other columns instead."""
+
+
+def _rich_table(columns: list[str], rows: list[tuple[Any, ...]], title: str | None = None) -> Table:
+    """Values are plain text, never rich markup: a file named `[red]x` shows as itself."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(Text(column), overflow="fold", no_wrap=column in _NO_WRAP)
+    for row in rows:
+        table.add_row(*(Text(_cell(value)) for value in row))
+    return table
+
+
+def _print_rows(columns: list[str], rows: list[tuple[Any, ...]], how: OutputFormat) -> None:
+    """Rows as a rich table, CSV with a header, or one JSON object per line."""
+    if how is OutputFormat.table:
+        from rich.console import Console
+
+        Console().print(_rich_table(columns, rows))
+    elif how is OutputFormat.csv:
+        import csv
+
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([_cell(value) for value in row] for row in rows)
+    else:
+        import json
+
+        for row in rows:
+            sys.stdout.write(json.dumps(dict(zip(columns, row, strict=True)), default=str) + "\n")
+
+
+@app.command()
+def sql(
+    job: Annotated[Path, typer.Argument(help="the job's YAML file")],
+    query: Annotated[
+        str, typer.Argument(help="DuckDB SQL over the views documents, results, costs and runs", metavar="SQL")
+    ],
+    output: Annotated[str | None, typer.Option(help="read this output instead of the job's output.url")] = None,
+    output_format: Annotated[
+        OutputFormat | None,
+        typer.Option(
+            "--format", help="table, csv or json (one object per line); default: table in a terminal, csv when piped"
+        ),
+    ] = None,
+) -> None:
+    """Query a job's output with DuckDB: documents (one current row each), results (the whole history), costs and
+    runs (the ledger), over committed files only."""
+    from docroute.tasks.account.views import open_views, run_query
+
+    result = run_query(open_views(_job_spec(job, output)), query)
+    if result.columns:
+        how = output_format or (OutputFormat.table if sys.stdout.isatty() else OutputFormat.csv)
+        _print_rows(result.columns, result.rows, how)
+
+
+@app.command()
+def show(
+    job: Annotated[Path, typer.Argument(help="the job's YAML file")],
+    output: Annotated[str | None, typer.Option(help="read this output instead of the job's output.url")] = None,
+    least_confident: Annotated[int, typer.Option(min=0, help="current rows to list, least confident first")] = 10,
+    runs: Annotated[int, typer.Option(min=0, help="latest committed runs to list")] = 5,
+) -> None:
+    """Where a job stands: documents by route and outcome, spend against all-frontier, the last runs and the
+    least confident answers the small model kept."""
+    from rich.console import Console
+
+    from docroute.schemas.pricing import format_usd
+    from docroute.tasks.account.views import open_views, overview
+
+    spec = _job_spec(job, output)
+    seen = overview(open_views(spec), least_confident=least_confident, last_runs=runs, source_url=spec.source.url)
+    console = Console(soft_wrap=True)
+    console.print(
+        f"[bold]{spec.name}[/bold]: {seen.documents} current documents, {seen.committed_runs} committed runs",
+        highlight=False,
+    )
+    console.print(f"output: {spec.output.url}", markup=False, highlight=False)
+    if not seen.committed_runs:
+        console.print("nothing committed yet: `docroute run` the job first", markup=False)
+        return
+    console.print(_rich_table(seen.routes.columns, seen.routes.rows, "documents by route"))
+    total, small, frontier, all_frontier, savings = seen.spend.rows[0]
+    line = (
+        f"spend: {format_usd(total or 0.0)} ({format_usd(small or 0.0)} small, {format_usd(frontier or 0.0)} frontier)"
+    )
+    if all_frontier is not None:
+        line += f" · all-frontier {format_usd(all_frontier)}"
+        line += f" · savings {savings:.1f}%" if savings is not None else ""
+    else:
+        line += " · no all-frontier estimate (no frontier configured)"
+    console.print(line, markup=False, highlight=False)
+    if runs:  # lines, not a table: a run id is read whole, and a table of ids does not fit 80 columns
+        console.print("latest committed runs, newest first:", markup=False)
+        for run_id, started, documents, by_route, cost in seen.last_runs.rows:
+            console.print(
+                f"  {run_id}  {started} UTC  {documents} documents ({by_route or 'none'})  {format_usd(cost or 0.0)}",
+                markup=False,
+                highlight=False,
+            )
+    if not least_confident:
+        return
+    if seen.confidence_column is None:
+        console.print("no confidence column in the current rows", markup=False)
+    elif not seen.least_confident.rows:
+        console.print("no current answer kept from the small model", markup=False)
+    else:
+        title = f"least confident answers kept from the small model (by {seen.confidence_column})"
+        console.print(_rich_table(seen.least_confident.columns, seen.least_confident.rows, title))
 
 
 @app.command()

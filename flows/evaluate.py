@@ -21,8 +21,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from docroute.flows.calibrate import score_labeled
-from docroute.flows.process import with_output
-from docroute.schemas.load import load_job
+from docroute.schemas.load import load_job, with_output
 from docroute.schemas.pricing import lookup_price
 from docroute.schemas.spec import JobSpec
 from docroute.tasks.account.evaluation import CertificationSettings, EvaluationInput, evaluate, write_report

@@ -2,7 +2,9 @@
 
 The flow only sequences. It keeps at most `runner.max_workers` shards in flight and spills per-document metadata
 to local hash buckets, so memory stays bounded by the window, not the corpus; a shard that fails after its retries
-still yields one error row per document; the manifest, written last, commits the run.
+still yields one error row per document; the manifest, written last, commits the run. The current table follows
+the manifests: synced at the start of every run (a run that died after its manifest left it behind) and right
+after the manifest (tasks/store/table.py).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import uuid
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
@@ -24,7 +26,7 @@ from docroute.engines.local.classify_choice import describe
 from docroute.flows.run_liveness import mark_dead_runs_crashed
 from docroute.flows.runners import shard_task_options, shard_task_runner
 from docroute.schemas.documents import Shard
-from docroute.schemas.load import load_job
+from docroute.schemas.load import load_job, with_output
 from docroute.schemas.rows import rows_to_table
 from docroute.schemas.spec import JobSpec
 from docroute.schemas.summary import CommittedPart, LedgerEntry, RunSummary
@@ -51,6 +53,7 @@ from docroute.tasks.store.state import (
     take_part_state,
     write_merged_state,
 )
+from docroute.tasks.store.table import TableSync, sync_current_table
 from docroute.tasks.store.write import read_parquet, write_parquet
 
 
@@ -131,6 +134,9 @@ def _run_job(spec: JobSpec, scratch: Path, run_id: str, lease: OutputLease, *, f
     (`spill=`), so nothing is written on the side of a call that seems only to return a value."""
     logger = get_run_logger()
     started = datetime.now(UTC)
+    # the current table up to the newest manifest, before this run changes anything (a run that died after its
+    # manifest, or a deleted table)
+    _log_table_sync(sync_current_table(spec), logger, when="start")
     run = _run_context(spec, run_id, started, logger)
     # discover: the source's listing, spilled to a local Arrow file
     listing_file = scratch / "listing.arrow"
@@ -147,10 +153,21 @@ def _run_job(spec: JobSpec, scratch: Path, run_id: str, lease: OutputLease, *, f
     results += _process_shards(spec, run, plan, spill=state.by_file, logger=logger)
     _submit_frontier_batches(spec, run, logger)
     results.sort(key=lambda r: r.shard_index)
-    # commit: state snapshot, ledger, then the manifest that makes this run's files count; then the clean-up
+    # commit: state snapshot, ledger, then the manifest that makes this run's files count; then the current table
+    # and the clean-up
     committed = _commit(spec, run, plan, state, results, lease, started)
+    lease.check()
+    _log_table_sync(sync_current_table(spec), logger, when="commit")  # after the manifest: never ahead of it
     clean_up_after_commit(spec, plan, committed=[part.url for part in committed.parts])
     return _summary(committed, results, listed=listed, todo=todo, plan=plan)
+
+
+def _log_table_sync(sync: TableSync, logger: Any, *, when: Literal["start", "commit"]) -> None:
+    """One line per sync that wrote something; a start-of-run repair is worth a warning (a run died after its
+    manifest, or the table was deleted)."""
+    if sync.wrote:
+        log = logger.warning if when == "start" else logger.info
+        log("current table (%s): %s", when, sync.describe())
 
 
 def _run_context(spec: JobSpec, run_id: str, started: datetime, logger: Any) -> RunContext:
@@ -369,14 +386,6 @@ def _spill_part_state(
 ) -> None:
     """Add a written part's state rows (handed over in-process, or read back from it) to the run's local buckets."""
     spill.add(take_part_state(spec.output, run_id, part_url, handed_over=handed_over))
-
-
-def with_output(spec: JobSpec, output: str | None) -> JobSpec:
-    """Return the spec writing to another place (a local path is made absolute)."""
-    if not output:
-        return spec
-    url = output if "://" in output else str(Path(output).expanduser().resolve())
-    return spec.model_copy(update={"output": spec.output.model_copy(update={"url": url.rstrip("/")})})
 
 
 @flow(name="process-documents", log_prints=False)

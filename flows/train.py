@@ -27,9 +27,8 @@ from docroute.engines.local.encoders import build_encoder
 from docroute.engines.local.head import LabelHead, examples_fingerprint, head_training_data, train_head
 from docroute.engines.scoring.calibration import fit_calibrator
 from docroute.engines.scoring.confidence import pick
-from docroute.flows.process import with_output
 from docroute.schemas.compare import values_match
-from docroute.schemas.load import load_job
+from docroute.schemas.load import load_job, with_output
 from docroute.schemas.spec import JobSpec
 from docroute.tasks.ingest.examples import load_extraction_examples, load_labeled_examples
 from docroute.tasks.learn.embeddings import EmbeddingCache

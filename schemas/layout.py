@@ -50,6 +50,11 @@ class OutputLayout:
         """Labels of a collected frontier batch, beside the labels of the run that collected it."""
         return f"{self.labels_dir()}/run_date={run_date.isoformat()}/labels-{run_id}-batch-{_safe(batch_id)}.parquet"
 
+    # -- the current table: one row per document, a Delta Lake table every run merges into ------------------------
+    def current_table(self) -> str:
+        """The table's root folder (its `_delta_log/` and data files live under it)."""
+        return f"{self.root}/tables/documents"
+
     # -- the ledger -----------------------------------------------------------------------------------------------
     def costs(self, run_date: date, run_id: str) -> str:
         return f"{self.root}/costs/run_date={run_date.isoformat()}/costs-{run_id}.parquet"

@@ -165,3 +165,12 @@ def load_job(path: str | Path, *, env: Mapping[str, str] | None = None) -> JobSp
     path = Path(path)
     text = read_yaml_file(path, JobSpecError)
     return parse_job(text, source=str(path), base_dir=path.resolve().parent, env=env)
+
+
+def with_output(spec: JobSpec, output: str | None) -> JobSpec:
+    """The spec writing to `output` instead of its output.url (`--output`); a local path is made absolute, so
+    every worker of the run names the same folder."""
+    if not output:
+        return spec
+    url = output if "://" in output else str(Path(output).expanduser().resolve())
+    return spec.model_copy(update={"output": spec.output.model_copy(update={"url": url.rstrip("/")})})

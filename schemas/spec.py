@@ -640,6 +640,20 @@ class RoutingSpec(StrictModel):
         return thresholds
 
 
+DELTA_SCHEMES = ("", "file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+"""URL schemes delta-rs writes to ("" is a local path); other fsspec stores (memory://, sftp://…) it cannot."""
+
+
+class CurrentTableSpec(StrictModel):
+    """The current table: one row per document, kept equal to `current_rows()` by every run (tasks/store/table.py).
+
+    Only Delta Lake for now; `format` stays a field so Iceberg can be added beside it.
+    """
+
+    enabled: bool = Field(default=True, description="maintain <output>/tables/documents; off: runs never touch it")
+    format: Literal["delta"] = "delta"
+
+
 class OutputSpec(StorageAccess):
     """Where the Parquet results, cost ledger and manifests go."""
 
@@ -656,10 +670,28 @@ class OutputSpec(StorageAccess):
         ),
     )
 
+    table: CurrentTableSpec = Field(
+        default_factory=CurrentTableSpec,
+        description="the current table every run keeps (on by default wherever delta-rs can write the output)",
+    )
+
     @field_validator("url")
     @classmethod
     def _resolve(cls, url: str, info: ValidationInfo) -> str:
         return _resolve_path(url, info).rstrip("/")
+
+    @model_validator(mode="after")
+    def _table_where_delta_writes(self) -> Self:
+        """The default table is off on a store delta-rs cannot write; asking for it there is an error."""
+        scheme = self.url.split("://", 1)[0] if "://" in self.url else ""
+        if self.table.enabled and scheme not in DELTA_SCHEMES:
+            if "table" in self.model_fields_set:
+                raise ValueError(
+                    f"output.table needs a store delta-rs writes ({', '.join(DELTA_SCHEMES[1:])}, or a "
+                    f"local path), not {scheme}://; set table: {{enabled: false}}"
+                )
+            object.__setattr__(self, "table", CurrentTableSpec(enabled=False))
+        return self
 
     @property
     def layout(self) -> OutputLayout:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,14 @@ import polars as pl
 import pytest
 from corpus import COOKING, SPORTS, WEATHER, topic_job_yaml
 from s3_server import make_bucket, s3_access_yaml
+from test_current_table import assert_table_is_current
 
 from docroute.schemas.layout import OutputLayout
 from docroute.schemas.load import load_job
+from docroute.schemas.spec import OutputSpec
 from docroute.tasks.store.current import current_rows
 from docroute.tasks.store.lease import newest_lease
+from docroute.tasks.store.table import APP_ID, delta_storage_options
 
 CHILD = Path(__file__).with_name("crash_child.py")
 TEXTS = [SPORTS, WEATHER, COOKING]
@@ -40,6 +44,8 @@ COMMIT_STEPS = [
     "docroute.flows.process:write_merged_state+after",  # snapshot written; no ledger, no manifest
     "docroute.tasks.account.report:write_json",  # cost table and run row written; no manifest
     "docroute.tasks.account.report:write_json+after",  # manifest written; old snapshots not pruned, no artifacts
+    "docroute.flows.process:sync_current_table@2",  # committed; the current table one run behind (call 1: run start)
+    "docroute.flows.process:sync_current_table@2+after",  # the table holds the run; plan and old parts not cleaned
     "docroute.flows.process:clean_up_after_commit",  # committed; plan file and obsolete parts not deleted
     "docroute.tasks.store.plan:_delete@1+after",  # part-way through the clean-up
     "docroute.tasks.store.lease:OutputLease.release",  # all done, the lease never given back
@@ -132,6 +138,9 @@ class Harness:
             assert fs.exists(newest_state.split("://", 1)[-1]), "the committed state snapshot is gone"
             rows = current_rows(load_job(self.job).output)  # never a FileNotFoundError
             assert rows.is_empty() or rows["doc_id"].n_unique() == rows.height
+        synced = _table_synced_to(load_job(self.job).output)
+        committed_at = [OutputLayout.manifest_committed_at(p) for p in manifests]
+        assert synced is None or synced in {_micros(at) for at in committed_at if at}, "the table ran ahead"
 
     def check_final(self) -> pl.DataFrame:
         """After a normal run: one current row per listed document, nothing stale left behind."""
@@ -150,7 +159,24 @@ class Harness:
         assert not [p for p in fs.find(f"{root}/state/plans")], "a plan was left open"
         lease = newest_lease(output)
         assert lease is not None and lease.released_by == "committed"
+        assert_table_is_current(self.job)  # the current table caught up with every committed run
         return rows
+
+
+def _micros(at: datetime) -> int:
+    return (at - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+
+
+def _table_synced_to(output: OutputSpec) -> int | None:
+    """The manifest time (µs) the current table says it holds; None when there is no table yet."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        table = DeltaTable(output.layout.current_table(), storage_options=delta_storage_options(output))
+    except TableNotFoundError:
+        return None
+    return table.transaction_version(APP_ID)
 
 
 _HOME: list[Path] = []
@@ -272,6 +298,7 @@ def test_a_crash_loop_on_s3_ends_with_one_current_row_per_document(tmp_path: Pat
     steps = [
         "docroute.flows.process:write_merged_state+after",
         "docroute.tasks.account.report:write_json+after",
+        "docroute.flows.process:sync_current_table@2",
         "docroute.tasks.store.plan:_delete@1+after",
     ]
     try:

@@ -12,21 +12,15 @@ import json
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-from fsspec.core import url_to_fs
 
 from docroute.schemas.spec import OutputSpec
-from docroute.tasks.store.state import latest_manifest, load_state
+from docroute.tasks.store.state import latest_manifest, load_state, manifest_paths
 from docroute.tasks.store.write import read_parquet
 
 
 def committed_parts(output: OutputSpec) -> list[str]:
     """Every part the committed manifests name, oldest first (the full history)."""
-    fs, root = url_to_fs(output.layout.manifests_dir(), **output.fsspec_options())
-    fs.invalidate_cache(root)
-    try:
-        names = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".json"))
-    except FileNotFoundError:
-        return []
+    fs, names = manifest_paths(output)
     parts: list[str] = []
     for name in names:
         parts += [p["url"] for p in json.loads(fs.cat_file(name))["parts"]]

@@ -64,12 +64,7 @@ def conform_state(table: pa.Table) -> pa.Table:
 
 def latest_manifest(output: OutputSpec) -> dict[str, Any] | None:
     """The newest committed run's manifest (names sort by commit time), or None before the first run."""
-    fs, root = url_to_fs(output.layout.manifests_dir(), **output.fsspec_options())
-    fs.invalidate_cache(root)
-    try:
-        names = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".json"))
-    except FileNotFoundError:
-        return None
+    fs, names = manifest_paths(output)
     for path in reversed(names):
         manifest = json.loads(fs.cat_file(path))
         if manifest.get("state"):
@@ -77,7 +72,9 @@ def latest_manifest(output: OutputSpec) -> dict[str, Any] | None:
     return None
 
 
-def _manifest_paths(output: OutputSpec) -> tuple[Any, list[str]]:
+def manifest_paths(output: OutputSpec) -> tuple[Any, list[str]]:
+    """The output's filesystem and its manifests, oldest first (names start with their commit time); fresh, not
+    from a cached listing, since another run may have committed since this process last looked."""
     fs, root = url_to_fs(output.layout.manifests_dir(), **output.fsspec_options())
     fs.invalidate_cache(root)
     try:
@@ -88,7 +85,7 @@ def _manifest_paths(output: OutputSpec) -> tuple[Any, list[str]]:
 
 def committed_run_ids(output: OutputSpec) -> set[str]:
     """Runs whose manifest exists: their parts are committed."""
-    _, paths = _manifest_paths(output)
+    _, paths = manifest_paths(output)
     return {OutputLayout.manifest_run_id(p) for p in paths}
 
 
@@ -108,7 +105,7 @@ def committed_plan_ids(output: OutputSpec, plans: dict[str, datetime]) -> set[st
     """
     if not plans:
         return set()
-    fs, paths = _manifest_paths(output)
+    fs, paths = manifest_paths(output)
     committed = {OutputLayout.manifest_run_id(p) for p in paths} & set(plans)
     pending = {plan_id: at for plan_id, at in plans.items() if plan_id not in committed}
     if not pending:

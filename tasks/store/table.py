@@ -1,0 +1,338 @@
+"""The current table: one row per document, a Delta Lake table under `<output>/tables/documents` that every run keeps
+equal to what `current_rows()` returns, so warehouses and notebooks read current answers without the state join.
+
+It is a *derived* copy of committed data, never a source of truth, and it is written only after the manifest:
+
+- **Crash before the manifest**: the table is untouched; the run is not committed and nobody may see its rows.
+- **Crash between the manifest and the table commit**: the run is committed but the table lags one run. Every run
+  syncs the table at its start (under the output's lease), before it lists anything, so the next run brings it up
+  to the newest manifest; so does a run whose table was deleted (it is rebuilt from the committed state).
+- **Crash after the table commit**: the table already holds the run; the next run finds it in sync and writes
+  nothing. A Delta commit is one create-if-absent write of its log entry, so the table is never half-written.
+
+The table is therefore never *ahead* of the manifests: a reader can never see in it a row that the committed state
+later disowns. Each Delta commit records which run it brings the table up to, as an app transaction
+(`Transaction("docroute", version)`, where the version is the manifest's commit time in microseconds — manifest
+names sort by it, so "the runs after the table's" is a comparison) and, for people, as commit metadata
+(`docroute_run_id`). Re-applying a run is harmless anyway: a MERGE on `doc_id` replaces a row with itself.
+
+What a sync applies, from committed data only: the state snapshot of the newest manifest names each document's
+current part and the run that last wrote its state row. The rows to merge are those of documents whose state
+`run_id` is one of the runs committed after the table's last one (their current part holds the new row), plus
+those whose `deleted_at` differs from the table's (a file that left the source, or came back unchanged). When
+every state row belongs to those runs (the first run, a `--full-refresh`, a table that was missing or was not
+ours), the table is rewritten in one commit instead, which also drops documents the state no longer has. The
+merge source is a stream of Arrow batches, one part at a time, holding only the changed documents' rows.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+from docroute.schemas.errors import InputError, StorageError
+from docroute.schemas.layout import OutputLayout
+from docroute.schemas.rows import UTC_MICROS, result_schema
+from docroute.schemas.spec import JobSpec, OutputSpec
+from docroute.tasks.store.state import manifest_paths
+from docroute.tasks.store.write import read_parquet
+
+APP_ID = "docroute"
+"""The Delta app-transaction id whose version says up to which committed run the table is synced."""
+
+_STATE_COLUMNS = ["doc_id", "part_url", "run_id", "deleted_at"]
+
+
+class SyncAction(StrEnum):
+    """What a sync did to the table."""
+
+    OFF = "off"  # output.table.enabled is false
+    NOTHING_COMMITTED = "nothing_committed"  # no manifest yet: nothing to show
+    IN_SYNC = "in_sync"  # the table already holds the newest committed run
+    MERGED = "merged"  # the changed documents merged on doc_id
+    REWRITTEN = "rewritten"  # every current row written in one commit (first run, full refresh, missing table)
+
+
+@dataclass(frozen=True, slots=True)
+class TableSync:
+    """The outcome of one sync: what was done, up to which run, how many rows went in, and how long it took."""
+
+    action: SyncAction
+    run_id: str | None = None
+    rows: int = 0
+    seconds: float = 0.0
+    behind: int = 0  # committed runs the table was missing before this sync
+
+    @property
+    def wrote(self) -> bool:
+        """Whether the sync made a Delta commit."""
+        return self.action in (SyncAction.MERGED, SyncAction.REWRITTEN)
+
+    def describe(self) -> str:
+        if self.wrote:
+            lag = f", {self.behind} committed run(s) behind" if self.behind > 1 else ""
+            return f"{self.action.value} {self.rows} row(s) up to run {self.run_id} in {self.seconds:.2f} s{lag}"
+        return self.action.value
+
+
+@dataclass(frozen=True, slots=True)
+class _Commit:
+    """A committed run, as its manifest's name gives it."""
+
+    run_id: str
+    version: int  # the manifest's commit time in microseconds since the epoch
+    manifest: str
+
+
+def delta_storage_options(output: OutputSpec) -> dict[str, str]:
+    """delta-rs (object_store) options for the output, mapped from the same settings its fsspec filesystem uses.
+
+    S3: each Delta commit is a create-if-absent PUT of its log entry (`If-None-Match: *`, `aws_conditional_put`),
+    which AWS S3, MinIO, R2 and moto honour; no locking provider and never `AWS_S3_ALLOW_UNSAFE_RENAME`. The output's
+    lease already makes this run the only writer, so the conditional PUT is a second guard, not the first.
+    """
+    if not output.url.startswith(("s3://", "s3a://")):
+        return {}
+    fs = output.fsspec_options()
+    client = fs.get("client_kwargs", {})
+    options = {"aws_conditional_put": "etag"}
+    endpoint = fs.get("endpoint_url") or client.get("endpoint_url")
+    if endpoint:
+        options["aws_endpoint_url"] = str(endpoint)
+        if str(endpoint).startswith("http://"):
+            options["aws_allow_http"] = "true"
+    region = client.get("region_name") or fs.get("region")
+    options["aws_region"] = str(region or "us-east-1")  # object_store needs one; S3 redirects to the bucket's own
+    for ours, theirs in (("key", "aws_access_key_id"), ("secret", "aws_secret_access_key"), ("token", "aws_token")):
+        if fs.get(ours):
+            options[theirs] = str(fs[ours])
+    if fs.get("profile"):
+        options["aws_profile"] = str(fs["profile"])
+    if fs.get("anon"):
+        options["aws_skip_signature"] = "true"
+    return options
+
+
+def table_schema(spec: JobSpec) -> pa.Schema:
+    """The table's columns: the job's result columns with the same types, then `deleted_at`.
+
+    Delta has no dictionary encoding, so labels, enums and routes are plain strings there (Parquet still stores
+    them dictionary-encoded); every other type (decimal, date, UTC timestamps, lists) is kept as declared.
+    """
+    fields = [
+        pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type, nullable=True)
+        for f in result_schema(spec)
+    ]
+    return pa.schema([*fields, pa.field("deleted_at", UTC_MICROS, nullable=True)])
+
+
+def sync_current_table(spec: JobSpec) -> TableSync:
+    """Bring the current table up to the newest committed manifest (see the module docstring); a no-op when it is.
+
+    Must run under the output's lease. Raises InputError when the job's columns cannot go into the existing table
+    (a field whose type changed), StorageError when the table cannot be read or written.
+    """
+    output = spec.output
+    if not output.table.enabled:
+        return TableSync(SyncAction.OFF)
+    started = time.perf_counter()
+    commits = _commits(output)
+    newest = _newest_with_state(output, commits)
+    if newest is None:
+        return TableSync(SyncAction.NOTHING_COMMITTED)
+    commit, snapshot = newest
+    uri = output.layout.current_table()
+    options = delta_storage_options(output)
+    try:
+        table = _open(uri, options)
+        synced = table.transaction_version(APP_ID) if table is not None else None
+        if synced == commit.version:
+            return TableSync(SyncAction.IN_SYNC, commit.run_id)
+        behind = [c for c in commits if synced is None or c.version > synced]
+        rewrite = table is None or synced is None or synced > commit.version  # missing, not ours, or ahead
+        changed, every_row = _changed_documents(
+            output, snapshot, {c.run_id for c in behind}, rewrite=rewrite, table=table
+        )
+        schema = table_schema(spec)
+        source = pa.RecordBatchReader.from_batches(schema, _current_batches(output, changed, schema))
+        properties = _commit_properties(commit)
+        if rewrite or every_row:
+            from deltalake import write_deltalake
+
+            write_deltalake(
+                uri,
+                source,
+                mode="overwrite",
+                schema_mode="overwrite",
+                storage_options=options,
+                commit_properties=properties,
+            )
+            action = SyncAction.REWRITTEN
+        elif changed.num_rows:
+            assert table is not None
+            table.merge(
+                source,
+                predicate="t.doc_id = s.doc_id",
+                source_alias="s",
+                target_alias="t",
+                merge_schema=True,  # a field added to the job becomes a new nullable column
+                commit_properties=properties,
+            ).when_matched_update_all().when_not_matched_insert_all().execute()
+            action = SyncAction.MERGED
+        else:  # nothing changed, but the table must still record that it holds this run (an empty MERGE commits not)
+            from deltalake import write_deltalake
+
+            assert table is not None
+            empty = pa.RecordBatchReader.from_batches(pa.schema(table.schema().to_arrow()), iter([]))
+            write_deltalake(table, empty, mode="append", commit_properties=properties)
+            action = SyncAction.MERGED
+    except (InputError, StorageError):
+        raise
+    except Exception as exc:
+        raise _docroute_error(uri, exc) from exc
+    return TableSync(action, commit.run_id, changed.num_rows, time.perf_counter() - started, len(behind))
+
+
+def _docroute_error(uri: str, exc: Exception) -> InputError | StorageError:
+    """A type the job changed is the user's to settle; anything else is the store's."""
+    from deltalake.exceptions import SchemaMismatchError
+
+    message = str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
+    if isinstance(exc, SchemaMismatchError | pa.ArrowInvalid | pa.ArrowNotImplementedError):
+        return InputError(
+            f"the current table {uri} cannot take this job's columns ({message}): a field changed its type; delete "
+            "the table to have the next run rebuild it from the committed results, or set output.table.enabled: false"
+        )
+    return StorageError(f"the current table {uri} could not be updated ({type(exc).__name__}: {message})")
+
+
+def _open(uri: str, options: dict[str, str]) -> Any:
+    """The Delta table at `uri`, or None when there is none (never created, or deleted)."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    try:  # (not DeltaTable.is_deltatable: it holds the GIL through its requests, stalling the lease's renewals)
+        return DeltaTable(uri, storage_options=options)
+    except TableNotFoundError:
+        return None
+
+
+def _commit_properties(commit: _Commit) -> Any:
+    from deltalake import CommitProperties, Transaction
+
+    return CommitProperties(
+        custom_metadata={"docroute_run_id": commit.run_id, "docroute_manifest": commit.manifest},
+        app_transactions=[Transaction(APP_ID, commit.version)],
+    )
+
+
+def _commits(output: OutputSpec) -> list[_Commit]:
+    """Every committed run, oldest first (manifest names start with their commit time)."""
+    _, names = manifest_paths(output)
+    commits = []
+    for name in names:
+        at = OutputLayout.manifest_committed_at(name)
+        if at is not None:
+            micros = (at - datetime(1970, 1, 1, tzinfo=UTC)) // _MICROSECOND
+            commits.append(_Commit(OutputLayout.manifest_run_id(name), micros, name))
+    return commits
+
+
+_MICROSECOND = datetime(1970, 1, 1, 0, 0, 0, 1, tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _newest_with_state(output: OutputSpec, commits: list[_Commit]) -> tuple[_Commit, str] | None:
+    """The newest committed run whose manifest names a state snapshot, and that snapshot's URL."""
+    fs, _ = url_to_fs(output.layout.manifests_dir(), **output.fsspec_options())
+    for commit in reversed(commits):
+        state = json.loads(fs.cat_file(commit.manifest)).get("state")
+        if state:
+            return commit, state
+    return None
+
+
+def _changed_documents(
+    output: OutputSpec, snapshot: str, runs: set[str], *, rewrite: bool, table: Any
+) -> tuple[pa.Table, bool]:
+    """The documents to write (doc_id, part_url, deleted_at), read from the snapshot batch by batch, and whether
+    every state row was written by one of `runs` (then the whole table is rewritten)."""
+    deleted_in_table = pa.array([], pa.string()) if rewrite else _deleted_in_table(table)
+    wanted = pa.array(sorted(runs), pa.string())
+    kept: list[pa.Table] = []
+    every_row = True
+    fs, path = url_to_fs(snapshot, **output.fsspec_options())
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        present = [c for c in _STATE_COLUMNS if c in parquet.schema_arrow.names]
+        for batch in parquet.iter_batches(batch_size=65_536, columns=present):
+            rows = pa.Table.from_batches([batch])
+            run_ids = pc.cast(rows["run_id"], pa.string()) if "run_id" in present else pa.nulls(len(rows), pa.string())
+            by_run = pc.fill_null(pc.is_in(run_ids, value_set=wanted), False)
+            every_row = every_row and bool(pc.all(by_run).as_py())
+            deleted = rows["deleted_at"] if "deleted_at" in present else pa.nulls(len(rows), UTC_MICROS)
+            if rewrite:
+                keep = pc.is_valid(rows["doc_id"])
+            else:  # written by a run the table lacks, or deleted (or back) since the table last saw it
+                was_marked = pc.is_in(pc.cast(rows["doc_id"], pa.string()), value_set=deleted_in_table)
+                keep = pc.or_(by_run, pc.xor(pc.is_valid(deleted), was_marked))
+            rows = rows.filter(keep)
+            if rows.num_rows:
+                kept.append(
+                    pa.table(
+                        {
+                            "doc_id": pc.cast(rows["doc_id"], pa.string()),
+                            "part_url": pc.cast(rows["part_url"], pa.string()),
+                            "deleted_at": pc.cast(deleted.filter(keep), UTC_MICROS),
+                        }
+                    )
+                )
+    schema = pa.schema([("doc_id", pa.string()), ("part_url", pa.string()), ("deleted_at", UTC_MICROS)])
+    return (pa.concat_tables(kept) if kept else schema.empty_table()), every_row
+
+
+def _deleted_in_table(table: Any) -> pa.Array:
+    """The doc_ids the table marks deleted (one column, filtered while scanning)."""
+    if "deleted_at" not in pa.schema(table.schema().to_arrow()).names:
+        return pa.array([], pa.string())
+    found = table.to_pyarrow_dataset().to_table(columns=["doc_id"], filter=pc.field("deleted_at").is_valid())
+    return pc.cast(found["doc_id"].combine_chunks(), pa.string())
+
+
+def _current_batches(output: OutputSpec, changed: pa.Table, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    """The changed documents' current rows, one part at a time, in the table's schema with their `deleted_at`."""
+    if not changed.num_rows:
+        return
+    frame = pl.from_arrow(changed)
+    assert isinstance(frame, pl.DataFrame)
+    for (part,), docs in frame.group_by(["part_url"], maintain_order=True):
+        ids = docs["doc_id"].to_arrow().cast(pa.string())
+        table = read_parquet(output, str(part))
+        position = pc.index_in(pc.cast(table["doc_id"], pa.string()), value_set=ids)
+        found = pc.is_valid(position)
+        table, position = table.filter(found), position.filter(found)
+        deleted = docs["deleted_at"].to_arrow().cast(UTC_MICROS).take(position)
+        yield from _conform(table, schema, deleted).to_batches()
+
+
+def _conform(table: pa.Table, schema: pa.Schema, deleted: pa.Array) -> pa.Table:
+    """A part's rows in the table's schema: dictionaries decoded, missing columns (older parts) as nulls."""
+    columns = []
+    for field in schema:
+        if field.name == "deleted_at":
+            columns.append(deleted)
+        elif field.name in table.column_names:
+            columns.append(pc.cast(table[field.name], field.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, field.type))
+    return pa.table(columns, schema=schema)
