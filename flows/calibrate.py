@@ -30,6 +30,7 @@ import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
 from docroute.engines.scoring.calibration import expected_calibration_error, fit_calibrator
@@ -39,6 +40,7 @@ from docroute.schemas.load import load_job, with_output
 from docroute.schemas.pricing import ModelPrice, UnknownModelPriceError, format_usd, lookup_price
 from docroute.schemas.spec import JobSpec, SmallModelSpec
 from docroute.tasks.account.ledger import estimated_frontier_cost_usd
+from docroute.tasks.account.progress import bar
 from docroute.tasks.answer.budget import release_run_budget
 from docroute.tasks.answer.score import (
     ScoredDocument,
@@ -69,6 +71,9 @@ def score_labeled(
         score_shard.submit(spec, shard, wanted, frontier_run_id, head_version)
         for shard in cut_shards(refs, spec.shard_size_for(len(refs)))
     ]
+    with bar(f"{spec.name}: scoring shards", len(futures)) as shown:
+        for _ in as_completed(futures):
+            shown.advance()
     return [doc for future in futures for doc in future.result()]
 
 

@@ -112,11 +112,13 @@ def _check_job_and_start_api(job: Path) -> ApiStart:
 @contextlib.contextmanager
 def _flow_run_of_this_process(api: ApiStart) -> Iterator[None]:
     """Wait for the API, then let the flow run created inside name this process, so that a later run on this
-    machine can mark it Crashed if the process is killed (flows/run_liveness.py)."""
+    machine can mark it Crashed if the process is killed (flows/run_liveness.py); show progress bars while it runs
+    when stderr is a terminal (tasks/account/progress.py)."""
     from docroute.flows.run_liveness import tagged_with_this_process
+    from docroute.tasks.account.progress import terminal_console, terminal_progress
 
     api.wait()
-    with tagged_with_this_process():
+    with tagged_with_this_process(), terminal_progress(terminal_console()):
         yield
 
 
@@ -318,6 +320,32 @@ def unlock(
         f"ended the lease of {ended.describe()} on {spec.output.url}; if that run is still alive it stops before "
         "committing, and the next run resumes its work"
     )
+
+
+@app.command()
+def compact(
+    job: Annotated[Path, typer.Argument(help="the job's YAML file")],
+    output: Annotated[str | None, typer.Option(help="compact this output instead of the job's output.url")] = None,
+    retention: Annotated[
+        str | None,
+        typer.Option(help="keep replaced and leftover files this long (hours, or 90m, 12h, 7d; 0: delete at once)"),
+    ] = None,
+    target_mb: Annotated[float | None, typer.Option(help="size of the coalesced results files, in MiB")] = None,
+) -> None:
+    """Compact the output: coalesce each run date's small results parts, optimize and vacuum the current table,
+    and delete what no reader and no resumable run needs once older than the retention period (exit 3 while a
+    run holds the output)."""
+    from docroute.tasks.store.compact import describe, parse_retention_hours
+
+    hours = parse_retention_hours(retention) if retention is not None else None
+    _quiet_prefect()
+    api = _check_job_and_start_api(job)
+    from docroute.flows.compact import compact_output
+
+    with _flow_run_of_this_process(api):
+        report = compact_output(str(job), output=output, retention_hours=hours, target_file_mb=target_mb)
+    for line in describe(report):
+        typer.echo(line)
 
 
 class OutputFormat(StrEnum):

@@ -26,6 +26,7 @@ from docroute.engines.local.classify_choice import describe
 from docroute.flows.run_liveness import mark_dead_runs_crashed
 from docroute.flows.runners import shard_task_options, shard_task_runner
 from docroute.schemas.documents import Shard
+from docroute.schemas.evolution import AnswerSchema, Evolution, evolve
 from docroute.schemas.load import load_job, with_output
 from docroute.schemas.rows import rows_to_table
 from docroute.schemas.spec import JobSpec
@@ -41,6 +42,7 @@ from docroute.tasks.route.router import usable_router
 from docroute.tasks.shard import RunContext, ShardResult, process_shard, shard_result, write_errors
 from docroute.tasks.store.lease import OutputLease, acquire_lease
 from docroute.tasks.store.plan import RunPlan, clean_up_after_commit, make_plan, write_plan
+from docroute.tasks.store.schema_record import committed_answer_schema
 from docroute.tasks.store.scratch import run_scratch, sweep_stale_scratch
 from docroute.tasks.store.spill import BucketSpill
 from docroute.tasks.store.state import (
@@ -134,6 +136,9 @@ def _run_job(spec: JobSpec, scratch: Path, run_id: str, lease: OutputLease, *, f
     (`spill=`), so nothing is written on the side of a call that seems only to return a value."""
     logger = get_run_logger()
     started = datetime.now(UTC)
+    # the job's answer columns against the committed ones, before this run writes anything: a field added or
+    # removed evolves the schema, a changed type or label set needs --full-refresh (schemas/evolution.py)
+    evolution = _evolve_schema(spec, logger, full_refresh=full_refresh)
     # the current table up to the newest manifest, before this run changes anything (a run that died after its
     # manifest, or a deleted table)
     _log_table_sync(sync_current_table(spec), logger, when="start")
@@ -155,11 +160,20 @@ def _run_job(spec: JobSpec, scratch: Path, run_id: str, lease: OutputLease, *, f
     results.sort(key=lambda r: r.shard_index)
     # commit: state snapshot, ledger, then the manifest that makes this run's files count; then the current table
     # and the clean-up
-    committed = _commit(spec, run, plan, state, results, lease, started)
+    committed = _commit(spec, run, plan, state, results, lease, started, evolution.schema)
     lease.check()
     _log_table_sync(sync_current_table(spec), logger, when="commit")  # after the manifest: never ahead of it
     clean_up_after_commit(spec, plan, committed=[part.url for part in committed.parts])
     return _summary(committed, results, listed=listed, todo=todo, plan=plan)
+
+
+def _evolve_schema(spec: JobSpec, logger: Any, *, full_refresh: bool) -> Evolution:
+    """The answer schema this run records in its manifest, one log line per column it changes; raises
+    SchemaChangeError (exit 2) for a changed type, enum values or label set unless `full_refresh`."""
+    evolution = evolve(committed_answer_schema(spec.output), spec, full_refresh=full_refresh)
+    for change in evolution.changes:
+        (logger.warning if change.refused else logger.info)("answer schema: %s", change.describe())
+    return evolution
 
 
 def _log_table_sync(sync: TableSync, logger: Any, *, when: Literal["start", "commit"]) -> None:
@@ -304,10 +318,12 @@ def _commit(
     results: list[ShardResult],
     lease: OutputLease,
     started: datetime,
+    answers: AnswerSchema,
 ) -> _Committed:
     """The state snapshot, then the ledger and the manifest, written last: until it exists none of this counts.
 
     The lease is checked before each write, so a run that lost the output to another never commits over its work.
+    The manifest records `answers`, the answer schema the next run compares its job with.
     """
     previous = latest_manifest(spec.output)
     snapshot = spec.output.layout.state_snapshot(run.run_id)
@@ -340,6 +356,7 @@ def _commit(
         snapshot=snapshot,
         previous_snapshot=previous.get("state") if previous else None,
         classification=next((r.classification["summary"] for r in results if r.classification), None),
+        answer_schema=answers,
     )
     return _Committed(record, files, entries, parts)
 

@@ -11,6 +11,7 @@ then serves under vLLM.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from docroute.engines.scoring.confidence import pick
 from docroute.schemas.compare import values_match
 from docroute.schemas.load import load_job, with_output
 from docroute.schemas.spec import JobSpec
+from docroute.tasks.account.progress import bar
 from docroute.tasks.ingest.examples import load_extraction_examples, load_labeled_examples
 from docroute.tasks.learn.embeddings import EmbeddingCache
 from docroute.tasks.learn.training import (
@@ -180,6 +182,27 @@ def train(job: str, output: str | None = None, min_holdout: int = 30) -> dict[st
     return result
 
 
+EMBED_CHUNK = 256
+"""Texts embedded per call while a bar watches: small enough to move the bar, large enough to batch well."""
+
+
+def _shown(description: str, embed: Callable[[Sequence[str]], np.ndarray]) -> Callable[[Sequence[str]], np.ndarray]:
+    """`embed` in chunks that advance a terminal bar (one call, as before, when nobody watches)."""
+
+    def embed_with_bar(texts: Sequence[str]) -> np.ndarray:
+        with bar(description, len(texts)) as shown:
+            if not shown.visible:
+                return embed(texts)
+            chunks = []
+            for start in range(0, len(texts), EMBED_CHUNK):
+                chunk = texts[start : start + EMBED_CHUNK]
+                chunks.append(np.asarray(embed(chunk)))
+                shown.advance(len(chunk))
+            return np.vstack(chunks)
+
+    return embed_with_bar
+
+
 def _train_round(spec: JobSpec, current: Router | None, split: TrainingSplit, version: str) -> dict[str, Any]:
     classify = spec.task.classify
     assert classify is not None
@@ -203,9 +226,10 @@ def _train_round(spec: JobSpec, current: Router | None, split: TrainingSplit, ve
     examples = head_training_data(classify, load_labeled_examples(classify))
     data = examples + [(text, str(answers["label"])) for text, answers in split.train]
     cache = EmbeddingCache(spec, encoder.name)
-    train_vectors = cache.embed([text for text, _ in data], encoder.embed)
+    train_texts = [text for text, _ in data]
+    train_vectors = cache.embed(train_texts, _shown(f"{spec.name}: embedding training texts", encoder.embed))
     holdout_texts = [text for text, _ in split.holdout]
-    holdout_vectors = cache.embed(holdout_texts, encoder.embed)
+    holdout_vectors = cache.embed(holdout_texts, _shown(f"{spec.name}: embedding held-out texts", encoder.embed))
     cache.save(version)
     fingerprint = examples_fingerprint(encoder.name, data, classify.label_names)
     candidate = train_head(
@@ -281,14 +305,18 @@ def _ranker_round(spec: JobSpec, current: Router | None, split: TrainingSplit, v
     examples = load_extraction_examples(extract)
     documents = [(e.text, {f.name: e.values.get(f.name) for f in extract.fields}) for e in examples]
     documents += [(text, dict(answers)) for text, answers in split.train]
-    ranker, skipped = train_extraction_ranker(extract, documents)
-    if skipped:
-        missing = "; ".join(f"{name}: {why}" for name, why in skipped.items())
-        return {"train_examples": len(examples), "decision": f"kept the current extractor: no ranker for {missing}"}
-    requests = [Request(str(i), text) for i, (text, _) in enumerate(split.holdout)]
-    head_version = current.head_version if current is not None else None
-    current_predictions = run_engine(small_engine(spec, head_version), requests)
-    candidate_predictions = RankerExtractor(extract, ranker).predict(requests)
+    with bar(f"{spec.name}: fit rankers, answer held-out (current, candidate)", 3) as steps:
+        ranker, skipped = train_extraction_ranker(extract, documents)
+        steps.advance()
+        if skipped:
+            missing = "; ".join(f"{name}: {why}" for name, why in skipped.items())
+            return {"train_examples": len(examples), "decision": f"kept the current extractor: no ranker for {missing}"}
+        requests = [Request(str(i), text) for i, (text, _) in enumerate(split.holdout)]
+        head_version = current.head_version if current is not None else None
+        current_predictions = run_engine(small_engine(spec, head_version), requests)
+        steps.advance()
+        candidate_predictions = RankerExtractor(extract, ranker).predict(requests)
+        steps.advance()
     fields = [part for part in required_parts(spec) if part != "label"]
     gold = [answers for _, answers in split.holdout]
     comparison = compare_extractors(

@@ -35,6 +35,27 @@ class OutputLayout:
         """Where a run writes the rows a collected frontier batch answered."""
         return f"{self.root}/results/run_date={run_date.isoformat()}/part-{run_id}-batch-{_safe(batch_id)}.parquet"
 
+    def results_dir(self) -> str:
+        return f"{self.root}/results"
+
+    def compacted_part(self, run_date: date, compaction_id: str, index: int) -> str:
+        """A file `docroute compact` coalesced from a run date's small parts (never a plan's part name)."""
+        return f"{self.root}/results/run_date={run_date.isoformat()}/compacted-{compaction_id}-{index:05d}.parquet"
+
+    @staticmethod
+    def part_run_date(url: str) -> date | None:
+        """The run date a results, errors or labels file's folder names (None for a path this layout did not build)."""
+        folder = posixpath.basename(posixpath.dirname(url))
+        if not folder.startswith("run_date="):
+            return None
+        try:
+            return date.fromisoformat(folder.removeprefix("run_date="))
+        except ValueError:
+            return None
+
+    def errors_dir(self) -> str:
+        return f"{self.root}/errors"
+
     def errors_part(self, run_date: date, plan_id: str, shard_index: int) -> str:
         """Where a shard's error rows are copied for triage."""
         return f"{self.root}/errors/run_date={run_date.isoformat()}/errors-{plan_id}-{shard_index:05d}.parquet"
@@ -54,6 +75,14 @@ class OutputLayout:
     def current_table(self) -> str:
         """The table's root folder (its `_delta_log/` and data files live under it)."""
         return f"{self.root}/tables/documents"
+
+    def iceberg_catalog_db(self) -> str:
+        """The default Iceberg catalog of a local output: a SQLite file beside the tables it names."""
+        return f"{self.root}/tables/catalog.db"
+
+    def iceberg_table(self) -> str:
+        """The Iceberg table's location (`metadata/` and `data/` under it), apart from a Delta table's folder."""
+        return f"{self.root}/tables/iceberg/documents"
 
     # -- the ledger -----------------------------------------------------------------------------------------------
     def costs(self, run_date: date, run_id: str) -> str:

@@ -644,14 +644,86 @@ DELTA_SCHEMES = ("", "file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
 """URL schemes delta-rs writes to ("" is a local path); other fsspec stores (memory://, sftp://…) it cannot."""
 
 
+class IcebergCatalogSpec(StrictModel):
+    """The Iceberg catalog that names the current table (`output.table.format: iceberg`), as pyiceberg loads it.
+
+    `sql`: a SQLAlchemy URL (`sqlite:////abs/path/catalog.db`, `postgresql+psycopg://host/db`); `rest`: the REST
+    catalog's endpoint (Polaris, Nessie, Lakekeeper, Unity, Snowflake Open Catalog); `glue`: AWS Glue, no uri.
+    Anything else pyiceberg takes for that catalog (`warehouse`, `credential`, `token`, `glue.region`…) goes in
+    `properties`, or in `properties_env` as the name of an environment variable holding the value. Every property
+    is a secret (they hold credentials): none is printed or logged.
+    """
+
+    name: str = Field(default="docroute", min_length=1, description="the catalog's name, as pyiceberg reports it")
+    type: Literal["sql", "rest", "glue"] = "sql"
+    uri: SecretStr | None = Field(
+        default=None, repr=False, description="sql: SQLAlchemy URL; rest: endpoint; glue: none (may hold a password)"
+    )
+    namespace: str = Field(default="docroute", min_length=1, description="the table's namespace (Glue: database)")
+    table: str | None = Field(
+        default=None, description="the table's name; default: the job's name with '-' as '_' (docroute.<job name>)"
+    )
+    properties: dict[str, SecretStr] = Field(default_factory=dict, repr=False, description="more catalog properties")
+    properties_env: dict[str, str] = Field(
+        default_factory=dict, description="catalog properties read from environment variables: property -> variable"
+    )
+
+    @model_validator(mode="after")
+    def _uri_and_env(self, info: ValidationInfo) -> Self:
+        if self.type in ("sql", "rest") and self.uri is None and "uri" not in self.properties_env:
+            raise ValueError(f"an Iceberg {self.type} catalog needs a uri")
+        env = (info.context or {}).get("env") or {}
+        found = {prop: SecretStr(env[name]) for prop, name in self.properties_env.items() if env.get(name)}
+        if found:
+            object.__setattr__(self, "properties", {**self.properties, **found})
+        return self
+
+    def pyiceberg_properties(self) -> dict[str, str]:
+        """The properties `pyiceberg.catalog.load_catalog` takes (secrets revealed: hand them to pyiceberg only)."""
+        properties = {key: value.get_secret_value() for key, value in self.properties.items()}
+        properties["type"] = self.type
+        if self.uri is not None:
+            properties["uri"] = self.uri.get_secret_value()
+        return properties
+
+
 class CurrentTableSpec(StrictModel):
     """The current table: one row per document, kept equal to `current_rows()` by every run (tasks/store/table.py).
 
-    Only Delta Lake for now; `format` stays a field so Iceberg can be added beside it.
+    `delta` (default): a Delta Lake table at `<output>/tables/documents`, no catalog. `iceberg`: an Apache Iceberg
+    table registered in `catalog` (tasks/store/iceberg_table.py); with no catalog named, a local output gets a SQL
+    catalog on SQLite at `<output>/tables/catalog.db`.
     """
 
-    enabled: bool = Field(default=True, description="maintain <output>/tables/documents; off: runs never touch it")
-    format: Literal["delta"] = "delta"
+    enabled: bool = Field(default=True, description="maintain the current table; off: runs never touch it")
+    format: Literal["delta", "iceberg"] = "delta"
+    catalog: IcebergCatalogSpec | None = Field(
+        default=None, description="iceberg: the catalog holding the table; default, local outputs only: SQLite"
+    )
+
+    @model_validator(mode="after")
+    def _catalog_for_iceberg(self) -> Self:
+        if self.catalog is not None and self.format != "iceberg":
+            raise ValueError("output.table.catalog applies to format: iceberg only (a Delta table needs none)")
+        return self
+
+
+class CompactionSpec(StrictModel):
+    """How `docroute compact` coalesces the results history and how long replaced files stay (tasks/store/compact.py).
+
+    Replaced parts, leftovers of dead runs and old state snapshots are deleted only once older than
+    `retention_hours`, so a reader that listed the files before a compaction can still finish reading them.
+    """
+
+    target_file_mb: float = Field(
+        default=128.0, gt=0, le=4096, description="coalesce a run date's small results parts into files of about this"
+    )
+    retention_hours: float = Field(
+        default=168.0,
+        ge=0,
+        le=24 * 3650,
+        description="replaced parts, dead runs' leftovers, old snapshots and table versions stay this long",
+    )
 
 
 class OutputSpec(StorageAccess):
@@ -674,6 +746,9 @@ class OutputSpec(StorageAccess):
         default_factory=CurrentTableSpec,
         description="the current table every run keeps (on by default wherever delta-rs can write the output)",
     )
+    compaction: CompactionSpec = Field(
+        default_factory=CompactionSpec, description="what `docroute compact` coalesces and how long it keeps files"
+    )
 
     @field_validator("url")
     @classmethod
@@ -684,6 +759,18 @@ class OutputSpec(StorageAccess):
     def _table_where_delta_writes(self) -> Self:
         """The default table is off on a store delta-rs cannot write; asking for it there is an error."""
         scheme = self.url.split("://", 1)[0] if "://" in self.url else ""
+        if (
+            self.table.enabled
+            and self.table.format == "iceberg"
+            and self.table.catalog is None
+            and scheme not in ("", "file")
+        ):
+            raise ValueError(
+                f"output.table.format iceberg on a {scheme}:// output needs output.table.catalog: the default SQLite "
+                "catalog file cannot live on an object store; name a SQL catalog on a database or a local SQLite "
+                "file (type: sql, uri: sqlite:////var/lib/docroute/catalog.db), a REST catalog (type: rest, uri: "
+                "https://…) or AWS Glue (type: glue)"
+            )
         if self.table.enabled and scheme not in DELTA_SCHEMES:
             if "table" in self.model_fields_set:
                 raise ValueError(

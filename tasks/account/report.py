@@ -26,9 +26,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.exceptions import MissingContextError
 
+from docroute.schemas.evolution import AnswerSchema
 from docroute.schemas.spec import JobSpec
 from docroute.schemas.summary import CommittedPart, LedgerEntry
 from docroute.tasks.account.ledger import RUN_SCHEMA, cost_table
+from docroute.tasks.account.progress import Bar, bar
 from docroute.tasks.account.trend import read_run_records, version_trend
 from docroute.tasks.store.state import prune_snapshots
 from docroute.tasks.store.write import write_json, write_parquet
@@ -40,31 +42,36 @@ def _in_run() -> bool:
 
 @dataclass
 class Progress:
-    """The run's progress artifact, updated at most every PROGRESS_EVERY_S (each update is an API call)."""
+    """The run's progress: its Prefect artifact (updated at most every PROGRESS_EVERY_S, each update is an API
+    call; None outside a flow run) and its terminal bar (silent unless the CLI shows one)."""
 
-    artifact_id: UUID
+    artifact_id: UUID | None
+    bar: Bar
     last_sent: float = field(default_factory=time.monotonic)
 
 
 PROGRESS_EVERY_S = 2.0
 
 
-def start_progress(spec: JobSpec, shards: int) -> Progress | None:
-    """Create the progress artifact (None outside a flow run, e.g. when called from a plain script)."""
-    if not _in_run():
-        return None
-    try:
-        artifact_id = create_progress_artifact(
-            progress=0.0, key=f"{spec.name}-progress", description=f"{spec.name}: shards done out of {shards}"
-        )
-    except MissingContextError:  # pragma: no cover - guarded above
-        return None
-    return Progress(artifact_id)
+def start_progress(spec: JobSpec, shards: int) -> Progress:
+    """Create the progress artifact (none outside a flow run, e.g. from a plain script) and the terminal bar."""
+    artifact_id = None
+    if _in_run():
+        try:
+            artifact_id = create_progress_artifact(
+                progress=0.0, key=f"{spec.name}-progress", description=f"{spec.name}: shards done out of {shards}"
+            )
+        except MissingContextError:  # pragma: no cover - guarded above
+            artifact_id = None
+    return Progress(artifact_id, bar(f"{spec.name}: shards", shards))
 
 
-def update_progress(progress: Progress | None, done: int, total: int) -> None:
-    """Report shards done; skipped when the last report is recent, except for the last shard."""
-    if progress is None:
+def update_progress(progress: Progress, done: int, total: int) -> None:
+    """Report shards done: the bar at once, the artifact unless its last report is recent (except the last)."""
+    progress.bar.advance()
+    if done >= total:
+        progress.bar.finish()
+    if progress.artifact_id is None:
         return
     now = time.monotonic()
     if done < total and now - progress.last_sent < PROGRESS_EVERY_S:
@@ -139,9 +146,11 @@ def write_ledger(
     snapshot: str | None = None,
     previous_snapshot: str | None = None,
     classification: str | None = None,
+    answer_schema: AnswerSchema | None = None,
 ) -> dict[str, str]:
     """Write the cost table and run row, then the manifest that commits them, the plan's parts and the state
-    `snapshot` (already written); publish the artifacts.
+    `snapshot` (already written); publish the artifacts. The manifest also records `answer_schema`, the answer
+    columns the run wrote and those retired before it (schemas/evolution.py), which the next run compares with.
 
     Until the manifest exists none of this run's files count: the next run reads the previous committed state.
     The flow fixes the manifest's name before the first try, so a retry after the manifest was written rewrites
@@ -162,6 +171,7 @@ def write_ledger(
             "costs": costs,
             "runs": runs,
             "state": snapshot,
+            **({"schema": answer_schema.to_json()} if answer_schema is not None else {}),
         },
     )
     if snapshot is not None:  # readers part-way through the previous snapshot keep it; older ones go

@@ -6,8 +6,9 @@ looks at a job without knowing where its files are or which of them are committe
 - `documents`: one current row per document (what `current_rows()` returns: the rows the newest state snapshot
   points at, documents whose file left the source excluded);
 - `results`: every row of every committed part, the full history (parts the manifests name, never a glob, so an
-  uncommitted or abandoned part is never counted), read with `union_by_name` so parts written under different job
-  specs (a field added, a task changed) read together, a column a part lacks being null there;
+  uncommitted or abandoned part is never counted, less the parts a compaction replaced with its files), read with
+  `union_by_name` so parts written under different job specs (a field added, a task changed) read together, a
+  column a part lacks being null there;
 - `costs` and `runs`: the ledger files the committed manifests name (`tasks/account/report.py write_ledger`).
 
 No DuckDB extension is installed or loaded here (a run may have no network, and an extension fetched at run time
@@ -18,7 +19,6 @@ are handed over as Arrow.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,7 +33,7 @@ from docroute.schemas.rows import result_schema
 from docroute.schemas.spec import JobSpec, OutputSpec
 from docroute.tasks.account.ledger import COST_SCHEMA, RUN_SCHEMA
 from docroute.tasks.store.current import current_rows
-from docroute.tasks.store.state import manifest_paths
+from docroute.tasks.store.state import committed_manifests, live_parts
 
 if TYPE_CHECKING:
     import duckdb
@@ -87,23 +87,42 @@ def committed_files(output: OutputSpec) -> CommittedFiles:
     The manifests are the commit: files of a run that died before its manifest, or that clean-up has not removed
     yet, are on storage but count nowhere, so nothing here lists `results/`, `costs/` or `runs/` directly.
     """
-    fs, names = manifest_paths(output)
-    files = CommittedFiles()
-    for name in names:
-        manifest = json.loads(fs.cat_file(name))
-        files.parts.extend(part["url"] for part in manifest.get("parts", []))
+    manifests = [manifest for _, manifest in committed_manifests(output)]
+    files = CommittedFiles(parts=live_parts(manifests))  # a compaction's files instead of the parts they replaced
+    for manifest in manifests:
         files.costs.extend([manifest["costs"]] if manifest.get("costs") else [])
         files.runs.extend([manifest["runs"]] if manifest.get("runs") else [])
     return files
 
 
-def current_documents(output: OutputSpec) -> pa.Table:
+def current_documents(spec: JobSpec) -> pa.Table:
     """The `documents` view's rows: one current row per document, as Arrow (empty, no columns, before a commit).
 
-    The one place that says where current rows come from, so replacing the source (a table kept current by each
-    commit) changes this line only.
+    The one place that says where current rows come from. An Iceberg current table that holds the newest committed
+    run is read (a pyiceberg scan, handed to DuckDB as Arrow: no `iceberg` extension), so `docroute sql` shows what
+    a warehouse reading that table sees; one that lags or is missing is passed over for the committed state itself.
     """
+    output = spec.output
+    if output.table.enabled and output.table.format == "iceberg":
+        rows = _iceberg_documents(spec)
+        if rows is not None:
+            return rows
     return current_rows(output).to_arrow()
+
+
+def _iceberg_documents(spec: JobSpec) -> pa.Table | None:
+    """The Iceberg table's current rows, or None unless it holds the newest committed run."""
+    import pyarrow.compute as pc
+
+    from docroute.tasks.store.iceberg_table import read_iceberg_table
+    from docroute.tasks.store.table import committed_runs, newest_with_state
+
+    newest = newest_with_state(spec.output, committed_runs(spec.output))
+    found = read_iceberg_table(spec) if newest is not None else None
+    if newest is None or found is None or found[1] != newest[0].version:
+        return None
+    rows = found[0]
+    return rows.filter(pc.is_null(rows["deleted_at"])).drop_columns(["deleted_at"])
 
 
 def _sql_string(text: str) -> str:
@@ -134,7 +153,7 @@ def open_views(spec: JobSpec) -> duckdb.DuckDBPyConnection:
     if not protocols & {"file", "local"}:  # DuckDB reads local files itself, faster than through Python
         con.register_filesystem(fs)
     schema = result_schema(spec)
-    documents = current_documents(spec.output)
+    documents = current_documents(spec)
     con.register("documents", documents if documents.num_columns else schema.empty_table())
     files = committed_files(spec.output)
     _define(con, "results", files.parts, schema)

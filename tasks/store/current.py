@@ -7,24 +7,19 @@ holding its current row, so "current" never depends on clocks or on which files 
 
 from __future__ import annotations
 
-import json
-
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from docroute.schemas.spec import OutputSpec
-from docroute.tasks.store.state import latest_manifest, load_state, manifest_paths
+from docroute.tasks.store.state import committed_manifests, latest_manifest, live_parts, load_state
 from docroute.tasks.store.write import read_parquet
 
 
 def committed_parts(output: OutputSpec) -> list[str]:
-    """Every part the committed manifests name, oldest first (the full history)."""
-    fs, names = manifest_paths(output)
-    parts: list[str] = []
-    for name in names:
-        parts += [p["url"] for p in json.loads(fs.cat_file(name))["parts"]]
-    return parts
+    """Every part holding committed history, oldest first: what the manifests name, less the parts a compaction
+    replaced with its own files (`state.live_parts`)."""
+    return live_parts(manifest for _, manifest in committed_manifests(output))
 
 
 def current_rows(output: OutputSpec, *, include_deleted: bool = False) -> pl.DataFrame:

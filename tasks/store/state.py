@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import posixpath
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any
 
@@ -81,6 +82,37 @@ def manifest_paths(output: OutputSpec) -> tuple[Any, list[str]]:
         return fs, sorted(p for p in fs.ls(root, detail=False) if p.endswith(".json"))
     except FileNotFoundError:
         return fs, []
+
+
+class ManifestKind(StrEnum):
+    """What a manifest commits: a run's parts and state, or a compaction that rewrote committed parts."""
+
+    RUN = "run"  # written by every run (manifests before `kind` existed are runs)
+    COMPACTION = "compaction"  # `docroute compact`: new files, the parts they `replaces`, a state pointing at them
+
+
+def manifest_kind(manifest: dict[str, Any]) -> ManifestKind:
+    return ManifestKind.COMPACTION if manifest.get("kind") == ManifestKind.COMPACTION else ManifestKind.RUN
+
+
+def committed_manifests(output: OutputSpec) -> list[tuple[str, dict[str, Any]]]:
+    """Every manifest (path, content), oldest first."""
+    fs, names = manifest_paths(output)
+    return [(name, json.loads(fs.cat_file(name))) for name in names]
+
+
+def live_parts(manifests: Iterable[dict[str, Any]]) -> list[str]:
+    """The results parts that hold the committed history: every part a manifest names, less those a later
+    compaction `replaces` (their rows are in the compaction's files; the old files stay on storage until the
+    retention period ends, for readers that listed them before). The one place that rule lives: every reader of
+    committed parts goes through here, so no row is ever counted twice."""
+    named: list[str] = []
+    replaced: set[str] = set()
+    for manifest in manifests:
+        named += [part["url"] for part in manifest.get("parts", [])]
+        if manifest_kind(manifest) is ManifestKind.COMPACTION:
+            replaced.update(manifest.get("replaces", []))
+    return [url for url in dict.fromkeys(named) if url not in replaced]
 
 
 def committed_run_ids(output: OutputSpec) -> set[str]:

@@ -23,6 +23,10 @@ those whose `deleted_at` differs from the table's (a file that left the source, 
 every state row belongs to those runs (the first run, a `--full-refresh`, a table that was missing or was not
 ours), the table is rewritten in one commit instead, which also drops documents the state no longer has. The
 merge source is a stream of Arrow batches, one part at a time, holding only the changed documents' rows.
+
+All of this is the same for every table format; a format (`CurrentTableFormat`) only says which run its table
+holds and how it rewrites or merges in one commit: Delta Lake here (`DeltaCurrentTable`), Apache Iceberg through a
+catalog in tasks/store/iceberg_table.py (`output.table.format`).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 import polars as pl
 import pyarrow as pa
@@ -42,9 +46,11 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from docroute.schemas.errors import InputError, StorageError
+from docroute.schemas.evolution import AnswerSchema, answer_schema
 from docroute.schemas.layout import OutputLayout
 from docroute.schemas.rows import UTC_MICROS, result_schema
 from docroute.schemas.spec import JobSpec, OutputSpec
+from docroute.tasks.store.schema_record import committed_answer_schema
 from docroute.tasks.store.state import manifest_paths
 from docroute.tasks.store.write import read_parquet
 
@@ -87,7 +93,7 @@ class TableSync:
 
 
 @dataclass(frozen=True, slots=True)
-class _Commit:
+class Commit:
     """A committed run, as its manifest's name gives it."""
 
     run_id: str
@@ -124,17 +130,64 @@ def delta_storage_options(output: OutputSpec) -> dict[str, str]:
     return options
 
 
-def table_schema(spec: JobSpec) -> pa.Schema:
-    """The table's columns: the job's result columns with the same types, then `deleted_at`.
+def table_schema(spec: JobSpec, answers: AnswerSchema | None = None) -> pa.Schema:
+    """The table's columns: the job's result columns with the same types, the retired ones, then `deleted_at`.
 
-    Delta has no dictionary encoding, so labels, enums and routes are plain strings there (Parquet still stores
-    them dictionary-encoded); every other type (decimal, date, UTC timestamps, lists) is kept as declared.
+    `answers` is the answer schema the synced manifest records (schemas/evolution.py): its label and fields take
+    the place of the job's, and the columns earlier runs retired follow the result columns (kept, null in rows
+    written since); without a record (outputs older than it), the job's own answer columns. Delta has no
+    dictionary encoding, so labels, enums and routes are plain strings there (Parquet still stores them
+    dictionary-encoded); every other type (decimal, date, UTC timestamps, lists) is kept as declared.
     """
+    answers = answers or answer_schema(spec)
+    declared = answer_schema(spec).names()  # the job's answer columns: replaced by the record's
+    result = list(result_schema(spec))
+    first = next((i for i, f in enumerate(result) if f.name in declared), len(result))
+    provenance = [f for f in result if f.name not in declared]
+    columns = [*provenance[:first], *answers.answer_fields(), *provenance[first:], *answers.retired_fields()]
     fields = [
         pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type, nullable=True)
-        for f in result_schema(spec)
+        for f in columns
     ]
     return pa.schema([*fields, pa.field("deleted_at", UTC_MICROS, nullable=True)])
+
+
+class CurrentTableFormat(Protocol):
+    """One table format's side of a sync; everything else (which run is committed, which documents changed, their
+    rows, in the schema `table_schema` declares) is the same for every format and lives in `sync_current_table`."""
+
+    uri: str  # where the table is, for messages
+
+    def synced_version(self) -> int | None:
+        """The version of the committed run the table holds (`Commit.version`); None when there is no table or
+        it is not ours (then it is rewritten)."""
+        ...
+
+    def deleted_doc_ids(self) -> pa.Array:
+        """The doc_ids the table marks deleted (string)."""
+        ...
+
+    def rewrite(self, source: pa.RecordBatchReader, commit: Commit) -> None:
+        """Replace every row with `source` in one commit recording `commit`."""
+        ...
+
+    def merge(self, source: pa.RecordBatchReader, changed: pa.Table, commit: Commit) -> None:
+        """Replace the rows of the documents in `changed` (doc_id, part_url, deleted_at) with `source`, and insert
+        the new ones, in one commit recording `commit` (made even when `changed` is empty)."""
+        ...
+
+    def error(self, exc: Exception) -> InputError | StorageError:
+        """A library error as docroute's: the user's to settle, or the store's."""
+        ...
+
+
+def open_current_table(spec: JobSpec) -> CurrentTableFormat:
+    """The job's current table in its format (`output.table.format`)."""
+    if spec.output.table.format == "iceberg":
+        from docroute.tasks.store.iceberg_table import IcebergCurrentTable
+
+        return IcebergCurrentTable(spec)
+    return DeltaCurrentTable(spec.output)
 
 
 def sync_current_table(spec: JobSpec) -> TableSync:
@@ -147,40 +200,69 @@ def sync_current_table(spec: JobSpec) -> TableSync:
     if not output.table.enabled:
         return TableSync(SyncAction.OFF)
     started = time.perf_counter()
-    commits = _commits(output)
-    newest = _newest_with_state(output, commits)
+    commits = committed_runs(output)
+    newest = newest_with_state(output, commits)
     if newest is None:
         return TableSync(SyncAction.NOTHING_COMMITTED)
     commit, snapshot = newest
-    uri = output.layout.current_table()
-    options = delta_storage_options(output)
+    table = open_current_table(spec)
     try:
-        table = _open(uri, options)
-        synced = table.transaction_version(APP_ID) if table is not None else None
+        synced = table.synced_version()
         if synced == commit.version:
             return TableSync(SyncAction.IN_SYNC, commit.run_id)
         behind = [c for c in commits if synced is None or c.version > synced]
-        rewrite = table is None or synced is None or synced > commit.version  # missing, not ours, or ahead
-        changed, every_row = _changed_documents(
-            output, snapshot, {c.run_id for c in behind}, rewrite=rewrite, table=table
-        )
-        schema = table_schema(spec)
-        source = pa.RecordBatchReader.from_batches(schema, _current_batches(output, changed, schema))
-        properties = _commit_properties(commit)
+        # the columns the synced run committed (schemas/evolution.py): a field added is a new column (the MERGE
+        # evolves the schema), a retired one stays and its nulls are merged. A type changes only under
+        # --full-refresh, whose state holds its own rows only, so that sync rewrites the table in the new type
+        answers = committed_answer_schema(output, up_to=commit.manifest)
+        rewrite = synced is None or synced > commit.version  # missing, not ours, or ahead
+        deleted = None if rewrite else table.deleted_doc_ids()
+        changed, every_row = changed_documents(output, snapshot, {c.run_id for c in behind}, deleted_in_table=deleted)
+        schema = table_schema(spec, answers)
+        source = pa.RecordBatchReader.from_batches(schema, current_batches(output, changed, schema))
         if rewrite or every_row:
-            from deltalake import write_deltalake
-
-            write_deltalake(
-                uri,
-                source,
-                mode="overwrite",
-                schema_mode="overwrite",
-                storage_options=options,
-                commit_properties=properties,
-            )
+            table.rewrite(source, commit)
             action = SyncAction.REWRITTEN
-        elif changed.num_rows:
-            assert table is not None
+        else:  # an empty `changed` still commits: the table must record that it holds this run
+            table.merge(source, changed, commit)
+            action = SyncAction.MERGED
+    except (InputError, StorageError):
+        raise
+    except Exception as exc:
+        raise table.error(exc) from exc
+    return TableSync(action, commit.run_id, changed.num_rows, time.perf_counter() - started, len(behind))
+
+
+class DeltaCurrentTable:
+    """The Delta Lake current table at `<output>/tables/documents` (no catalog)."""
+
+    def __init__(self, output: OutputSpec) -> None:
+        self.uri = output.layout.current_table()
+        self._options = delta_storage_options(output)
+        self._table = _open(self.uri, self._options)
+
+    def synced_version(self) -> int | None:
+        return self._table.transaction_version(APP_ID) if self._table is not None else None
+
+    def deleted_doc_ids(self) -> pa.Array:
+        return _deleted_in_table(self._table)
+
+    def rewrite(self, source: pa.RecordBatchReader, commit: Commit) -> None:
+        from deltalake import write_deltalake
+
+        write_deltalake(
+            self.uri,
+            source,
+            mode="overwrite",
+            schema_mode="overwrite",
+            storage_options=self._options,
+            commit_properties=_commit_properties(commit),
+        )
+
+    def merge(self, source: pa.RecordBatchReader, changed: pa.Table, commit: Commit) -> None:
+        table, properties = self._table, _commit_properties(commit)
+        assert table is not None
+        if changed.num_rows:
             table.merge(
                 source,
                 predicate="t.doc_id = s.doc_id",
@@ -189,19 +271,14 @@ def sync_current_table(spec: JobSpec) -> TableSync:
                 merge_schema=True,  # a field added to the job becomes a new nullable column
                 commit_properties=properties,
             ).when_matched_update_all().when_not_matched_insert_all().execute()
-            action = SyncAction.MERGED
-        else:  # nothing changed, but the table must still record that it holds this run (an empty MERGE commits not)
+        else:  # an empty MERGE commits nothing: append no rows to record the run
             from deltalake import write_deltalake
 
-            assert table is not None
             empty = pa.RecordBatchReader.from_batches(pa.schema(table.schema().to_arrow()), iter([]))
             write_deltalake(table, empty, mode="append", commit_properties=properties)
-            action = SyncAction.MERGED
-    except (InputError, StorageError):
-        raise
-    except Exception as exc:
-        raise _docroute_error(uri, exc) from exc
-    return TableSync(action, commit.run_id, changed.num_rows, time.perf_counter() - started, len(behind))
+
+    def error(self, exc: Exception) -> InputError | StorageError:
+        return _docroute_error(self.uri, exc)
 
 
 def _docroute_error(uri: str, exc: Exception) -> InputError | StorageError:
@@ -228,7 +305,7 @@ def _open(uri: str, options: dict[str, str]) -> Any:
         return None
 
 
-def _commit_properties(commit: _Commit) -> Any:
+def _commit_properties(commit: Commit) -> Any:
     from deltalake import CommitProperties, Transaction
 
     return CommitProperties(
@@ -237,7 +314,7 @@ def _commit_properties(commit: _Commit) -> Any:
     )
 
 
-def _commits(output: OutputSpec) -> list[_Commit]:
+def committed_runs(output: OutputSpec) -> list[Commit]:
     """Every committed run, oldest first (manifest names start with their commit time)."""
     _, names = manifest_paths(output)
     commits = []
@@ -245,14 +322,14 @@ def _commits(output: OutputSpec) -> list[_Commit]:
         at = OutputLayout.manifest_committed_at(name)
         if at is not None:
             micros = (at - datetime(1970, 1, 1, tzinfo=UTC)) // _MICROSECOND
-            commits.append(_Commit(OutputLayout.manifest_run_id(name), micros, name))
+            commits.append(Commit(OutputLayout.manifest_run_id(name), micros, name))
     return commits
 
 
 _MICROSECOND = datetime(1970, 1, 1, 0, 0, 0, 1, tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _newest_with_state(output: OutputSpec, commits: list[_Commit]) -> tuple[_Commit, str] | None:
+def newest_with_state(output: OutputSpec, commits: list[Commit]) -> tuple[Commit, str] | None:
     """The newest committed run whose manifest names a state snapshot, and that snapshot's URL."""
     fs, _ = url_to_fs(output.layout.manifests_dir(), **output.fsspec_options())
     for commit in reversed(commits):
@@ -262,12 +339,15 @@ def _newest_with_state(output: OutputSpec, commits: list[_Commit]) -> tuple[_Com
     return None
 
 
-def _changed_documents(
-    output: OutputSpec, snapshot: str, runs: set[str], *, rewrite: bool, table: Any
+def changed_documents(
+    output: OutputSpec, snapshot: str, runs: set[str], *, deleted_in_table: pa.Array | None
 ) -> tuple[pa.Table, bool]:
     """The documents to write (doc_id, part_url, deleted_at), read from the snapshot batch by batch, and whether
-    every state row was written by one of `runs` (then the whole table is rewritten)."""
-    deleted_in_table = pa.array([], pa.string()) if rewrite else _deleted_in_table(table)
+    every state row was written by one of `runs` (then the whole table is rewritten). `deleted_in_table`: the
+    doc_ids the table marks deleted; None when it is to be rewritten (then every document is written)."""
+    rewrite = deleted_in_table is None
+    if deleted_in_table is None:
+        deleted_in_table = pa.array([], pa.string())
     wanted = pa.array(sorted(runs), pa.string())
     kept: list[pa.Table] = []
     every_row = True
@@ -309,7 +389,7 @@ def _deleted_in_table(table: Any) -> pa.Array:
     return pc.cast(found["doc_id"].combine_chunks(), pa.string())
 
 
-def _current_batches(output: OutputSpec, changed: pa.Table, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+def current_batches(output: OutputSpec, changed: pa.Table, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
     """The changed documents' current rows, one part at a time, in the table's schema with their `deleted_at`."""
     if not changed.num_rows:
         return
@@ -326,7 +406,8 @@ def _current_batches(output: OutputSpec, changed: pa.Table, schema: pa.Schema) -
 
 
 def _conform(table: pa.Table, schema: pa.Schema, deleted: pa.Array) -> pa.Table:
-    """A part's rows in the table's schema: dictionaries decoded, missing columns (older parts) as nulls."""
+    """A part's rows in the table's schema: dictionaries decoded, missing columns (older parts, a field added
+    since; newer parts, a field retired since) as nulls."""
     columns = []
     for field in schema:
         if field.name == "deleted_at":
