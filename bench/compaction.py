@@ -1,6 +1,6 @@
 """File counts before and after `docroute compact`, and its wall time, for an output written in many small shards.
 
-    python bench/compaction.py [--documents 10000] [--shard-size 32] [--out bench/results/compaction]
+    python bench/compaction.py [--documents 10000] [--shard-size 32] [--format delta|iceberg] [--out DIR]
 
 Three real runs of the flow (`process_documents`, the small model replaced by bench/memory_flat.py's NullEngine:
 the files are what matters here, not the answers) over N short documents in shards of `--shard-size`: all N new;
@@ -8,7 +8,8 @@ then 5% changed and 5% added; then 2% deleted. Then the compaction flow (`compac
 parts go at once, and again with the default 7 days to show what stays for readers). Measured: committed parts
 (what the `results` view and warehouses read) and Parquet files under `results/` before and after, the current
 table's files, wall time of the compaction flow; checked: the current rows, the history's row count and the
-table's rows are the same after as before. Results: Markdown on stdout and in `<out>/results.md`.
+table's rows are the same after as before. `--format iceberg` keeps the current table as Iceberg (the default
+SQLite catalog) instead of Delta. Results: Markdown on stdout and in `<out>/results.md`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from memory_flat import LABELS, SENTENCES, NullEngine  # noqa: E402
 
 
-def _job(source: Path, output: Path, shard_size: int) -> str:
+def _job(source: Path, output: Path, shard_size: int, table_format: str = "delta") -> str:
     labels = "\n".join(f"      - {{name: {label}, description: texts about {label}}}" for label in LABELS)
     return f"""name: compaction-bench
 source:
@@ -45,6 +46,7 @@ small_model:
   classify_strategy: similarity
 output:
   url: {output}
+  table: {{format: {table_format}}}
 shard_size: {shard_size}
 runner: {{max_workers: 2}}
 """
@@ -70,8 +72,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--documents", type=int, default=10_000)
     parser.add_argument("--shard-size", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compaction")
+    parser.add_argument("--format", choices=("delta", "iceberg"), default="delta", help="the current table's format")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/compaction[-iceberg]")
     args = parser.parse_args()
+    suffix = "-iceberg" if args.format == "iceberg" else ""
+    args.out = args.out or ROOT / "bench" / "results" / f"compaction{suffix}"
 
     import polars as pl
     from deltalake import DeltaTable
@@ -82,13 +87,14 @@ def main() -> int:
     from docroute.tasks.account.views import open_views
     from docroute.tasks.store.compact import count_results_files
     from docroute.tasks.store.current import committed_parts, current_rows
+    from docroute.tasks.store.iceberg_table import IcebergCurrentTable, read_iceberg_table
 
     _patch_model()
     n = args.documents
     with tempfile.TemporaryDirectory(prefix="docroute-compaction-") as tmp:
         source, output = Path(tmp) / "docs", Path(tmp) / "out"
         job = Path(tmp) / "job.yaml"
-        job.write_text(_job(source, output, args.shard_size))
+        job.write_text(_job(source, output, args.shard_size, args.format))
         for i in range(n):
             _write(source, i)
         runs = []
@@ -105,15 +111,29 @@ def main() -> int:
         runs_seconds = time.perf_counter() - started
         spec = load_job(job)
 
+        def table_rows() -> int:
+            if args.format == "delta":
+                return DeltaTable(spec.output.layout.current_table()).to_pyarrow_table().num_rows
+            read = read_iceberg_table(spec)
+            return read[0].num_rows if read else 0
+
+        def table_files() -> int:
+            if args.format == "delta":
+                return len(DeltaTable(spec.output.layout.current_table()).file_uris())
+            table = IcebergCurrentTable(spec)
+            try:
+                return table.data_files()
+            finally:
+                table.close()
+
         def seen() -> tuple[pl.DataFrame, int, int]:
             current = current_rows(spec.output, include_deleted=True).sort("doc_id")
             history = open_views(spec).execute("SELECT count(*) FROM results").fetchone()
-            table = DeltaTable(spec.output.layout.current_table()).to_pyarrow_table().num_rows
-            return current, int(history[0]) if history else 0, table
+            return current, int(history[0]) if history else 0, table_rows()
 
         before = seen()
         parts_before, files_before = len(committed_parts(spec.output)), count_results_files(spec.output)
-        table_files_before = len(DeltaTable(spec.output.layout.current_table()).file_uris())
+        table_files_before = table_files()
         timed = time.perf_counter()
         kept = compact_output(str(job))  # default retention: replaced parts stay 7 days for readers part-way
         seconds = time.perf_counter() - timed
@@ -127,6 +147,7 @@ def main() -> int:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, Python "
             f"{platform.python_version()}",
             "documents": n,
+            "table_format": args.format,
             "shard_size": args.shard_size,
             "runs": len(runs),
             "runs_seconds": round(runs_seconds, 1),
@@ -139,6 +160,8 @@ def main() -> int:
             "results_files_after_retention_0": count_results_files(spec.output),
             "table_files_before": table_files_before,
             "table_files_after": kept.table.files_after,
+            "table_files_after_retention_0": table_files(),
+            "table_files_deleted": kept.table.vacuumed + purge.table.vacuumed,
             "compaction_flow_wall_seconds": round(seconds, 2),
             "compaction_seconds_in_flow": round(kept.seconds, 2),
             "purge_with_retention_0_seconds": round(purge.seconds, 2),

@@ -22,13 +22,17 @@ from oracle_server import OracleServer
 from pydantic import ValidationError
 from s3_server import make_bucket, s3_access_yaml
 
+from docroute.flows.compact import compact_output
 from docroute.flows.process import process_documents
 from docroute.schemas.load import load_job
 from docroute.schemas.spec import JobSpec, OutputSpec
 from docroute.tasks.account.views import open_views, overview
+from docroute.tasks.store.compact import TableAction
 from docroute.tasks.store.current import current_rows
 from docroute.tasks.store.iceberg_table import (
+    OPERATION_PROPERTY,
     VERSION_PROPERTY,
+    IcebergCurrentTable,
     iceberg_identifier,
     iceberg_io_properties,
     load_iceberg_catalog,
@@ -254,6 +258,70 @@ def test_after_every_run_the_s3_iceberg_table_equals_the_current_rows(tmp_path: 
     _roll_back_catalog(tmp_path / "catalog.db")
     process_documents(str(job))
     assert_iceberg_is_current(job)
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_compaction_rewrites_the_small_iceberg_files_keeps_rows_and_run_and_respects_retention(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three runs leave several small data files (an appended one per merge, copy-on-write rewrites). `docroute
+    compact` puts them into one file in a snapshot still recording the synced run, so the next run merges only its
+    change; what is younger than the retention period stays, and with none, old snapshots and files go."""
+    job, docs = _local_job(tmp_path)
+    spec = load_job(job)
+    for i in range(4):
+        _put(docs, i)
+    process_documents(str(job))
+    _put(docs, 4)
+    time.sleep(0.01)
+    _put(docs, 0, " rewritten")
+    process_documents(str(job))
+    (docs / "doc-001.txt").unlink()
+    process_documents(str(job))
+    catalog, table = _load(spec)
+    rows = pl.from_arrow(table.scan().to_arrow()).sort("doc_id")
+    files, previous = len(list(table.scan().plan_files())), table.current_snapshot()
+    catalog.close()
+    assert files >= 3 and previous is not None
+
+    kept = compact_output(str(job))  # the default retention, 7 days: nothing is old enough to go
+    assert kept.table.action is TableAction.REWRITTEN
+    assert (kept.table.files_before, kept.table.files_after) == (files, 1)
+    assert kept.table.expired_snapshots == 0 and kept.table.vacuumed == 0
+    assert_iceberg_is_current(job)  # the same rows, recording the compaction's commit
+    catalog, table = _load(spec)
+    try:
+        assert pl.from_arrow(table.scan().to_arrow()).sort("doc_id").equals(rows)
+        current = table.current_snapshot()
+        assert current is not None and current.summary is not None
+        assert current.summary.get(OPERATION_PROPERTY) == "compact"
+        assert table.scan(snapshot_id=previous.snapshot_id).to_arrow().num_rows == rows.height  # time travel
+    finally:
+        catalog.close()
+
+    def rewrite(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the whole table was rewritten")
+
+    monkeypatch.setattr(IcebergCurrentTable, "rewrite", rewrite)  # the next run merges its change only
+    _put(docs, 2, " edited")
+    assert process_documents(str(job)).documents == 1
+    assert_iceberg_is_current(job)
+    monkeypatch.undo()
+
+    now = compact_output(str(job), retention_hours=0)
+    assert now.table.files_after == 1 and now.table.expired_snapshots > 0 and now.table.vacuumed > 0
+    assert_iceberg_is_current(job)
+    catalog, table = _load(spec)
+    try:
+        assert [s.snapshot_id for s in table.snapshots()] == [table.current_snapshot().snapshot_id]
+        named = {Path(task.file.file_path.removeprefix("file://")) for task in table.scan().plan_files()}
+    finally:
+        catalog.close()
+    folder = tmp_path / "out" / "tables" / "iceberg" / "documents"
+    assert set((folder / "data").glob("*.parquet")) == named  # every other data file deleted
+    # the current metadata file and the one the expiry superseded (current until after the cutoff)
+    assert len(list((folder / "metadata").glob("*.metadata.json"))) == 2
+    assert (tmp_path / "out" / "tables" / "catalog.db").is_file()
 
 
 def test_catalog_settings_keep_their_secrets_and_object_stores_must_name_a_catalog() -> None:

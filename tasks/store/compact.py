@@ -16,7 +16,10 @@ run is in flight and every plan without a manifest is a dead run's, which the ne
 3. **commit**: the manifest (`kind: compaction`, `parts`, `replaces`, `state`), written last: until it exists the
    new files count nowhere and the old ones stay in force; from then on every reader skips the replaced parts.
 4. **table**: the current table synced (it records the compaction's commit), then Delta optimize, vacuum after
-   the retention period, checkpoint.
+   the retention period, checkpoint; or, for Iceberg (tasks/store/iceberg_table.py), its small data files
+   rewritten in one snapshot that still records the synced run, snapshots that stopped being current before the
+   retention period expired, and the table's files no remaining snapshot or recent metadata names deleted once
+   older than it (never anything outside the table's folder, such as the SQLite catalog).
 5. **retention**: delete the parts that compactions committed more than the retention period ago replaced, the
    results and errors files no manifest names and no plan file owns (a dead run's leftovers, a killed
    compaction's files), and state snapshots other than the newest two; each only once older than the retention
@@ -88,8 +91,8 @@ class TableAction(StrEnum):
 
     OFF = "off"  # output.table.enabled is false
     NOTHING_COMMITTED = "nothing_committed"  # no manifest yet: no table
-    NOT_DELTA = "not_delta"  # another format: synced, not optimized here
     OPTIMIZED = "optimized"  # Delta optimize, vacuum and checkpoint done
+    REWRITTEN = "rewritten"  # Iceberg: small data files rewritten, old snapshots expired, unused files deleted
 
 
 class Removed(StrEnum):
@@ -141,13 +144,15 @@ class Rewritten:
 
 @dataclass(frozen=True)
 class TableMaintenance:
-    """The table step's outcome: files in the table's newest version before and after, and files vacuumed."""
+    """The table step's outcome: data files in the table's newest version before and after, files deleted (Delta's
+    vacuum, or Iceberg's unused data, manifest and metadata files) and Iceberg snapshots expired."""
 
     action: TableAction
     files_before: int = 0
     files_after: int = 0
     vacuumed: int = 0
     synced_run: str | None = None
+    expired_snapshots: int = 0
 
 
 @dataclass(frozen=True)
@@ -455,15 +460,17 @@ def commit_compaction(spec: JobSpec, plan: CompactionPlan, rewritten: Rewritten,
 
 def maintain_table(spec: JobSpec, retention_hours: float) -> TableMaintenance:
     """Sync the current table to the newest manifest (recording the compaction), then optimize, vacuum what no
-    version within the retention period reads, and checkpoint, keeping the app transaction the sync relies on."""
+    version within the retention period reads, and checkpoint, keeping the app transaction the sync relies on
+    (Delta); or rewrite small files, expire snapshots and delete unused files, keeping the run the sync reads
+    (Iceberg, `_maintain_iceberg`)."""
     output = spec.output
     if not output.table.enabled:
         return TableMaintenance(TableAction.OFF)
     sync = sync_current_table(spec)
     if sync.action is SyncAction.NOTHING_COMMITTED:
         return TableMaintenance(TableAction.NOTHING_COMMITTED)
-    if getattr(output.table, "format", "delta") != "delta":
-        return TableMaintenance(TableAction.NOT_DELTA, synced_run=sync.run_id)
+    if output.table.format == "iceberg":
+        return _maintain_iceberg(spec, retention_hours, sync.run_id)
     from deltalake import CommitProperties, DeltaTable
 
     uri, options = output.layout.current_table(), delta_storage_options(output)
@@ -477,6 +484,42 @@ def maintain_table(spec: JobSpec, retention_hours: float) -> TableMaintenance:
     if after.transaction_version(APP_ID) != synced:  # pragma: no cover - delta-rs keeps app transactions
         raise StateError(f"optimizing {uri} lost the record of the run it holds; the next run rebuilds it")
     return TableMaintenance(TableAction.OPTIMIZED, before, len(after.file_uris()), len(vacuumed), sync.run_id)
+
+
+def _maintain_iceberg(spec: JobSpec, retention_hours: float, synced_run: str | None) -> TableMaintenance:
+    """The Iceberg table's compaction and retention (module docstring, step 4), after its sync."""
+    from docroute.tasks.store.iceberg_table import TABLE_FILE_SUFFIXES, IcebergCurrentTable
+
+    output = spec.output
+    table = IcebergCurrentTable(spec)
+    try:
+        before, after = table.compact(int(output.compaction.target_file_mb * 2**20), SMALL_FRACTION)
+        # counted from after the rewrite, as Delta's vacuum after optimize: with retention 0, its files go too
+        cutoff = datetime.now(UTC) - timedelta(hours=retention_hours)
+        expired = table.expire_snapshots(cutoff)
+        location, in_use = table.files_in_use(cutoff)
+    finally:
+        table.close()
+    fs = _fs(output)
+    root, base = _path(fs, output.url).rstrip("/"), _path(fs, location).rstrip("/")
+    deleted = 0
+    if base.startswith(root + "/"):  # a catalog's own warehouse elsewhere is the catalog's to clean
+        keep = {_path(fs, url) for url in in_use}
+        for folder in (posixpath.join(base, "data"), posixpath.join(base, "metadata")):
+            fs.invalidate_cache(folder)
+            try:
+                found = fs.find(folder, detail=True)
+            except FileNotFoundError:
+                continue
+            for path, info in found.items():
+                if path in keep or not path.endswith(TABLE_FILE_SUFFIXES):
+                    continue
+                modified = _modified(info)
+                if modified is not None and modified <= cutoff and _delete(fs, path):
+                    deleted += 1
+    else:
+        log.info("the Iceberg table %s lies outside %s: its unused files are left to its catalog", location, output.url)
+    return TableMaintenance(TableAction.REWRITTEN, before, after, deleted, synced_run, expired)
 
 
 # -- 5. retention -------------------------------------------------------------------------------------------------
@@ -635,6 +678,11 @@ def describe(report: CompactionReport) -> Iterable[str]:
     table = report.table
     if table.action is TableAction.OPTIMIZED:
         yield f"current table: {table.files_before} -> {table.files_after} file(s), {table.vacuumed} vacuumed"
+    elif table.action is TableAction.REWRITTEN:
+        yield (
+            f"current table: {table.files_before} -> {table.files_after} data file(s), "
+            f"{table.expired_snapshots} snapshot(s) expired, {table.vacuumed} file(s) deleted"
+        )
     else:
         yield f"current table: {table.action.value}"
     if report.retention.removed:
