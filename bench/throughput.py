@@ -616,6 +616,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from memory_flat import machine  # the sibling benchmark's helper
 
     info = machine()
+    shard_size = spec.shard_size or f"{spec.shard_size_for(n)} (the default for this run)"
     engine_build = first["stages"].get("engine build (head training)", 0.0)
     flow = first["flow_seconds"]
     lines = [
@@ -635,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{n:,} synthetic messages (5-30 words, 10 intents, seed {SEED}), 1,000 .txt files per folder, written in "
         f"{generate_seconds:.0f} s (not timed); {len(INTENTS) * EXAMPLES_PER_LABEL} labeled examples; "
         f"`small_model: {{engine: llamacpp, encoder: wordllama, classify_strategy: embedding_head}}`, no frontier; "
-        f"shard_size {spec.shard_size}, {options.max_workers} threads. Routes: "
+        f"shard_size {shard_size}, {options.max_workers} threads. Routes: "
         + ", ".join(f"{route} {count:,}" for route, count in sorted(routes.items()))
         + ".",
         "",
