@@ -122,12 +122,12 @@ def _flow_run_of_this_process(api: ApiStart) -> Iterator[None]:
         yield
 
 
-def _run(job: Path, output: str | None = None, full_refresh: bool = False) -> RunSummary:
+def _run(job: Path, output: str | None = None, full_refresh: bool = False, compact: bool = False) -> RunSummary:
     api = _check_job_and_start_api(job)
     from docroute.flows.process import process_documents
 
     with _flow_run_of_this_process(api):
-        return process_documents(str(job), output=output, full_refresh=full_refresh)
+        return process_documents(str(job), output=output, full_refresh=full_refresh, compact=compact)
 
 
 @app.command()
@@ -137,11 +137,14 @@ def run(
     full_refresh: Annotated[
         bool, typer.Option("--full-refresh", help="reprocess every document, not only new and changed ones")
     ] = False,
+    compact: Annotated[
+        bool, typer.Option("--compact", help="then compact the output, as `docroute compact` does")
+    ] = False,
 ) -> None:
     """Run a job: classify and/or extract new and changed documents, write Parquet and the cost ledger."""
     _quiet_prefect()
     started = time.perf_counter()
-    summary = _run(job, output, full_refresh)
+    summary = _run(job, output, full_refresh, compact)
     _print_summary(summary, time.perf_counter() - started)
 
 

@@ -406,11 +406,28 @@ def _spill_part_state(
 
 
 @flow(name="process-documents", log_prints=False)
-def process_documents(job: str, output: str | None = None, full_refresh: bool = False) -> RunSummary:
+def process_documents(
+    job: str, output: str | None = None, full_refresh: bool = False, compact: bool = False
+) -> RunSummary:
     """Classify and/or extract the new and changed documents of a job file; returns the run summary.
 
     `job` is the path of the job's YAML file; `output`, when given, replaces the job's output URL;
-    `full_refresh` reprocesses every document instead of only what changed since the last committed run.
+    `full_refresh` reprocesses every document instead of only what changed since the last committed run;
+    `compact` runs `docroute compact` after the run has committed (the nightly deployment's optional last step).
     """
     spec = with_output(load_job(Path(job)), output)
-    return run_job(spec, full_refresh=full_refresh)
+    summary = run_job(spec, full_refresh=full_refresh)
+    if compact:
+        _compact_after_run(job, output)
+    return summary
+
+
+def _compact_after_run(job: str, output: str | None) -> None:
+    """Housekeeping after a committed run: a compaction that fails is its own Failed flow run in the UI and a
+    logged error here, never a failed run (the run's rows are committed whatever happens to the compaction)."""
+    from docroute.flows.compact import compact_output
+
+    try:
+        compact_output(job, output=output)
+    except Exception as exc:
+        get_run_logger().error("the compaction after this run failed: %s", exc)

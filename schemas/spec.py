@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
@@ -687,6 +688,13 @@ class IcebergCatalogSpec(StrictModel):
         return properties
 
 
+class DeletedRows(StrEnum):
+    """What the current table does with a document whose file left the source."""
+
+    MARK = "mark"  # keep its last row, `deleted_at` set (the default: nothing is lost, a filter shows current rows)
+    DROP = "drop"  # remove its row from the table (the results history and the state keep it)
+
+
 class CurrentTableSpec(StrictModel):
     """The current table: one row per document, kept equal to `current_rows()` by every run (tasks/store/table.py).
 
@@ -697,6 +705,10 @@ class CurrentTableSpec(StrictModel):
 
     enabled: bool = Field(default=True, description="maintain the current table; off: runs never touch it")
     format: Literal["delta", "iceberg"] = "delta"
+    deleted: DeletedRows = Field(
+        default=DeletedRows.MARK,
+        description="a document whose file left the source: mark (keep its row, deleted_at set) or drop its row",
+    )
     catalog: IcebergCatalogSpec | None = Field(
         default=None, description="iceberg: the catalog holding the table; default, local outputs only: SQLite"
     )

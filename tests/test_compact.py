@@ -386,3 +386,22 @@ def test_the_nightly_compaction_is_a_paused_deployment_of_the_compaction_flow() 
     assert nightly["entrypoint"] == "flows/compact.py:compact_output" and nightly["concurrency_limit"] == 1
     assert [s["active"] for s in nightly["schedules"]] == [False]  # optional: a person turns it on
     assert compact_output.name == "compact-output"
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_run_asked_to_compact_commits_then_compacts_as_its_last_step(tmp_path: Path) -> None:
+    local = _local(tmp_path)
+    for i in range(4):
+        local.put(i)
+    process_documents(str(local.job))
+    assert len(committed_parts(local.output)) == 4  # shards of one: a part per document
+    current_before = _current(local.job)
+    local.put(4)
+    summary = process_documents(str(local.job), compact=True)
+    assert summary.documents == 1  # the run itself is unchanged: only the new file
+    assert len(committed_parts(local.output)) == 1  # then its five parts became one file of the same rows
+    current_after = _current(local.job)
+    assert current_after.height == 5
+    unchanged = current_after.filter(pl.col("doc_id").is_in(current_before["doc_id"].to_list()))
+    assert unchanged.select(current_before.columns).equals(current_before)  # the same rows, now in one file
+    assert_table_is_current(local.job)

@@ -236,3 +236,52 @@ def test_a_type_the_job_changed_is_an_input_error_naming_the_table(tmp_path: Pat
 
     error = _docroute_error("/out/tables/documents", SchemaMismatchError("Cannot cast amount from Decimal to Utf8"))
     assert isinstance(error, InputError) and "delete the table" in str(error) and "/out/tables/documents" in str(error)
+
+
+def _table_rows(job: Path) -> pl.DataFrame:
+    """The current table's rows, read by its own library (deltalake, or pyiceberg through the job's catalog)."""
+    spec = load_job(job)
+    if spec.output.table.format == "iceberg":
+        from docroute.tasks.store.iceberg_table import read_iceberg_table
+
+        found = read_iceberg_table(spec)
+        assert found is not None
+        frame = pl.from_arrow(found[0])
+        assert isinstance(frame, pl.DataFrame)
+        return frame
+    return read_table(spec.output)
+
+
+@pytest.mark.usefixtures("prefect_server")
+@pytest.mark.parametrize("table_format", ["delta", "iceberg"])
+def test_a_table_that_drops_deleted_documents_removes_their_rows_and_takes_them_back(
+    tmp_path: Path, table_format: str
+) -> None:
+    job, docs = _local_job(tmp_path, table=f"{{format: {table_format}, deleted: drop}}")
+    job.write_text(
+        job.read_text().replace(
+            "  classify_strategy: label_scoring\n", "  encoder: wordllama\n  classify_strategy: similarity\n"
+        )
+    )
+    output = load_job(job).output
+
+    def assert_table_holds_the_listed_documents(count: int) -> None:
+        expected = current_rows(output)  # without the deleted documents
+        table = _table_rows(job)
+        assert table.height == expected.height == count and table["deleted_at"].null_count() == count
+        assert _comparable(table, expected.columns).equals(_comparable(expected, expected.columns))
+
+    for i in range(4):
+        _put(docs, i)
+    process_documents(str(job))
+    assert_table_holds_the_listed_documents(4)
+    kept_aside = tmp_path / "doc-001.txt"
+    shutil.move(docs / "doc-001.txt", kept_aside)  # its row leaves the table; the history and the state keep it
+    process_documents(str(job))
+    assert_table_holds_the_listed_documents(3)
+    assert current_rows(output, include_deleted=True).height == 4
+    process_documents(str(job))  # nothing changed: nothing comes back, nothing else goes
+    assert_table_holds_the_listed_documents(3)
+    shutil.move(kept_aside, docs / "doc-001.txt")  # back, unchanged: its row returns without being answered again
+    assert process_documents(str(job)).documents == 0
+    assert_table_holds_the_listed_documents(4)

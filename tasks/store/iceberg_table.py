@@ -46,7 +46,7 @@ import pyarrow as pa
 
 from docroute.schemas.errors import InputError, StateError, StorageError
 from docroute.schemas.spec import IcebergCatalogSpec, JobSpec, OutputSpec
-from docroute.tasks.store.table import Commit
+from docroute.tasks.store.table import Commit, kept_rows
 
 if TYPE_CHECKING:
     from pyiceberg.catalog import Catalog
@@ -218,6 +218,8 @@ class IcebergCurrentTable:
     def rewrite(self, source: pa.RecordBatchReader, commit: Commit) -> None:
         from pyiceberg.exceptions import NoSuchTableError, ValidationError
 
+        source = kept_rows(self._spec.output, source)
+
         try:
             if self._table is not None:
                 tx = self._table.transaction()
@@ -257,7 +259,8 @@ class IcebergCurrentTable:
                 with warnings.catch_warnings():  # "did not match any records": only new documents changed
                     warnings.simplefilter("ignore", UserWarning)
                     tx.delete(In("doc_id", ids), snapshot_properties=properties)
-            tx.append(source, snapshot_properties=properties)  # an empty one still records the run
+            # an empty append still records the run; a dropping table appends only the rows of listed files
+            tx.append(kept_rows(self._spec.output, source), snapshot_properties=properties)
 
     def close(self) -> None:
         """Release the catalog's connections (a SQLite catalog holds a file handle)."""

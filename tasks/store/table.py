@@ -49,7 +49,7 @@ from docroute.schemas.errors import InputError, StorageError
 from docroute.schemas.evolution import AnswerSchema, answer_schema
 from docroute.schemas.layout import OutputLayout
 from docroute.schemas.rows import UTC_MICROS, result_schema
-from docroute.schemas.spec import JobSpec, OutputSpec
+from docroute.schemas.spec import DeletedRows, JobSpec, OutputSpec
 from docroute.tasks.store.schema_record import committed_answer_schema
 from docroute.tasks.store.state import manifest_paths
 from docroute.tasks.store.write import read_parquet
@@ -216,7 +216,7 @@ def sync_current_table(spec: JobSpec) -> TableSync:
         # --full-refresh, whose state holds its own rows only, so that sync rewrites the table in the new type
         answers = committed_answer_schema(output, up_to=commit.manifest)
         rewrite = synced is None or synced > commit.version  # missing, not ours, or ahead
-        deleted = None if rewrite else table.deleted_doc_ids()
+        deleted = None if rewrite else _deleted_as_synced(output, commits, synced, table)
         changed, every_row = changed_documents(output, snapshot, {c.run_id for c in behind}, deleted_in_table=deleted)
         schema = table_schema(spec, answers)
         source = pa.RecordBatchReader.from_batches(schema, current_batches(output, changed, schema))
@@ -237,6 +237,7 @@ class DeltaCurrentTable:
     """The Delta Lake current table at `<output>/tables/documents` (no catalog)."""
 
     def __init__(self, output: OutputSpec) -> None:
+        self._output = output
         self.uri = output.layout.current_table()
         self._options = delta_storage_options(output)
         self._table = _open(self.uri, self._options)
@@ -252,7 +253,7 @@ class DeltaCurrentTable:
 
         write_deltalake(
             self.uri,
-            source,
+            kept_rows(self._output, source),
             mode="overwrite",
             schema_mode="overwrite",
             storage_options=self._options,
@@ -262,7 +263,18 @@ class DeltaCurrentTable:
     def merge(self, source: pa.RecordBatchReader, changed: pa.Table, commit: Commit) -> None:
         table, properties = self._table, _commit_properties(commit)
         assert table is not None
-        if changed.num_rows:
+        if changed.num_rows and self._output.table.deleted is DeletedRows.DROP:
+            table.merge(
+                source,
+                predicate="t.doc_id = s.doc_id",
+                source_alias="s",
+                target_alias="t",
+                merge_schema=True,
+                commit_properties=properties,
+            ).when_matched_delete(predicate="s.deleted_at IS NOT NULL").when_matched_update_all(
+                predicate="s.deleted_at IS NULL"
+            ).when_not_matched_insert_all(predicate="s.deleted_at IS NULL").execute()
+        elif changed.num_rows:
             table.merge(
                 source,
                 predicate="t.doc_id = s.doc_id",
@@ -312,6 +324,39 @@ def _commit_properties(commit: Commit) -> Any:
         custom_metadata={"docroute_run_id": commit.run_id, "docroute_manifest": commit.manifest},
         app_transactions=[Transaction(APP_ID, commit.version)],
     )
+
+
+def _deleted_as_synced(
+    output: OutputSpec, commits: list[Commit], synced: int | None, table: CurrentTableFormat
+) -> pa.Array | None:
+    """The doc_ids that were deleted as far as the table knows, to find documents deleted or back since.
+
+    A marking table carries them (`deleted_at`). A dropping table has no row to read them from, so they come from
+    the state snapshot of the run the table is synced to; when that snapshot has been pruned, None: the table is
+    rewritten, which is always correct."""
+    if output.table.deleted is DeletedRows.MARK:
+        return table.deleted_doc_ids()
+    at_sync = next((c for c in commits if c.version == synced), None)
+    if at_sync is None:
+        return None
+    fs, _ = url_to_fs(output.layout.manifests_dir(), **output.fsspec_options())
+    state = json.loads(fs.cat_file(at_sync.manifest)).get("state")
+    if not state or not fs.exists(state):
+        return None
+    rows = read_parquet(output, state).select(["doc_id", "deleted_at"])
+    return pc.cast(rows.filter(pc.is_valid(rows["deleted_at"]))["doc_id"], pa.string()).combine_chunks()
+
+
+def kept_rows(output: OutputSpec, source: pa.RecordBatchReader) -> pa.RecordBatchReader:
+    """The rows a table writes: all of them, or, when it drops deleted documents, those whose file is listed."""
+    if output.table.deleted is DeletedRows.MARK:
+        return source
+
+    def listed() -> Iterator[pa.RecordBatch]:
+        for batch in source:
+            yield batch.filter(pc.is_null(batch.column("deleted_at")))
+
+    return pa.RecordBatchReader.from_batches(source.schema, listed())
 
 
 def committed_runs(output: OutputSpec) -> list[Commit]:
