@@ -1,6 +1,6 @@
 """Peak memory of the pipeline against corpus size: does a 10x larger corpus need 10x the RAM?
 
-    python bench/memory_flat.py [--sizes 10000 100000] [--shard-size 256] [--max-workers 2]
+    python bench/memory_flat.py [--sizes 10000 100000] [--shard-size 256] [--max-workers 2] [--second-run]
 
 The flow keeps at most `runner.max_workers` shards in flight (flows/process.py), so its memory should be bounded by
 the window, not by the corpus. This benchmark checks that claim end to end: for each size N it writes N small text
@@ -24,6 +24,12 @@ Measured per size (Linux):
 - wall time of the `process_documents` call alone (server start-up excluded) and docs/s;
 - rows written: `<out>/results/**/*.parquet` read back with polars; the benchmark fails unless rows == unique
   doc_ids == N and the null engine answered N requests (so the patch really took effect).
+
+With `--second-run`, each size then runs the flow again in another fresh process over the same output after a
+night's changes to the source (every 10th file rewritten, every 100th deleted, 1% new files): the incremental run,
+whose state step joins the whole listing with the whole previous state and merges the next state (a first run has
+no previous state to join). Its peak RSS and wall time are reported beside the first run's; the benchmark fails
+unless it processed exactly the changed and new files and listed what the source holds.
 
 Every child gets its own PREFECT_HOME (a fresh database) and no PREFECT_API_URL, so runs never share a server.
 Results: a Markdown table on stdout and in bench/results/memory/results.md, raw numbers in results.json.
@@ -169,6 +175,7 @@ def run_child(job: Path, result_path: Path) -> None:
         "server_peak_rss_kib": max(server_peaks) if server_peaks else None,
         "null_engine_requests": engine.requests,
         "listed": summary.listed,
+        "up_to_date": summary.up_to_date,
         "parts": len(summary.parts),
     }
     result_path.write_text(json.dumps(result), encoding="utf-8")
@@ -193,16 +200,35 @@ class Measurement:
     unique_doc_ids: int
     generate_seconds: float
     child_seconds: float
+    second_peak_rss_mib: float | None = None  # --second-run: the incremental run after the source changed
+    second_flow_seconds: float | None = None
+    second_processed: int | None = None
 
 
-def write_corpus(folder: Path, n: int) -> None:
-    """N short, distinct .txt documents, DOCS_PER_FOLDER to a sub-folder."""
-    for i in range(n):
+def write_corpus(folder: Path, n: int, *, start: int = 0) -> None:
+    """Short, distinct .txt documents numbered start..n-1, DOCS_PER_FOLDER to a sub-folder."""
+    for i in range(start, n):
         sub = folder / f"d{i // DOCS_PER_FOLDER:04d}"
-        if i % DOCS_PER_FOLDER == 0:
+        if i % DOCS_PER_FOLDER == 0 or i == start:
             sub.mkdir(parents=True, exist_ok=True)
         text = f"Item {i}. {SENTENCES[i % len(SENTENCES)]} {SENTENCES[(i * 7 + 3) % len(SENTENCES)]}\n"
         (sub / f"doc{i:07d}.txt").write_text(text, encoding="utf-8")
+
+
+def change_corpus(folder: Path, n: int) -> tuple[int, int, int]:
+    """A night's changes: every 10th file rewritten, every 100th deleted, 1% new files; (changed, deleted, added)."""
+    changed = deleted = 0
+    for i in range(n):
+        path = folder / f"d{i // DOCS_PER_FOLDER:04d}" / f"doc{i:07d}.txt"
+        if i % 100 == 1:
+            path.unlink()
+            deleted += 1
+        elif i % 10 == 0:
+            path.write_text(f"Item {i}, revised. {SENTENCES[(i + 1) % len(SENTENCES)]}\n", encoding="utf-8")
+            changed += 1
+    added = max(1, n // 100)
+    write_corpus(folder, n + added, start=n)
+    return changed, deleted, added
 
 
 def job_yaml(source: Path, output: Path, shard_size: int, max_workers: int) -> str:
@@ -255,8 +281,27 @@ def child_env(prefect_home: Path) -> dict[str, str]:
     return env
 
 
-def measure(n: int, shard_size: int, max_workers: int, timeout: float) -> Measurement:
-    """Generate the corpus, run the flow in a fresh subprocess and check every document became exactly one row."""
+def run_flow(job: Path, scratch: Path, name: str, n: int, timeout: float) -> tuple[dict[str, Any], float]:
+    """One run of the flow in a fresh subprocess with its own Prefect home: what it measured, and its wall time."""
+    result_path, log_path = scratch / f"{name}.json", scratch / f"{name}.log"
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", str(job), "--result", str(result_path)]
+    started = time.perf_counter()
+    with log_path.open("w", encoding="utf-8") as log:
+        env = child_env(scratch / f"prefect-home-{name}")
+        run = subprocess.run(command, check=False, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+    seconds = time.perf_counter() - started
+    if run.returncode != 0 or not result_path.exists():
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+        first = text.find("Traceback")  # the first error, not the shutdown noise that follows it
+        shown = text[first : first + 6000] if first >= 0 else text[-4000:]
+        raise SystemExit(f"N={n}: the {name} flow subprocess failed (exit {run.returncode}); its log:\n{shown}")
+    return json.loads(result_path.read_text(encoding="utf-8")), seconds
+
+
+def measure(n: int, shard_size: int, max_workers: int, timeout: float, *, second_run: bool = False) -> Measurement:
+    """Generate the corpus, run the flow in a fresh subprocess and check every document became exactly one row;
+    with `second_run`, change the corpus and run the flow again over the same output."""
+    second: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix=f"docroute-memflat-{n}-") as scratch_name:
         scratch = Path(scratch_name)
         source, output = scratch / "docs", scratch / "out"
@@ -265,19 +310,15 @@ def measure(n: int, shard_size: int, max_workers: int, timeout: float) -> Measur
         generated = time.perf_counter() - started
         job = scratch / "job.yaml"
         job.write_text(job_yaml(source, output, shard_size, max_workers), encoding="utf-8")
-        result_path, log_path = scratch / "child.json", scratch / "child.log"
-        command = [sys.executable, str(Path(__file__).resolve()), "--child", str(job), "--result", str(result_path)]
-        started = time.perf_counter()
-        with log_path.open("w", encoding="utf-8") as log:
-            env = child_env(scratch / "prefect-home")
-            run = subprocess.run(command, check=False, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-        code = run.returncode
-        child_seconds = time.perf_counter() - started
-        if code != 0 or not result_path.exists():
-            tail = log_path.read_text(encoding="utf-8", errors="replace")[-4000:]
-            raise SystemExit(f"N={n}: the flow subprocess failed (exit {code}); end of its log:\n{tail}")
-        child = json.loads(result_path.read_text(encoding="utf-8"))
+        child, child_seconds = run_flow(job, scratch, "first", n, timeout)
         rows, ids = count_rows(output)
+        if second_run:
+            changed, deleted, added = change_corpus(source, n)
+            second, _ = run_flow(job, scratch, "second", n, timeout)
+            expected = (changed + added, n - deleted + added, n - deleted - changed)
+            got = (second["null_engine_requests"], second["listed"], second["up_to_date"])
+            if got != expected:
+                raise SystemExit(f"N={n}, second run: (processed, listed, up to date) = {got}, expected {expected}")
     if rows != n or ids != n or child["null_engine_requests"] != n:
         raise SystemExit(
             f"N={n}: {rows} rows, {ids} unique doc_ids, {child['null_engine_requests']} null-engine requests; "
@@ -297,6 +338,9 @@ def measure(n: int, shard_size: int, max_workers: int, timeout: float) -> Measur
         unique_doc_ids=ids,
         generate_seconds=generated,
         child_seconds=child_seconds,
+        second_peak_rss_mib=second["peak_rss_kib"] / mib if second else None,
+        second_flow_seconds=second["flow_seconds"] if second else None,
+        second_processed=second["null_engine_requests"] if second else None,
     )
 
 
@@ -317,17 +361,24 @@ def _mib(value: float | None) -> str:
 
 def markdown(measurements: Sequence[Measurement], info: dict[str, Any], command: str) -> str:
     """The table plus the line that says what it measures and where."""
+    second = any(m.second_peak_rss_mib is not None for m in measurements)
     lines = [
         f"Machine: {info['platform']}, {info['cores']} cores ({info['processor']}), Python {info['python']}; "
         f"{info['date']}. Command: `{command}`. Each N runs in a fresh process; {NULL_ENGINE_NOTE}.",
         "",
         "| N documents | shard size | peak RSS MiB (flow process) | RSS before flow MiB | Prefect server peak MiB "
-        "| wall s (flow) | docs/s | rows written |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| wall s (flow) | docs/s | rows written |"
+        + (" second run: peak RSS MiB | second run: wall s | second run: processed |" if second else ""),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if second else ""),
     ]
     lines += [
         f"| {m.documents:,} | {m.shard_size} | {_mib(m.peak_rss_mib)} | {_mib(m.rss_before_flow_mib)} "
         f"| {_mib(m.server_peak_rss_mib)} | {m.flow_seconds:,.1f} | {m.docs_per_second:,.0f} | {m.rows_written:,} |"
+        + (
+            f" {_mib(m.second_peak_rss_mib)} | {m.second_flow_seconds or 0:,.1f} | {m.second_processed or 0:,} |"
+            if second
+            else ""
+        )
         for m in measurements
     ]
     ordered = sorted(measurements, key=lambda m: m.documents)
@@ -348,6 +399,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="corpus sizes N")
     parser.add_argument("--shard-size", type=int, default=256, help="documents per shard (job shard_size)")
     parser.add_argument("--max-workers", type=int, default=2, help="shards in flight (job runner.max_workers)")
+    parser.add_argument(
+        "--second-run", action="store_true", help="run each size again after changing the corpus (incremental run)"
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds one size's flow subprocess may take")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for results.md and results.json")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # internal: run one job, patched
@@ -364,15 +418,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             str(options.shard_size),
             "--max-workers",
             str(options.max_workers),
+            *(["--second-run"] if options.second_run else []),
         ]
     )
     print(f"{NULL_ENGINE_NOTE}; each N in a fresh subprocess", flush=True)
     measurements = []
     for n in options.sizes:
-        m = measure(n, options.shard_size, options.max_workers, options.timeout)
+        m = measure(n, options.shard_size, options.max_workers, options.timeout, second_run=options.second_run)
         print(
             f"N={n:,}: peak RSS {m.peak_rss_mib:,.0f} MiB, {m.flow_seconds:,.1f} s, {m.docs_per_second:,.0f} docs/s, "
-            f"{m.rows_written:,} rows (corpus written in {m.generate_seconds:,.1f} s)",
+            f"{m.rows_written:,} rows (corpus written in {m.generate_seconds:,.1f} s)"
+            + (
+                f"; second run: peak RSS {m.second_peak_rss_mib:,.0f} MiB, {m.second_flow_seconds or 0:,.1f} s"
+                if m.second_peak_rss_mib is not None
+                else ""
+            ),
             flush=True,
         )
         measurements.append(m)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -83,6 +84,12 @@ INVOICES = [
     ("Saltmarsh Fisheries", "SF-880", "22/03/2024", "1,032.10", "EUR"),
 ]
 SYMBOL = {"USD": "$", "EUR": "€", "GBP": "£"}
+# Scanned invoices: drawn onto a page image, saved as a PNG and as an image-only PDF (no text layer), so the demo
+# reads them by OCR (the [ocr] extra).
+SCANNED_INVOICES = [
+    ("invoice-08.png", ("Harrow Lane Printers", "HL-4410", "09/07/2024", "342.80", "GBP")),
+    ("invoice-09.pdf", ("Juniper Street Dental", "JS-2291", "16/08/2024", "1,150.00", "USD")),
+]
 
 
 def _invoice_lines(vendor: str, number: str, date: str, total: str, currency: str, *, seed: int) -> list[str]:
@@ -172,6 +179,40 @@ def build_invoices() -> None:
     (HERE / "data" / "invoices_gold.json").write_text(json.dumps(gold, indent=1, sort_keys=True) + "\n")
 
 
+def build_scanned_invoices() -> None:
+    """Draw invoices as a scanner would give them: a grey page image, one as PNG, one as a PDF without text."""
+    from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+    font = ImageFont.load_default(size=30)  # Pillow's bundled FreeType font: the same page on every machine
+    gold_path = HERE / "data" / "invoices_gold.json"
+    gold = json.loads(gold_path.read_text(encoding="utf-8"))
+    for seed, (name, (vendor, number, date, total, currency)) in enumerate(SCANNED_INVOICES, start=len(INVOICES)):
+        lines = _invoice_lines(vendor, number, date, total, currency, seed=seed)
+        page = Image.new("L", (1240, 120 + 44 * len(lines)), 246)  # off-white paper at 150 dpi
+        draw = ImageDraw.Draw(page)
+        for row, line in enumerate(lines):
+            text = line.replace("€", "EUR ").replace("£", "GBP ")
+            # item lines and their header are a table: item, quantity and amount in columns, as printed
+            cells = re.split(r"\s{2,}", text.strip()) if re.search(r"\S\s{2,}\S", text) else [text]
+            for x, cell in zip((80, 640, 820), cells, strict=False):
+                draw.text((x, 60 + 44 * row), cell, font=font, fill=24)
+        page = page.filter(ImageFilter.GaussianBlur(0.6))  # the softness of a real scan
+        path = HERE / "data" / "invoices" / name
+        if name.endswith(".pdf"):
+            page.save(path, "PDF", resolution=150)
+        else:
+            page.save(path, "PNG", optimize=True)
+        gold[name] = {
+            "vendor": vendor,
+            "invoice_number": number,
+            "invoice_date": date,
+            "total": total,
+            "currency": currency,
+        }
+    gold_path.write_text(json.dumps(gold, indent=1, sort_keys=True) + "\n")
+
+
 if __name__ == "__main__":
     build_support()
     build_invoices()
+    build_scanned_invoices()

@@ -47,6 +47,9 @@ _QUIET_PREFECT = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",  # quiet terminal; the API (the UI) still gets INFO
+    # the ephemeral API's first start on a machine creates its database (13 s on 2 idle cores; more when busy):
+    # Prefect's 20 s default fails a scheduled run on a loaded node for no fault of the job
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
 
 

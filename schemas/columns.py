@@ -41,6 +41,9 @@ PROVENANCE_COLUMNS: tuple[str, ...] = (
     "audited",
     "audit_agrees",
     "input_chars",
+    "pages",
+    "ocr_pages",
+    "ocr_confidence",
     "router_version",
 )
 

@@ -99,3 +99,8 @@ class DocumentErrorCode(StrEnum):
     PARSE_FAILED = "parse_failed"
     MISSING = "missing"  # listed, then gone before it was read
     UNREADABLE = "unreadable"  # the storage refused it for good (permissions, a folder where a file was listed)
+    IMAGE_CORRUPT = "image_corrupt"  # not an image Pillow can open, or a page that cannot be decoded
+    IMAGE_TOO_LARGE = "image_too_large"  # a page's pixel count (read from its header) over the limit: a bomb
+    TOO_MANY_PAGES = "too_many_pages"  # more pages to OCR than source.max_pages
+    OCR_NO_TEXT = "ocr_no_text"  # OCR found no text on any page
+    OCR_UNAVAILABLE = "ocr_unavailable"  # an image, and the [ocr] extra is not installed

@@ -54,7 +54,7 @@ _LEADING: list[tuple[str, pa.DataType, str]] = [
     ("record_key", pa.string(), "record id or index inside a json/jsonl file; null for whole files"),
     ("content_sha256", pa.string(), "SHA-256 of the document's bytes"),
     ("source_etag", pa.string(), "the source listing's ETag (or mtime and size) when the file was read"),
-    ("doc_format", SMALL_CATEGORY, "parser used: txt, md, html, pdf, docx, eml, json, jsonl"),
+    ("doc_format", SMALL_CATEGORY, "parser used: txt, md, html, pdf, docx, eml, json, jsonl, image"),
     ("run_id", pa.string(), "the run that wrote this row"),
     ("spec_hash", pa.string(), "hash of the task and small model that produced the answer"),
     ("processed_at", UTC_MICROS, "when the row was produced"),
@@ -88,6 +88,9 @@ _TRAILING: list[tuple[str, pa.DataType, str]] = [
     ("audited", pa.bool_(), "a kept small-model answer was also sent to the frontier to check it"),
     ("audit_agrees", pa.bool_(), "for audited rows: whether the frontier gave the same answer"),
     ("input_chars", pa.int64(), "characters of parsed text"),
+    ("pages", pa.int32(), "pdf and image documents: how many pages the file has; null for other formats"),
+    ("ocr_pages", pa.int32(), "pdf and image documents: how many pages were read by OCR (0: all from a text layer)"),
+    ("ocr_confidence", pa.float64(), "the mean confidence (0 to 1) of the OCR'd lines; null when nothing was OCR'd"),
     ("router_version", pa.string(), "the calibrated router the thresholds came from, if any"),
 ]
 
@@ -168,6 +171,9 @@ class ResultRow:
     audited: bool = False
     audit_agrees: bool | None = None
     input_chars: int | None = None
+    pages: int | None = None
+    ocr_pages: int | None = None
+    ocr_confidence: float | None = None
     router_version: str | None = None
 
     def __post_init__(self) -> None:
@@ -208,6 +214,9 @@ class ResultRow:
             "audited": self.audited,
             "audit_agrees": self.audit_agrees,
             "input_chars": self.input_chars,
+            "pages": self.pages,
+            "ocr_pages": self.ocr_pages,
+            "ocr_confidence": self.ocr_confidence,
             "router_version": self.router_version,
         }
         if spec.task.classify is not None:
@@ -258,6 +267,9 @@ def row_from_record(record: dict[str, Any], spec: JobSpec) -> ResultRow:
         audited=bool(record.get("audited")),
         audit_agrees=record.get("audit_agrees"),
         input_chars=record.get("input_chars"),
+        pages=record.get("pages"),
+        ocr_pages=record.get("ocr_pages"),
+        ocr_confidence=record.get("ocr_confidence"),
         router_version=record.get("router_version"),
     )
 
@@ -267,7 +279,7 @@ _COPIED = (
     "processed_at", "route", "route_outcome", "route_reason", "confidence", "small_model", "final_model",
     "small_input_tokens", "small_output_tokens", "frontier_input_tokens", "frontier_output_tokens", "small_cost_usd",
     "frontier_cost_usd", "engine_seconds", "error", "error_code", "truncated", "audited", "audit_agrees", "input_chars",
-    "router_version",
+    "pages", "ocr_pages", "ocr_confidence", "router_version",
 )  # fmt: skip
 """Columns that are a row attribute as it is (the rest are derived: `to_record` is the reference)."""
 

@@ -34,7 +34,7 @@ from docroute.schemas.pricing import (
 )
 
 FieldType = Literal["str", "int", "float", "decimal", "date", "datetime", "bool", "enum", "list[str]"]
-DocFormat = Literal["auto", "txt", "md", "html", "pdf", "docx", "eml", "json", "jsonl"]
+DocFormat = Literal["auto", "txt", "md", "html", "pdf", "docx", "eml", "json", "jsonl", "image"]
 
 AUTO_SHARD_MIN, AUTO_SHARD_MAX = 64, 2048
 """Bounds of the shard size chosen when a job sets none (JobSpec.shard_size_for)."""
@@ -141,6 +141,16 @@ class SourceSpec(StorageAccess):
     id_field: str | None = Field(default=None, description="json/jsonl: dotted path of a stable record key")
     max_bytes: int = Field(default=20 * 1024 * 1024, gt=0, description="larger files become error rows")
     encoding: str | None = Field(default=None, description="force a text encoding instead of detecting it")
+    max_pages: int = Field(
+        default=50,
+        ge=1,
+        le=2000,
+        description=(
+            "the most pages of one document that OCR reads (an image's pages; a PDF's pages without a usable text "
+            "layer): a document needing more becomes a too_many_pages error row, so one 500-page scan cannot hold a "
+            "shard for an hour; text-layer pages are not counted"
+        ),
+    )
     change_detection: Literal["metadata", "content"] = Field(
         default="metadata",
         description=(

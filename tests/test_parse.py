@@ -164,7 +164,9 @@ def test_detect_format_declared_wins_over_extension() -> None:
     assert detect_format("scan.pdf", "txt") == "txt"
     assert detect_format("no-extension", "jsonl") == "jsonl"
     assert detect_format("x.txt", "rtf") == "unknown"
-    assert set(SUPPORTED_FORMATS) >= {detect_format(f"x.{fmt}", "auto") for fmt in SUPPORTED_FORMATS}
+    assert set(SUPPORTED_FORMATS) >= {detect_format(f"x.{fmt}", "auto") for fmt in SUPPORTED_FORMATS} - {"unknown"}
+    assert {detect_format(f"x.{ext}", "auto") for ext in ("png", "jpg", "jpeg", "tif", "tiff", "webp")} == {"image"}
+    assert detect_format("scan.bin", "image") == "image"
 
 
 def test_unsupported_extension_names_it_and_the_supported_list() -> None:
@@ -446,8 +448,13 @@ def test_pdf_encrypted_with_empty_user_password_opens(method: EncryptionMethod) 
     assert "Readable by anyone" in _text(_pdf("Readable by anyone", user_password="", method=method), "a.pdf")
 
 
-def test_pdf_without_text_layer_is_pdf_no_text() -> None:
-    error = _error(_pdf(rectangle=True), "scan.pdf", "pdf_no_text")
+def test_pdf_without_text_layer_is_ocrd_and_a_blank_scan_is_ocr_no_text() -> None:
+    # OCR renders the page and finds only a rectangle: a reasoned error, not an empty document (tests/test_ocr.py
+    # reads real scanned pages; without the [ocr] extra the same file is pdf_no_text)
+    from docroute.tasks.ingest.ocr import ocr_available
+
+    code = "ocr_no_text" if ocr_available() else "pdf_no_text"
+    error = _error(_pdf(rectangle=True), "scan.pdf", code)
     assert "OCR" in error
 
 

@@ -67,6 +67,9 @@ _TRAILING = [
     "audited",
     "audit_agrees",
     "input_chars",
+    "pages",
+    "ocr_pages",
+    "ocr_confidence",
     "router_version",
 ]
 _FIELD_NAMES = [f["name"] for f in _FIELDS]
@@ -126,6 +129,9 @@ def _full_row(spec: JobSpec) -> ResultRow:
         engine_seconds=1.5,
         truncated=True,
         input_chars=1234,
+        pages=3,
+        ocr_pages=2,
+        ocr_confidence=0.875,
         router_version="r1",
     )
 

@@ -47,6 +47,9 @@ def base_row(
         route_reason=reason,
         route_outcome=outcome,
         input_chars=len(doc.text) if doc.text is not None else None,
+        pages=doc.pages,
+        ocr_pages=doc.ocr_pages,
+        ocr_confidence=doc.ocr_confidence,
         router_version=router_version,
     )
 

@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 
 from docroute.schemas.outcomes import DocumentErrorCode
 from docroute.schemas.spec import SourceSpec
+from docroute.tasks.ingest.layout import PageLine, lines_text, mean_confidence
 
-SUPPORTED_FORMATS: tuple[str, ...] = ("txt", "md", "html", "pdf", "docx", "eml", "json", "jsonl")
+SUPPORTED_FORMATS: tuple[str, ...] = ("txt", "md", "html", "pdf", "docx", "eml", "json", "jsonl", "image")
 
 EXTENSION_FORMATS: dict[str, str] = {
     ".txt": "txt",
@@ -47,6 +48,12 @@ EXTENSION_FORMATS: dict[str, str] = {
     ".json": "json",
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
+    ".png": "image",
+    ".jpg": "image",
+    ".jpeg": "image",
+    ".tif": "image",
+    ".tiff": "image",
+    ".webp": "image",
 }
 
 #: Every `error_code` parse_document can produce, with what it means.
@@ -60,7 +67,7 @@ ERROR_CODES: dict[str, str] = {
     "html_no_text": "HTML with no visible text (only scripts, styles, hidden elements)",
     "pdf_encrypted": "a PDF that only opens with a password",
     "pdf_corrupt": "not a PDF, or one pypdf cannot read",
-    "pdf_no_text": "a PDF without a text layer (scanned pages need OCR)",
+    "pdf_no_text": "a PDF without a text layer, and OCR is not installed (the [ocr] extra)",
     "docx_corrupt": "not a .docx (ZIP) package, or one python-docx cannot read",
     "docx_too_large": "a .docx whose ZIP would expand beyond the zip-bomb guard",
     "eml_corrupt": "an email the stdlib parser cannot read",
@@ -71,7 +78,16 @@ ERROR_CODES: dict[str, str] = {
     "parse_failed": "an unexpected error inside a third-party parser",
     "missing": "listed, then gone before it was read (deleted during the run)",
     "unreadable": "the storage refused it for good (permissions, a folder where a file was listed)",
+    "image_corrupt": "not a png/jpeg/tiff/webp image Pillow can open, or a page of it that cannot be decoded",
+    "image_too_large": "a page over the pixel limit, read from its header before decoding (a decompression bomb)",
+    "too_many_pages": "more pages needing OCR than source.max_pages",
+    "ocr_no_text": "OCR found no text on any page (blank or unreadable scans); blank pages among others are skipped",
+    "ocr_unavailable": "an image, and OCR (docroute's [ocr] extra) is not installed",
 }
+
+#: A PDF page whose text layer has fewer characters than this (a page number, a stamp) is rendered and OCR'd: a
+#: scanned page often carries a few characters of text layer added by the scanner, and that is not its content.
+PDF_MIN_PAGE_CHARS = 32
 
 _PDF_MAX_PAGES = 2000
 _ZIP_MAX_MEMBERS = 10_000
@@ -145,6 +161,10 @@ class ParsedDocument:
     format: str
     error: str | None = None
     error_code: DocumentErrorCode | None = None
+    pages: int | None = None  # pdf and image: the document's page count
+    ocr_pages: int | None = None  # pdf and image: how many of them were read by OCR
+    ocr_confidence: float | None = None  # the mean confidence of the OCR'd lines; None when nothing was OCR'd
+    lines: tuple[PageLine, ...] = ()  # the OCR'd lines in reading order, with their boxes (tasks/ingest/layout.py)
 
     @property
     def ok(self) -> bool:
@@ -243,7 +263,9 @@ def _parse(data: bytes, *, uri: str, source: SourceSpec, fmt: str) -> list[Parse
     elif fmt == "html":
         text = _html_text(data, forced=source.encoding)
     elif fmt == "pdf":
-        text = _pdf_text(data)
+        return [_pdf_document(data, source)]
+    elif fmt == "image":
+        return [_image_document(data, source)]
     elif fmt == "docx":
         text = _docx_text(data)
     else:
@@ -582,7 +604,8 @@ def _quiet_pypdf() -> None:
         logger.setLevel(logging.ERROR)
 
 
-def _pdf_text(data: bytes) -> str:
+def _pdf_page_texts(data: bytes) -> tuple[list[str], int]:
+    """The text layer of each page pypdf reads (up to `_PDF_MAX_PAGES`), and the PDF's page count."""
     start = data.find(b"%PDF-", 0, 1024)
     if start < 0:
         raise _DocumentError(
@@ -617,15 +640,87 @@ def _pdf_text(data: bytes) -> str:
             raise
         except Exception as exc:
             errors.append(f"page {index + 1}: {_describe(exc)}")
+            texts.append("")  # one entry per page, so an index is a page number
     if errors and len(errors) == min(count, _PDF_MAX_PAGES):
         raise _DocumentError("pdf_corrupt", f"no page could be read; {errors[0]}{_pdf_cut_off(data)}")
-    text = _normalise("\n\n".join(page.strip() for page in texts if page.strip()))
+    return texts, count
+
+
+def _pdf_document(data: bytes, source: SourceSpec) -> ParsedDocument:
+    """A PDF's text: each page's text layer, or OCR of the rendered page where the layer is (nearly) empty.
+
+    Decided per page, because scanned pages and born-digital ones mix in one file (a typed letter with a signed
+    scan appended). A page whose layer has fewer than `PDF_MIN_PAGE_CHARS` characters is OCR'd; when OCR finds
+    nothing there, the layer's few characters are kept. Without the [ocr] extra the text-layer pages are kept and
+    a PDF with none is `pdf_no_text`, as before OCR existed.
+    """
+    from docroute.tasks.ingest import ocr
+
+    texts, count = _pdf_page_texts(data)
+    # A page pypdf could not read has an empty layer, so it is OCR'd too: PDFium may render what pypdf cannot parse.
+    scanned = [index for index, text in enumerate(texts) if len(text.strip()) < PDF_MIN_PAGE_CHARS]
+    page_texts = [text.strip() for text in texts]
+    lines: list[PageLine] = []
+    ocr_pages = 0
+    if scanned and ocr.ocr_available():
+        if len(scanned) > source.max_pages:
+            raise _DocumentError(
+                "too_many_pages",
+                f"{len(scanned)} of its {count} pages have no text layer and need OCR; source.max_pages is "
+                f"{source.max_pages}",
+            )
+        try:
+            for index, image in ocr.render_pdf_pages(data, scanned):
+                page = ocr.ocr_image(image, page=index + 1)
+                ocr_pages += 1
+                if page.lines:
+                    lines.extend(page.lines)
+                    page_texts[index] = lines_text(page.lines)
+        except ocr.OcrRefusedError as refused:
+            # A page PDFium cannot render loses only its OCR: the text-layer pages still stand, as before OCR.
+            if refused.code != DocumentErrorCode.PDF_CORRUPT or not any(page_texts):
+                raise _DocumentError(refused.code, refused.reason) from None
+    text = _normalise("\n\n".join(page for page in page_texts if page))
     if not text.strip():
+        if ocr_pages:
+            raise _DocumentError("ocr_no_text", f"OCR found no text on any of its {count} page(s) (blank scans?)")
         raise _DocumentError(
             "pdf_no_text",
-            f"no text layer on any of its {count} page(s); scanned PDFs need OCR, which docroute does not do",
+            f"no text layer on any of its {count} page(s); scanned PDFs need OCR: install docroute's [ocr] extra",
         )
-    return text
+    return ParsedDocument(
+        None, text, "pdf", pages=count, ocr_pages=ocr_pages, ocr_confidence=mean_confidence(lines), lines=tuple(lines)
+    )
+
+
+def _image_document(data: bytes, source: SourceSpec) -> ParsedDocument:
+    """An image file's text by OCR, page by page (a TIFF's frames), refused from its headers when hostile.
+
+    Blank pages among others are skipped (separator sheets, the backs of pages); a file where OCR finds no text
+    at all is `ocr_no_text`, a reasoned error rather than an empty document the model would answer anyway.
+    """
+    from docroute.tasks.ingest import ocr
+
+    try:
+        ocr.require_ocr("an image")
+        lines: list[PageLine] = []
+        pages = 0
+        for number, image in enumerate(ocr.image_pages(data, max_pages=source.max_pages), start=1):
+            pages += 1
+            lines.extend(ocr.ocr_image(image, page=number).lines)
+    except ocr.OcrRefusedError as refused:
+        raise _DocumentError(refused.code, refused.reason) from None
+    if not lines:
+        raise _DocumentError("ocr_no_text", f"OCR found no text on any of its {pages} page(s) (blank or unreadable)")
+    return ParsedDocument(
+        None,
+        _normalise(lines_text(lines)),
+        "image",
+        pages=pages,
+        ocr_pages=pages,
+        ocr_confidence=mean_confidence(lines),
+        lines=tuple(lines),
+    )
 
 
 def _pdf_cut_off(data: bytes) -> str:

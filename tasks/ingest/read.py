@@ -33,6 +33,9 @@ class SourceDocument:
     error: str | None
     etag: str | None = None  # the listing's ETag of the file, so the state table can tell a changed file
     error_code: DocumentErrorCode | None = None  # why there is no text, typed (set with `error`)
+    pages: int | None = None  # pdf and image: the page count (tasks/ingest/parse.py ParsedDocument)
+    ocr_pages: int | None = None  # pdf and image: pages read by OCR
+    ocr_confidence: float | None = None  # mean confidence of the OCR'd lines
 
     @property
     def ok(self) -> bool:
@@ -95,6 +98,9 @@ def read_documents(source: SourceSpec, refs: Sequence[DocumentRef]) -> list[Sour
                     error=parsed.error,
                     etag=ref.etag,
                     error_code=parsed.error_code,
+                    pages=parsed.pages,
+                    ocr_pages=parsed.ocr_pages,
+                    ocr_confidence=parsed.ocr_confidence,
                 )
             )
     return documents
