@@ -231,8 +231,9 @@ def change_corpus(folder: Path, n: int) -> tuple[int, int, int]:
     return changed, deleted, added
 
 
-def job_yaml(source: Path, output: Path, shard_size: int, max_workers: int) -> str:
-    """A classification job in the shape of tests/corpus.py's `topic_job_yaml`, without a frontier."""
+def job_yaml(source: Path, output: Path, shard_size: int, max_workers: int, *, table: bool = True) -> str:
+    """A classification job in the shape of tests/corpus.py's `topic_job_yaml`, without a frontier; `table=False`
+    turns the current table off (to see its share of the memory)."""
     labels = "\n".join(f"      - name: {name}\n        description: texts about {name}" for name in LABELS)
     return f"""name: bench-memory-flat
 source:
@@ -249,6 +250,7 @@ routing:
   threshold: 0.8
 output:
   url: {output}
+  table: {{enabled: {"true" if table else "false"}}}
 shard_size: {shard_size}
 runner:
   max_workers: {max_workers}
@@ -298,7 +300,9 @@ def run_flow(job: Path, scratch: Path, name: str, n: int, timeout: float) -> tup
     return json.loads(result_path.read_text(encoding="utf-8")), seconds
 
 
-def measure(n: int, shard_size: int, max_workers: int, timeout: float, *, second_run: bool = False) -> Measurement:
+def measure(
+    n: int, shard_size: int, max_workers: int, timeout: float, *, second_run: bool = False, table: bool = True
+) -> Measurement:
     """Generate the corpus, run the flow in a fresh subprocess and check every document became exactly one row;
     with `second_run`, change the corpus and run the flow again over the same output."""
     second: dict[str, Any] | None = None
@@ -309,7 +313,7 @@ def measure(n: int, shard_size: int, max_workers: int, timeout: float, *, second
         write_corpus(source, n)
         generated = time.perf_counter() - started
         job = scratch / "job.yaml"
-        job.write_text(job_yaml(source, output, shard_size, max_workers), encoding="utf-8")
+        job.write_text(job_yaml(source, output, shard_size, max_workers, table=table), encoding="utf-8")
         child, child_seconds = run_flow(job, scratch, "first", n, timeout)
         rows, ids = count_rows(output)
         if second_run:
@@ -402,6 +406,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--second-run", action="store_true", help="run each size again after changing the corpus (incremental run)"
     )
+    parser.add_argument("--no-table", action="store_true", help="turn the current table off (its share of memory)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds one size's flow subprocess may take")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for results.md and results.json")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # internal: run one job, patched
@@ -419,12 +424,20 @@ def main(argv: Sequence[str] | None = None) -> None:
             "--max-workers",
             str(options.max_workers),
             *(["--second-run"] if options.second_run else []),
+            *(["--no-table"] if options.no_table else []),
         ]
     )
     print(f"{NULL_ENGINE_NOTE}; each N in a fresh subprocess", flush=True)
     measurements = []
     for n in options.sizes:
-        m = measure(n, options.shard_size, options.max_workers, options.timeout, second_run=options.second_run)
+        m = measure(
+            n,
+            options.shard_size,
+            options.max_workers,
+            options.timeout,
+            second_run=options.second_run,
+            table=not options.no_table,
+        )
         print(
             f"N={n:,}: peak RSS {m.peak_rss_mib:,.0f} MiB, {m.flow_seconds:,.1f} s, {m.docs_per_second:,.0f} docs/s, "
             f"{m.rows_written:,} rows (corpus written in {m.generate_seconds:,.1f} s)"
