@@ -97,22 +97,8 @@ def run_job(spec: JobSpec, *, full_refresh: bool = False) -> RunSummary:
         logger.info("removed %d scratch folder(s) that killed runs left behind", swept)
     if crashed := mark_dead_runs_crashed(current=flow_run.get_id()):
         logger.warning("marked %d flow run(s) Crashed whose process on this machine had died", crashed)
-    outcome = "failed"
-    try:
-        with run_scratch() as scratch:
-            summary = _run_job(spec, scratch, run_id, lease, full_refresh=full_refresh)
-        outcome = "committed"
-        return summary
-    except BaseException as exc:
-        outcome = f"failed: {type(exc).__name__}"
-        raise
-    finally:
-        try:
-            lease.release(outcome)
-        except Exception as exc:  # must not hide the run's own error; the lease lapses by itself
-            logger.warning(
-                "could not release the lease on %s (%s): it lapses in %.0f s", spec.output.url, exc, lease.record.ttl_s
-            )
+    with lease.released_after("committed", logger), run_scratch() as scratch:
+        return _run_job(spec, scratch, run_id, lease, full_refresh=full_refresh)
 
 
 def _flow_run_id() -> str | None:

@@ -408,14 +408,14 @@ def test_a_retyped_column_recreates_the_table_on_rewrite_and_is_refused_by_a_mer
             catalog.close()
 
     IcebergCurrentTable(spec).rewrite(rows(["a", "bb"], pa.string()), Commit("r1", 1, "m1"))
-    changed = pa.table({"doc_id": ["bb", "ccc"]})
+    changed = pa.array(["bb", "ccc"])
     IcebergCurrentTable(spec).merge(rows(["bb", "ccc"], pa.string(), extra=True), changed, Commit("r2", 2, "m2"))
     table, version = current()
     assert version == 2 and table["doc_id"].to_pylist() == ["a", "bb", "ccc"]
     assert table["note"].to_pylist() == [None, "new", "new"]
     with pytest.raises(InputError, match=r"docroute\.topics"):
         try:
-            IcebergCurrentTable(spec).merge(rows(["a"], pa.int64()), pa.table({"doc_id": ["a"]}), Commit("r3", 3, "m3"))
+            IcebergCurrentTable(spec).merge(rows(["a"], pa.int64()), pa.array(["a"]), Commit("r3", 3, "m3"))
         except Exception as exc:
             raise IcebergCurrentTable(spec).error(exc) from exc
     IcebergCurrentTable(spec).rewrite(rows(["a", "dddd"], pa.int64()), Commit("r3", 3, "m3"))

@@ -70,7 +70,13 @@ from docroute.tasks.store.state import (
     live_parts,
     manifest_kind,
 )
-from docroute.tasks.store.table import APP_ID, SyncAction, delta_storage_options, sync_current_table
+from docroute.tasks.store.table import (
+    APP_ID,
+    SyncAction,
+    delta_storage_options,
+    delta_writer_properties,
+    sync_current_table,
+)
 from docroute.tasks.store.write import atomic_write, read_parquet, write_json, write_parquet
 
 log = logging.getLogger(__name__)
@@ -477,7 +483,11 @@ def maintain_table(spec: JobSpec, retention_hours: float) -> TableMaintenance:
     table = DeltaTable(uri, storage_options=options)
     synced = table.transaction_version(APP_ID)
     before = len(table.file_uris())
-    table.optimize.compact(commit_properties=CommitProperties(custom_metadata={"docroute_operation": "compact"}))
+    table.optimize.compact(
+        target_size=int(output.compaction.target_file_mb * 2**20),
+        writer_properties=delta_writer_properties(),
+        commit_properties=CommitProperties(custom_metadata={"docroute_operation": "compact"}),
+    )
     vacuumed = table.vacuum(retention_hours=math.ceil(retention_hours), enforce_retention_duration=False, dry_run=False)
     table.create_checkpoint()
     after = DeltaTable(uri, storage_options=options)
@@ -625,8 +635,7 @@ def compact(
     lease = acquire_lease(spec.output, run_id=compaction_id, flow_run_id=flow_run_id, ttl_s=spec.output.lease_ttl_s)
     if lease.takeover is not None:
         logger.warning("%s was dead: this compaction took over its lease", lease.takeover.previous.describe())
-    outcome = "failed"
-    try:
+    with lease.released_after("compacted", logger):
         plan: CompactionPlan = step(plan_compaction, spec, compaction_id)
         manifest, rewritten = None, None
         if plan.groups:
@@ -635,15 +644,6 @@ def compact(
             manifest = step(commit_compaction, spec, plan, rewritten, datetime.now(UTC))
         table: TableMaintenance = step(maintain_table, spec, retention)
         retained: RetentionReport = step(apply_retention, spec, retention)
-        outcome = "compacted"
-    except BaseException as exc:
-        outcome = f"failed: {type(exc).__name__}"
-        raise
-    finally:
-        try:
-            lease.release(outcome)
-        except Exception as exc:  # must not hide the compaction's own error; the lease lapses by itself
-            logger.warning("could not release the lease on %s (%s)", spec.output.url, exc)
     new_files = len(rewritten.parts) if rewritten else 0
     report = CompactionReport(
         compaction_id=compaction_id,

@@ -46,7 +46,7 @@ import pyarrow as pa
 
 from docroute.schemas.errors import InputError, StateError, StorageError
 from docroute.schemas.spec import IcebergCatalogSpec, JobSpec, OutputSpec
-from docroute.tasks.store.table import Commit, kept_rows
+from docroute.tasks.store.table import ROW_GROUP_ROWS, Commit, kept_rows
 
 if TYPE_CHECKING:
     from pyiceberg.catalog import Catalog
@@ -241,12 +241,16 @@ class IcebergCurrentTable:
             self._identifier,
             schema=source.schema,  # table_schema(): the job's columns, the retired ones, deleted_at
             location=iceberg_location(self._spec.output),
-            properties={"format-version": "2", "write.target-file-size-bytes": str(_TARGET_FILE_BYTES)},
+            properties={
+                "format-version": "2",
+                "write.target-file-size-bytes": str(_TARGET_FILE_BYTES),
+                "write.parquet.row-group-limit": str(ROW_GROUP_ROWS),  # pyiceberg's default is 1,048,576 rows
+            },
         )
         with created as tx:
             tx.append(source, snapshot_properties=_properties(commit))
 
-    def merge(self, source: pa.RecordBatchReader, changed: pa.Table, commit: Commit) -> None:
+    def merge(self, source: pa.RecordBatchReader, changed: pa.Array, commit: Commit) -> None:
         from pyiceberg.expressions import In
 
         assert self._table is not None
@@ -254,7 +258,7 @@ class IcebergCurrentTable:
         with self._table.transaction() as tx:
             with tx.update_schema() as update:
                 update.union_by_name(source.schema)  # a field added to the job becomes a new nullable column
-            ids = changed["doc_id"].combine_chunks().cast(pa.string()).to_pylist()
+            ids = changed.cast(pa.string()).to_pylist()
             if ids:
                 with warnings.catch_warnings():  # "did not match any records": only new documents changed
                     warnings.simplefilter("ignore", UserWarning)

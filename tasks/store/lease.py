@@ -30,9 +30,11 @@ import posixpath
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from typing import Any
 
 from fsspec.core import url_to_fs
 from pydantic import BaseModel, ConfigDict
@@ -279,6 +281,31 @@ class OutputLease:
             _write(self.output, released)
             self.record = released
         _prune(self.output, self.record.generation)
+
+    @contextlib.contextmanager
+    def released_after(
+        self, success: str, logger: logging.Logger | logging.LoggerAdapter[Any] | None = None
+    ) -> Iterator[OutputLease]:
+        """Hold the lease for the block, then release it saying how the block ended: `success`, or
+        `failed: <exception type>`. A release that fails is logged, never raised: it must not hide the block's own
+        error, and the lease lapses by itself within its time to live."""
+        outcome = "failed"
+        try:
+            yield self
+            outcome = success
+        except BaseException as exc:
+            outcome = f"failed: {type(exc).__name__}"
+            raise
+        finally:
+            try:
+                self.release(outcome)
+            except Exception as exc:
+                (logger or log).warning(
+                    "could not release the lease on %s (%s): it lapses in %.0f s",
+                    self.output.url,
+                    exc,
+                    self.record.ttl_s,
+                )
 
 
 def _write(output: OutputSpec, record: LeaseRecord) -> None:

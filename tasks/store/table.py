@@ -22,7 +22,9 @@ current part and the run that last wrote its state row. The rows to merge are th
 those whose `deleted_at` differs from the table's (a file that left the source, or came back unchanged). When
 every state row belongs to those runs (the first run, a `--full-refresh`, a table that was missing or was not
 ours), the table is rewritten in one commit instead, which also drops documents the state no longer has. The
-merge source is a stream of Arrow batches, one part at a time, holding only the changed documents' rows.
+changed documents wait on local disk in buckets of their part (tasks/store/spill.py), and their rows stream one part
+at a time into the Delta files written by tasks/store/delta_files.py, so a sync's memory does not grow with the
+corpus (delta-rs's own MERGE does: see that module).
 
 All of this is the same for every table format; a format (`CurrentTableFormat`) only says which run its table
 holds and how it rewrites or merges in one commit: Delta Lake here (`DeltaCurrentTable`), Apache Iceberg through a
@@ -31,12 +33,14 @@ catalog in tasks/store/iceberg_table.py (`output.table.format`).
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Protocol
 
 import polars as pl
@@ -50,7 +54,16 @@ from docroute.schemas.evolution import AnswerSchema, answer_schema
 from docroute.schemas.layout import OutputLayout
 from docroute.schemas.rows import UTC_MICROS, result_schema
 from docroute.schemas.spec import DeletedRows, JobSpec, OutputSpec
+from docroute.tasks.store.delta_files import (
+    ROW_GROUP_ROWS,
+    DeltaFileWriter,
+    files_with_documents,
+    rows_without,
+    target_file_bytes,
+)
 from docroute.tasks.store.schema_record import committed_answer_schema
+from docroute.tasks.store.scratch import run_scratch
+from docroute.tasks.store.spill import BucketSpill, bucket_count
 from docroute.tasks.store.state import manifest_paths
 from docroute.tasks.store.write import read_parquet
 
@@ -58,6 +71,14 @@ APP_ID = "docroute"
 """The Delta app-transaction id whose version says up to which committed run the table is synced."""
 
 _STATE_COLUMNS = ["doc_id", "part_url", "run_id", "deleted_at"]
+
+
+def delta_writer_properties() -> Any:
+    """The writer settings of delta-rs's own rewrites of the table (compaction), matching the files this module
+    writes (`ROW_GROUP_ROWS`)."""
+    from deltalake import WriterProperties
+
+    return WriterProperties(max_row_group_size=ROW_GROUP_ROWS)
 
 
 class SyncAction(StrEnum):
@@ -171,9 +192,9 @@ class CurrentTableFormat(Protocol):
         """Replace every row with `source` in one commit recording `commit`."""
         ...
 
-    def merge(self, source: pa.RecordBatchReader, changed: pa.Table, commit: Commit) -> None:
-        """Replace the rows of the documents in `changed` (doc_id, part_url, deleted_at) with `source`, and insert
-        the new ones, in one commit recording `commit` (made even when `changed` is empty)."""
+    def merge(self, source: pa.RecordBatchReader, changed: pa.Array, commit: Commit) -> None:
+        """Replace the rows of the documents `changed` (doc_ids, string) with `source`, and insert the new ones, in
+        one commit recording `commit` (made even when `changed` is empty)."""
         ...
 
     def error(self, exc: Exception) -> InputError | StorageError:
@@ -217,30 +238,36 @@ def sync_current_table(spec: JobSpec) -> TableSync:
         answers = committed_answer_schema(output, up_to=commit.manifest)
         rewrite = synced is None or synced > commit.version  # missing, not ours, or ahead
         deleted = None if rewrite else _deleted_as_synced(output, commits, synced, table)
-        changed, every_row = changed_documents(output, snapshot, {c.run_id for c in behind}, deleted_in_table=deleted)
         schema = table_schema(spec, answers)
-        source = pa.RecordBatchReader.from_batches(schema, current_batches(output, changed, schema))
-        if rewrite or every_row:
-            table.rewrite(source, commit)
-            action = SyncAction.REWRITTEN
-        else:  # an empty `changed` still commits: the table must record that it holds this run
-            table.merge(source, changed, commit)
-            action = SyncAction.MERGED
+        with run_scratch() as scratch:
+            changed = changed_documents(
+                output, snapshot, {c.run_id for c in behind}, deleted_in_table=deleted, scratch=scratch
+            )
+            source = pa.RecordBatchReader.from_batches(schema, current_batches(output, changed, schema))
+            if rewrite or changed.every_row:
+                table.rewrite(source, commit)
+                action = SyncAction.REWRITTEN
+            else:  # an empty `changed` still commits: the table must record that it holds this run
+                table.merge(source, changed.doc_ids, commit)
+                action = SyncAction.MERGED
     except (InputError, StorageError):
         raise
     except Exception as exc:
         raise table.error(exc) from exc
-    return TableSync(action, commit.run_id, changed.num_rows, time.perf_counter() - started, len(behind))
+    return TableSync(action, commit.run_id, changed.rows, time.perf_counter() - started, len(behind))
 
 
 class DeltaCurrentTable:
-    """The Delta Lake current table at `<output>/tables/documents` (no catalog)."""
+    """The Delta Lake current table at `<output>/tables/documents` (no catalog). Its files are written by
+    tasks/store/delta_files.py with bounded memory and committed by delta-rs in one transaction each."""
 
     def __init__(self, output: OutputSpec) -> None:
         self._output = output
         self.uri = output.layout.current_table()
         self._options = delta_storage_options(output)
         self._table = _open(self.uri, self._options)
+        self._fs, self._root = url_to_fs(self.uri, **output.fsspec_options())
+        self._target = target_file_bytes(output.compaction.target_file_mb)
 
     def synced_version(self) -> int | None:
         return self._table.transaction_version(APP_ID) if self._table is not None else None
@@ -249,45 +276,64 @@ class DeltaCurrentTable:
         return _deleted_in_table(self._table)
 
     def rewrite(self, source: pa.RecordBatchReader, commit: Commit) -> None:
-        from deltalake import write_deltalake
+        from deltalake import Schema
+        from deltalake.transaction import create_table_with_add_actions
 
-        write_deltalake(
-            self.uri,
-            kept_rows(self._output, source),
-            mode="overwrite",
-            schema_mode="overwrite",
-            storage_options=self._options,
-            commit_properties=_commit_properties(commit),
+        self._fs.makedirs(self._root, exist_ok=True)
+        written = DeltaFileWriter(self._fs, self._root, source.schema, self._target).write(
+            kept_rows(self._output, source)
+        )
+        adds = [file.add_action() for file in written]
+        properties = _commit_properties(commit, "rewrite")
+        if self._table is None:
+            create_table_with_add_actions(
+                self.uri,
+                Schema.from_arrow(source.schema),
+                adds,
+                mode="overwrite",
+                storage_options=self._options,
+                commit_properties=properties,
+            )
+        else:  # every file of the table removed, the new schema set (a --full-refresh may change a type)
+            self._table.create_write_transaction(
+                adds, mode="overwrite", schema=source.schema, commit_properties=properties
+            )
+
+    def merge(self, source: pa.RecordBatchReader, changed: pa.Array, commit: Commit) -> None:
+        from deltalake.transaction import RemoveAction
+
+        assert self._table is not None
+        self._add_new_columns(source.schema)
+        table = self._table
+        listed = pa.table(table.get_add_actions(flatten=True))
+        sizes = dict(zip(listed["path"].to_pylist(), listed["size_bytes"].to_pylist(), strict=True))
+        touched = list(files_with_documents(self._fs, self._root, sizes, changed)) if len(changed) else []
+        # the touched files' other rows and the changed documents' current rows, packed into new files; a dropping
+        # table inserts only the rows of listed files, so a deleted document's row goes with its old file
+        remaining = rows_without(self._fs, self._root, touched, changed, source.schema)
+        writer = DeltaFileWriter(self._fs, self._root, source.schema, self._target)
+        written = writer.write(itertools.chain(remaining, kept_rows(self._output, source)))
+        now = int(time.time() * 1000)
+        removes = [RemoveAction(name, True, now, sizes[name], {}) for name in touched]
+        table.create_write_transaction(
+            [*removes, *(file.add_action() for file in written)],
+            mode="append",
+            schema=source.schema,
+            commit_properties=_commit_properties(commit, "merge"),
         )
 
-    def merge(self, source: pa.RecordBatchReader, changed: pa.Table, commit: Commit) -> None:
-        table, properties = self._table, _commit_properties(commit)
-        assert table is not None
-        if changed.num_rows and self._output.table.deleted is DeletedRows.DROP:
-            table.merge(
-                source,
-                predicate="t.doc_id = s.doc_id",
-                source_alias="s",
-                target_alias="t",
-                merge_schema=True,
-                commit_properties=properties,
-            ).when_matched_delete(predicate="s.deleted_at IS NOT NULL").when_matched_update_all(
-                predicate="s.deleted_at IS NULL"
-            ).when_not_matched_insert_all(predicate="s.deleted_at IS NULL").execute()
-        elif changed.num_rows:
-            table.merge(
-                source,
-                predicate="t.doc_id = s.doc_id",
-                source_alias="s",
-                target_alias="t",
-                merge_schema=True,  # a field added to the job becomes a new nullable column
-                commit_properties=properties,
-            ).when_matched_update_all().when_not_matched_insert_all().execute()
-        else:  # an empty MERGE commits nothing: append no rows to record the run
-            from deltalake import write_deltalake
+    def _add_new_columns(self, schema: pa.Schema) -> None:
+        """Columns of fields added to the job since the table was written, added (null in older files) in their own
+        commit: a write transaction keeps the table's schema. A crash after it leaves a table with one more empty
+        column, which the next sync's merge finds already there."""
+        from deltalake import Field
 
-            empty = pa.RecordBatchReader.from_batches(pa.schema(table.schema().to_arrow()), iter([]))
-            write_deltalake(table, empty, mode="append", commit_properties=properties)
+        assert self._table is not None
+        present = set(pa.schema(self._table.schema().to_arrow()).names)
+        added = [Field.from_arrow(field) for field in schema if field.name not in present]
+        if added:
+            self._table.alter.add_columns(added)
+            self._table = _open(self.uri, self._options)
 
     def error(self, exc: Exception) -> InputError | StorageError:
         return _docroute_error(self.uri, exc)
@@ -317,11 +363,17 @@ def _open(uri: str, options: dict[str, str]) -> Any:
         return None
 
 
-def _commit_properties(commit: Commit) -> Any:
+def _commit_properties(commit: Commit, operation: str) -> Any:
+    """The commit's record of the run it holds (the app transaction readers of `synced_version` use) and, for
+    people reading the table's history, the run and what docroute did (`merge` shows as a WRITE in Delta's log)."""
     from deltalake import CommitProperties, Transaction
 
     return CommitProperties(
-        custom_metadata={"docroute_run_id": commit.run_id, "docroute_manifest": commit.manifest},
+        custom_metadata={
+            "docroute_run_id": commit.run_id,
+            "docroute_manifest": commit.manifest,
+            "docroute_operation": operation,
+        },
         app_transactions=[Transaction(APP_ID, commit.version)],
     )
 
@@ -384,21 +436,39 @@ def newest_with_state(output: OutputSpec, commits: list[Commit]) -> tuple[Commit
     return None
 
 
+_CHANGED_SCHEMA = pa.schema([("doc_id", pa.string()), ("part_url", pa.string()), ("deleted_at", UTC_MICROS)])
+
+
+@dataclass(frozen=True, slots=True)
+class ChangedDocuments:
+    """The documents a sync writes: on local disk in buckets of their part (so each part is read once, and memory
+    holds one bucket whatever the corpus), their doc_ids when the table is merged, and whether every state row was
+    written by the runs the table lacks (then the table is rewritten instead)."""
+
+    by_part: BucketSpill  # doc_id, part_url, deleted_at
+    doc_ids: pa.Array  # empty when the table is rewritten (not needed, and it would be every document)
+    every_row: bool
+    rows: int
+
+
 def changed_documents(
-    output: OutputSpec, snapshot: str, runs: set[str], *, deleted_in_table: pa.Array | None
-) -> tuple[pa.Table, bool]:
-    """The documents to write (doc_id, part_url, deleted_at), read from the snapshot batch by batch, and whether
-    every state row was written by one of `runs` (then the whole table is rewritten). `deleted_in_table`: the
-    doc_ids the table marks deleted; None when it is to be rewritten (then every document is written)."""
+    output: OutputSpec, snapshot: str, runs: set[str], *, deleted_in_table: pa.Array | None, scratch: Path
+) -> ChangedDocuments:
+    """The documents to write, read from the snapshot batch by batch into buckets by part under `scratch`.
+    `deleted_in_table`: the doc_ids the table marks deleted; None when it is to be rewritten (then every document
+    is written)."""
     rewrite = deleted_in_table is None
     if deleted_in_table is None:
         deleted_in_table = pa.array([], pa.string())
     wanted = pa.array(sorted(runs), pa.string())
-    kept: list[pa.Table] = []
-    every_row = True
+    ids: list[pa.Array] = []
+    every_row, rows_kept = True, 0
     fs, path = url_to_fs(snapshot, **output.fsspec_options())
     with fs.open(path, "rb") as handle:
         parquet = pq.ParquetFile(handle)
+        by_part = BucketSpill(
+            scratch / "table-sync", "changed", _CHANGED_SCHEMA, bucket_count(parquet.metadata.num_rows), key="part_url"
+        )
         present = [c for c in _STATE_COLUMNS if c in parquet.schema_arrow.names]
         for batch in parquet.iter_batches(batch_size=65_536, columns=present):
             rows = pa.Table.from_batches([batch])
@@ -413,17 +483,22 @@ def changed_documents(
                 keep = pc.or_(by_run, pc.xor(pc.is_valid(deleted), was_marked))
             rows = rows.filter(keep)
             if rows.num_rows:
-                kept.append(
+                doc_ids = pc.cast(rows["doc_id"], pa.string())
+                by_part.add(
                     pa.table(
                         {
-                            "doc_id": pc.cast(rows["doc_id"], pa.string()),
+                            "doc_id": doc_ids,
                             "part_url": pc.cast(rows["part_url"], pa.string()),
                             "deleted_at": pc.cast(deleted.filter(keep), UTC_MICROS),
                         }
                     )
                 )
-    schema = pa.schema([("doc_id", pa.string()), ("part_url", pa.string()), ("deleted_at", UTC_MICROS)])
-    return (pa.concat_tables(kept) if kept else schema.empty_table()), every_row
+                rows_kept += rows.num_rows
+                if not rewrite:
+                    ids.append(doc_ids.combine_chunks())
+    by_part.close()
+    doc_ids = pa.concat_arrays(ids) if ids else pa.array([], pa.string())
+    return ChangedDocuments(by_part, doc_ids, every_row, rows_kept)
 
 
 def _deleted_in_table(table: Any) -> pa.Array:
@@ -434,20 +509,23 @@ def _deleted_in_table(table: Any) -> pa.Array:
     return pc.cast(found["doc_id"].combine_chunks(), pa.string())
 
 
-def current_batches(output: OutputSpec, changed: pa.Table, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
-    """The changed documents' current rows, one part at a time, in the table's schema with their `deleted_at`."""
-    if not changed.num_rows:
-        return
-    frame = pl.from_arrow(changed)
-    assert isinstance(frame, pl.DataFrame)
-    for (part,), docs in frame.group_by(["part_url"], maintain_order=True):
-        ids = docs["doc_id"].to_arrow().cast(pa.string())
-        table = read_parquet(output, str(part))
-        position = pc.index_in(pc.cast(table["doc_id"], pa.string()), value_set=ids)
-        found = pc.is_valid(position)
-        table, position = table.filter(found), position.filter(found)
-        deleted = docs["deleted_at"].to_arrow().cast(UTC_MICROS).take(position)
-        yield from _conform(table, schema, deleted).to_batches()
+def current_batches(output: OutputSpec, changed: ChangedDocuments, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    """The changed documents' current rows, one part at a time, in the table's schema with their `deleted_at`;
+    one bucket of changed documents in memory at a time."""
+    for bucket in range(changed.by_part.buckets):
+        documents = changed.by_part.read(bucket)
+        if not documents.num_rows:
+            continue
+        frame = pl.from_arrow(documents)
+        assert isinstance(frame, pl.DataFrame)
+        for (part,), docs in frame.group_by(["part_url"], maintain_order=True):
+            ids = docs["doc_id"].to_arrow().cast(pa.string())
+            table = read_parquet(output, str(part))
+            position = pc.index_in(pc.cast(table["doc_id"], pa.string()), value_set=ids)
+            found = pc.is_valid(position)
+            table, position = table.filter(found), position.filter(found)
+            deleted = docs["deleted_at"].to_arrow().cast(UTC_MICROS).take(position)
+            yield from _conform(table, schema, deleted).to_batches()
 
 
 def _conform(table: pa.Table, schema: pa.Schema, deleted: pa.Array) -> pa.Table:
