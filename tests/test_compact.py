@@ -1,8 +1,9 @@
 """`docroute compact` (flows/compact.py, tasks/store/compact.py): after real runs (new, changed, deleted files) in
 shards of one document, compaction keeps every current row, every history row and the current table's rows, cuts
 the file count, and the next run still works; it refuses while a live run holds the output, leaves an adoptable
-dead run's parts alone, deletes only what is old and unneeded; on a local folder and on S3 (moto); and a
-compaction SIGKILLed at each of its steps leaves the output reading the same, the next one completing it.
+dead run's parts alone, deletes only what is old and unneeded; on a local folder and on S3 (moto: the Delta table,
+and an Iceberg table whose data files are cut and snapshots expired); and a compaction SIGKILLed at each of its
+steps leaves the output reading the same, the next one completing it.
 """
 
 from __future__ import annotations
@@ -405,3 +406,119 @@ def test_a_run_asked_to_compact_commits_then_compacts_as_its_last_step(tmp_path:
     unchanged = current_after.filter(pl.col("doc_id").is_in(current_before["doc_id"].to_list()))
     assert unchanged.select(current_before.columns).equals(current_before)  # the same rows, now in one file
     assert_table_is_current(local.job)
+
+
+def _iceberg_seen(job: Path) -> Seen:
+    """What every reader sees of an output whose current table is Iceberg (read through its catalog)."""
+    from docroute.tasks.store.iceberg_table import read_iceberg_table
+
+    found = read_iceberg_table(load_job(job))
+    assert found is not None
+    table = pl.from_arrow(found[0])
+    assert isinstance(table, pl.DataFrame)
+    table = table.with_columns(pl.col(pl.Categorical, pl.Enum).cast(pl.String)).sort("doc_id")
+    return Seen(_current(job), _history(job), table.select(sorted(table.columns)))
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_compaction_of_an_iceberg_table_on_s3_keeps_every_row_cuts_the_files_and_expires_snapshots(
+    tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three runs in shards of one on moto S3, the current table Iceberg in a SQL catalog (a local SQLite file):
+    `docroute compact --retention 0` keeps every current and history row and the table's rows, cuts the results
+    parts and the table's data files to one each, expires every snapshot but the current one and deletes the
+    table's unused files from the bucket; the next run merges only its change, and a second compaction works."""
+    from test_iceberg_table import assert_iceberg_is_current
+
+    from docroute.tasks.store.iceberg_table import (
+        OPERATION_PROPERTY,
+        IcebergCurrentTable,
+        iceberg_identifier,
+        load_iceberg_catalog,
+    )
+
+    fs = make_bucket(s3_endpoint, "iceberg-compaction")
+    access = s3_access_yaml(s3_endpoint)
+    out = "s3://iceberg-compaction/out"
+    table_yaml = f"  table: {{format: iceberg, catalog: {{type: sql, uri: 'sqlite:///{tmp_path}/catalog.db'}}}}\n"
+    text = _job_text("s3://iceberg-compaction/in", out, access)
+    text = text.replace(f"  url: {out}\n{access}", f"  url: {out}\n{access}{table_yaml}")
+    assert table_yaml in text
+    job = tmp_path / "job.yaml"
+    job.write_text(text, encoding="utf-8")
+    spec = load_job(job)
+    output = spec.output
+    folder = "iceberg-compaction/out/tables/iceberg/documents"
+
+    def put(index: int, note: str = "") -> None:
+        fs.pipe(f"iceberg-compaction/in/doc-{index:03d}.txt", f"{TEXTS[index % 3]} (item {index}){note}\n".encode())
+
+    def table_state() -> tuple[list[int], int | None, set[str], str | None]:
+        """Snapshot ids, the current one, the data files it reads (bucket paths) and its docroute operation."""
+        catalog = load_iceberg_catalog(output)
+        try:
+            table = catalog.load_table(iceberg_identifier(spec))
+            current = table.current_snapshot()
+            named = {task.file.file_path.removeprefix("s3://") for task in table.scan().plan_files()}
+            summary = current.summary if current is not None else None
+            operation = summary.get(OPERATION_PROPERTY) if summary is not None else None
+            return [s.snapshot_id for s in table.snapshots()], current and current.snapshot_id, named, operation
+        finally:
+            catalog.close()
+
+    def on_bucket(sub: str, suffix: str) -> set[str]:
+        fs.invalidate_cache()
+        return {p for p in fs.find(f"{folder}/{sub}") if p.endswith(suffix)}
+
+    for i in range(6):  # new files, then a changed file and two new ones, then a deleted file
+        put(i)
+    process_documents(str(job))
+    time.sleep(0.01)
+    put(0, " rewritten")
+    put(6)
+    put(7)
+    assert process_documents(str(job)).documents == 3
+    fs.rm("iceberg-compaction/in/doc-001.txt")
+    process_documents(str(job))
+    assert_iceberg_is_current(job)
+    before = _iceberg_seen(job)
+    assert before.history.height == 9 and before.current.height == before.table.height == 8
+    snapshots, _, named, _ = table_state()
+    assert len(snapshots) >= 3 and len(named) >= 3 and on_bucket("data", ".parquet") > named
+
+    report = compact_output(str(job), retention_hours=0)
+
+    assert report.action is CompactionAction.COMPACTED and report.rows == 9
+    _iceberg_seen(job).assert_same(before)  # every current row, every history row, the table's rows
+    assert_iceberg_is_current(job)
+    assert report.live_parts_before == 9 and report.live_parts_after == len(committed_parts(output)) == 2
+    assert report.results_files_after == count_results_files(output) == 2
+    assert report.table.action is TableAction.REWRITTEN
+    assert (report.table.files_before, report.table.files_after) == (len(named), 1)
+    assert report.table.expired_snapshots >= len(snapshots) and report.table.vacuumed > 0
+    snapshots, current, named, operation = table_state()
+    assert snapshots == [current] and len(named) == 1 and operation == "compact"
+    assert on_bucket("data", ".parquet") == named  # every other data file deleted from the bucket
+    # the current metadata file and the one the expiry superseded (current until after the cutoff)
+    assert len(on_bucket("metadata", ".metadata.json")) == 2
+
+    def rewrite(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the whole table was rewritten")
+
+    monkeypatch.setattr(IcebergCurrentTable, "rewrite", rewrite)  # the next run merges its change only
+    put(2, " edited after compaction")
+    after = process_documents(str(job))
+    assert after.documents == 1
+    assert_iceberg_is_current(job)
+    monkeypatch.undo()
+    doc2 = current_rows(output).filter(pl.col("source_uri").str.ends_with("doc-002.txt"))
+    assert doc2["run_id"].item() == after.run_id
+    assert _history(job).height == 10
+
+    again = compact_output(str(job), retention_hours=0)  # the new part and the table's new file, once more
+    assert again.action is CompactionAction.COMPACTED and len(committed_parts(output)) == 2
+    assert again.table.action is TableAction.REWRITTEN and again.table.files_after == 1
+    assert _history(job).height == 10
+    assert_iceberg_is_current(job)
+    snapshots, current, named, _ = table_state()
+    assert snapshots == [current] and on_bucket("data", ".parquet") == named

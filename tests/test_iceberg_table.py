@@ -1,8 +1,9 @@
 """The current table as Apache Iceberg (tasks/store/iceberg_table.py): after every run, the table the catalog names
 holds exactly what `current_rows(include_deleted=True)` returns, with the declared types as pyiceberg and DuckDB
-read them, on a local folder (the default SQLite catalog) and on S3 (moto; a SQL catalog on a local SQLite file);
-a table one run behind (its catalog commit never happened, or a process killed there) or missing is brought back
-by the next run. The jobs classify by similarity over WordLlama vectors: no language model is loaded.
+read them, on a local folder (the default SQLite catalog) and on S3 (moto; a SQL catalog on a local SQLite file, or
+a Glue catalog on moto's Glue); a table one run behind (its catalog commit never happened, or a process killed
+there) or missing is brought back by the next run. The jobs classify by similarity over WordLlama vectors: no
+language model is loaded.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 from corpus import COOKING, SPORTS, WEATHER, topic_job_yaml
 from oracle_server import OracleServer
 from pydantic import ValidationError
-from s3_server import make_bucket, s3_access_yaml
+from s3_server import KEY, SECRET, make_bucket, s3_access_yaml
 
 from docroute.flows.compact import compact_output
 from docroute.flows.process import process_documents
@@ -421,3 +422,86 @@ def test_a_retyped_column_recreates_the_table_on_rewrite_and_is_refused_by_a_mer
     IcebergCurrentTable(spec).rewrite(rows(["a", "dddd"], pa.int64()), Commit("r3", 3, "m3"))
     table, version = current()
     assert version == 3 and table["amount"].type == pa.int64() and table["amount"].to_pylist() == [1, 4]
+
+
+GLUE_KEY, GLUE_SECRET = "AKIAGLUETESTKEY", "glue-secret-that-must-never-leak"
+"""The Glue client's own credentials (moto accepts any): distinct from the S3 ones, so a leak of either shows."""
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_after_every_run_an_s3_iceberg_table_in_a_glue_catalog_equals_the_current_rows(
+    tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """`catalog: {type: glue}` with pyiceberg's GlueCatalog talking to moto's Glue (the same server as its S3):
+    the database and table are created in Glue, every later commit is Glue's update_table naming the table version
+    it read. moto does not check that VersionId (its update_table ignores it), so Glue's compare-and-swap itself is
+    not exercised here; what is: the catalog settings reach pyiceberg, the Glue table names the newest metadata
+    file, and the table equals the current rows after each run. No credential lands in the bucket, Glue or a log."""
+    import boto3
+
+    fs = make_bucket(s3_endpoint, "iceberg-glue")
+    monkeypatch.setenv("DOCROUTE_GLUE_SECRET", GLUE_SECRET)  # one property from the environment, the rest inline
+    catalog = (
+        "{format: iceberg, catalog: {type: glue, namespace: docroute_glue, table: documents, properties: "
+        f"{{glue.endpoint: '{s3_endpoint}', glue.region: us-east-1, glue.access-key-id: {GLUE_KEY}}}, "
+        "properties_env: {glue.secret-access-key: DOCROUTE_GLUE_SECRET}}}"
+    )
+    text = _job_text("s3://iceberg-glue/in", "s3://iceberg-glue/out", table=catalog, access=s3_access_yaml(s3_endpoint))
+    job = tmp_path / "job.yaml"
+    job.write_text(text, encoding="utf-8")
+    spec = load_job(job)
+    assert spec.output.table.catalog is not None and spec.output.table.catalog.type == "glue"
+    glue = boto3.client(
+        "glue",
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=GLUE_KEY,
+        aws_secret_access_key=GLUE_SECRET,
+    )
+
+    def put(index: int, note: str = "") -> None:
+        fs.pipe(f"iceberg-glue/in/doc-{index:03d}.txt", f"{TEXTS[index % 3]} (item {index}){note}\n".encode())
+
+    def glue_table() -> dict[str, Any]:
+        return glue.get_table(DatabaseName="docroute_glue", Name="documents")["Table"]
+
+    for i in range(4):
+        put(i)
+    first = process_documents(str(job))  # new files: the Glue database and table are created
+    assert first.documents == 4
+    assert_iceberg_is_current(job)
+    created = glue_table()
+    assert created["Parameters"]["table_type"].lower() == "iceberg"
+    assert created["Parameters"]["metadata_location"].startswith("s3://iceberg-glue/out/tables/iceberg/documents/")
+
+    time.sleep(0.01)
+    put(0, " rewritten")  # a changed file
+    put(4)  # a new one
+    fs.rm("iceberg-glue/in/doc-002.txt")  # a deleted one: kept, marked deleted_at
+    second = process_documents(str(job))
+    assert second.documents == 2
+    assert_iceberg_is_current(job)
+    updated = glue_table()
+    assert int(updated["VersionId"]) > int(created["VersionId"])  # the merge was a Glue update_table
+    assert updated["Parameters"]["previous_metadata_location"] == created["Parameters"]["metadata_location"]
+    catalog_, table = _load(spec)
+    try:
+        assert table.metadata_location == updated["Parameters"]["metadata_location"]
+        rows = pl.from_arrow(table.scan().to_arrow())
+    finally:
+        catalog_.close()
+    assert isinstance(rows, pl.DataFrame) and rows.height == 5
+    assert rows.filter(pl.col("source_uri").str.ends_with("doc-002.txt"))["deleted_at"].is_not_null().all()
+
+    secrets = (GLUE_SECRET, GLUE_KEY, SECRET, KEY)
+    fs.invalidate_cache()
+    files = fs.find("iceberg-glue/out")
+    assert any(path.endswith(".metadata.json") for path in files)
+    for path in files:  # Parquet, Iceberg metadata and manifests, run manifests, state: no credential anywhere
+        data = fs.cat_file(path)
+        assert not [s for s in secrets if s.encode() in data], path
+    versions = glue.get_table_versions(DatabaseName="docroute_glue", TableName="documents")["TableVersions"]
+    assert not [s for s in secrets if s in repr(versions) + repr(glue.get_database(Name="docroute_glue"))]
+    logged = capfd.readouterr()
+    assert not [s for s in secrets if s in logged.out + logged.err]
+    assert GLUE_SECRET not in repr(spec) and GLUE_SECRET not in str(spec.redacted())
