@@ -8,9 +8,12 @@ back through `parse_document` twice: as a PNG, and as an image-only PDF of the s
 200 dpi, the page's own resolution). The reference is the same lines put in reading order by
 `tasks/ingest/layout.py` from their true boxes, so the error counts what OCR missed or misread, not the layout rule.
 CER is the edit distance over the reference's length; "CER ignoring spaces" removes spaces from both first,
-because the recogniser is known to drop narrow spaces between words. Throughput is OCR'd pages per second in this
+because the recogniser used to drop spaces between words (half the errors before `ocr._SpacedDecoder`). `--threads
+PAGES` instead measures pages per second with onnxruntime's default thread pools and with one thread per session,
+read by one caller and by `--workers` callers at once. Throughput is OCR'd pages per second in this
 one process (the engine loaded beforehand), with the machine's load average beside it: on a shared machine it is
-what was measured, not a bound. Extraction accuracy per field against the same receipts as text is the next slice.
+what was measured, not a bound. Extraction accuracy per field against the same receipts as text:
+bench/ocr_extraction.py.
 Results: a Markdown table on stdout, bench/results/ocr/results.{md,json}, appended to BENCHMARKS.md.
 """
 
@@ -146,14 +149,77 @@ def run(receipts: list[Receipt]) -> dict[str, dict[str, float]]:
     return results
 
 
+def threads_comparison(receipts: list[Receipt], workers: int) -> dict[str, dict[str, float]]:
+    """Pages per second with one thread per core in each ONNX session (onnxruntime's default) and with one.
+
+    Each setting reads the receipts' PNGs twice: one after another in one thread, then split over `workers` threads
+    calling the one shared engine at once, as the shards of a threads run do.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from docroute.schemas.spec import SourceSpec
+    from docroute.tasks.ingest import ocr
+    from docroute.tasks.ingest.parse import parse_document
+
+    pages = [draw(receipt) for receipt in receipts]
+    cores = os.cpu_count() or 1
+    results: dict[str, dict[str, float]] = {}
+    try:
+        for label, threads in ((f"{cores} (one per core: onnxruntime's default)", cores), ("1 (docroute's)", 1)):
+            source = SourceSpec(url="memory://bench", ocr_threads=threads)
+
+            def read(png: bytes, source: SourceSpec = source) -> None:
+                parse_document(png, uri="receipt.png", source=source)
+
+            ocr.reset_engine()
+            read(pages[0])  # load the models outside the timing
+            started = time.perf_counter()
+            for png in pages:
+                read(png)
+            serial = time.perf_counter() - started
+            started = time.perf_counter()
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(read, pages))
+            parallel = time.perf_counter() - started
+            results[label] = {
+                "pages": len(pages),
+                "serial_pages_per_second": len(pages) / serial,
+                "parallel_pages_per_second": len(pages) / parallel,
+                "load_average": os.getloadavg()[0],
+            }
+    finally:
+        ocr.reset_engine()
+    return results
+
+
+def threads_table(results: dict[str, dict[str, float]], workers: int) -> str:
+    rows = [
+        f"| source.ocr_threads | pages | pages / s, 1 caller | pages / s, {workers} callers at once | load |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, r in results.items():
+        rows.append(
+            f"| {label} | {r['pages']} | {r['serial_pages_per_second']:.2f} | {r['parallel_pages_per_second']:.2f} | "
+            f"{r['load_average']:.1f} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--receipts", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-append", action="store_true", help="do not append the table to BENCHMARKS.md")
+    parser.add_argument(
+        "--threads", type=int, default=0, metavar="PAGES", help="instead: pages/s by onnxruntime threads on PAGES pages"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="with --threads: threads reading pages at once")
     args = parser.parse_args()
     if not SROIE.is_dir():
         sys.exit(f"SROIE not found at {SROIE}")
+    if args.threads:
+        threads_main(args)
+        return
     receipts = load_receipts(args.receipts, args.seed)
     load_before = os.getloadavg()[0]
     results = run(receipts)
@@ -187,6 +253,28 @@ def main() -> None:
     print(table)
     payload = {"machine": info, "load_average": [load_before, load_after], "peak_rss_mib": peak_mib, **results}
     publish(RESULTS, "OCR on SROIE receipts drawn from their boxes", table, payload, append=not args.no_append)
+
+
+def threads_main(args: argparse.Namespace) -> None:
+    load_before = os.getloadavg()[0]
+    results = threads_comparison(load_receipts(args.threads, args.seed), args.workers)
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "date": datetime.now(UTC).date().isoformat(),
+    }
+    command = f"python bench/ocr.py --threads {args.threads} --workers {args.workers} --seed {args.seed}"
+    table = (
+        machine_line(info, command)
+        + f" Load average {load_before:.1f} before (other work shared the cores).\n\n"
+        + threads_table(results, args.workers)
+    )
+    print(table)
+    payload = {"machine": info, "workers": args.workers, **results}
+    title = "OCR threads: onnxruntime pools per session"
+    publish(RESULTS / "threads", title, table, payload, append=not args.no_append)
 
 
 if __name__ == "__main__":

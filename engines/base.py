@@ -14,14 +14,23 @@ from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
 from docroute.schemas.errors import DocrouteError, ExitCode, TransientError
+from docroute.schemas.page_geometry import PageLine
+from docroute.schemas.pages import PageImages
 
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """One document to answer: its id (doc_id) and its parsed text."""
+    """One document to answer: its id (doc_id), its parsed text and, for OCR'd pages, where its lines sit.
+
+    `geometry` is the OCR'd lines in reading order with their boxes (schemas/page_geometry.py), empty for a text
+    document: the extraction rankers read it (a value on the row of its label), other engines read only the text.
+    """
 
     id: str
     text: str
+    geometry: tuple[PageLine, ...] = ()
+    page_images: PageImages | None = None
+    """A scanned document's pages, rendered on demand, for an engine that looks at pages (schemas/pages.py)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,7 @@ PROVENANCE_COLUMNS: tuple[str, ...] = (
     "pages",
     "ocr_pages",
     "ocr_confidence",
+    "ocr_unread_pages",
     "router_version",
 )
 

@@ -104,3 +104,4 @@ class DocumentErrorCode(StrEnum):
     TOO_MANY_PAGES = "too_many_pages"  # more pages to OCR than source.max_pages
     OCR_NO_TEXT = "ocr_no_text"  # OCR found no text on any page
     OCR_UNAVAILABLE = "ocr_unavailable"  # an image, and the [ocr] extra is not installed
+    OCR_TIME_LIMIT = "ocr_time_limit"  # source.max_ocr_seconds spent before OCR read any text of the document

@@ -91,6 +91,11 @@ _TRAILING: list[tuple[str, pa.DataType, str]] = [
     ("pages", pa.int32(), "pdf and image documents: how many pages the file has; null for other formats"),
     ("ocr_pages", pa.int32(), "pdf and image documents: how many pages were read by OCR (0: all from a text layer)"),
     ("ocr_confidence", pa.float64(), "the mean confidence (0 to 1) of the OCR'd lines; null when nothing was OCR'd"),
+    (
+        "ocr_unread_pages",
+        pa.int32(),
+        "pages that needed OCR but were not read: source.max_ocr_seconds ran out (the answer is from the pages read)",
+    ),
     ("router_version", pa.string(), "the calibrated router the thresholds came from, if any"),
 ]
 
@@ -174,6 +179,7 @@ class ResultRow:
     pages: int | None = None
     ocr_pages: int | None = None
     ocr_confidence: float | None = None
+    ocr_unread_pages: int | None = None
     router_version: str | None = None
 
     def __post_init__(self) -> None:
@@ -217,6 +223,7 @@ class ResultRow:
             "pages": self.pages,
             "ocr_pages": self.ocr_pages,
             "ocr_confidence": self.ocr_confidence,
+            "ocr_unread_pages": self.ocr_unread_pages,
             "router_version": self.router_version,
         }
         if spec.task.classify is not None:
@@ -270,6 +277,7 @@ def row_from_record(record: dict[str, Any], spec: JobSpec) -> ResultRow:
         pages=record.get("pages"),
         ocr_pages=record.get("ocr_pages"),
         ocr_confidence=record.get("ocr_confidence"),
+        ocr_unread_pages=record.get("ocr_unread_pages"),
         router_version=record.get("router_version"),
     )
 
@@ -279,7 +287,7 @@ _COPIED = (
     "processed_at", "route", "route_outcome", "route_reason", "confidence", "small_model", "final_model",
     "small_input_tokens", "small_output_tokens", "frontier_input_tokens", "frontier_output_tokens", "small_cost_usd",
     "frontier_cost_usd", "engine_seconds", "error", "error_code", "truncated", "audited", "audit_agrees", "input_chars",
-    "pages", "ocr_pages", "ocr_confidence", "router_version",
+    "pages", "ocr_pages", "ocr_confidence", "ocr_unread_pages", "router_version",
 )  # fmt: skip
 """Columns that are a row attribute as it is (the rest are derived: `to_record` is the reference)."""
 

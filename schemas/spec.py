@@ -151,6 +151,25 @@ class SourceSpec(StorageAccess):
             "shard for an hour; text-layer pages are not counted"
         ),
     )
+    max_ocr_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        le=86_400,
+        description=(
+            "the most seconds OCR spends on one document: once spent, its remaining pages are not read; a document "
+            "with some text keeps the pages read (ocr_unread_pages says how many were not), one with none becomes "
+            "an ocr_time_limit error row. Checked between pages, so one page's OCR is never cut short"
+        ),
+    )
+    ocr_threads: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description=(
+            "threads each OCR model computes one page with; the shards in flight (runner.max_workers) are what read "
+            "pages in parallel, so 1 suits a machine whose cores they fill; raise it when cores outnumber shards"
+        ),
+    )
     change_detection: Literal["metadata", "content"] = Field(
         default="metadata",
         description=(
@@ -473,6 +492,54 @@ class LlamaCppSpec(_SmallModelParts):
         return Path(self.model_path).name if self.model_path else "gemma-3-270m-q4_k_m.gguf"
 
 
+VisionFamily = Literal["qwen2_vl", "qwen3_vl", "gemma3", "idefics3"]
+"""Prompt formats of the vision-language models the vLLM vision path knows (engines/local/vllm_vision.py)."""
+
+_VISION_FAMILIES: tuple[tuple[VisionFamily, re.Pattern[str]], ...] = (
+    ("qwen2_vl", re.compile(r"qwen2([._]5)?[-_]?vl", re.IGNORECASE)),
+    ("qwen3_vl", re.compile(r"qwen3[-_]?vl", re.IGNORECASE)),
+    ("gemma3", re.compile(r"gemma-?3-(4|12|27)b", re.IGNORECASE)),
+    ("idefics3", re.compile(r"smolvlm|idefics3", re.IGNORECASE)),
+)
+
+
+def vision_family(model: str) -> VisionFamily | None:
+    """The prompt format a model's name says it has (Qwen/Qwen2.5-VL-3B-Instruct: qwen2_vl), or None."""
+    for family, pattern in _VISION_FAMILIES:
+        if pattern.search(model):
+            return family
+    return None
+
+
+class VllmVisionSpec(StrictModel):
+    """Scanned documents (images, PDF pages without a text layer) also shown to the model as page images.
+
+    The small model must then be a vision-language model vLLM serves. Documents with text stay on the text path;
+    a scanned one gets the same label-scoring and candidate prompts with its first pages attached, candidates
+    still taken from its OCR text, and confidences read from log-probabilities exactly as on the text path.
+    """
+
+    family: Literal["auto", "qwen2_vl", "qwen3_vl", "gemma3", "idefics3"] = Field(
+        default="auto",
+        description="the model's image placeholder format; auto: from the model name (Qwen2/2.5-VL, Qwen3-VL, "
+        "Gemma 3 4B+, SmolVLM/Idefics3)",
+    )
+    max_pages: int = Field(default=2, ge=1, le=16, description="pages shown (the first ones); OCR text covers all")
+    max_pixels: int = Field(
+        default=1280 * 28 * 28,
+        ge=64 * 64,
+        le=16_000_000,
+        description="each page image is scaled down to at most this many pixels before it is sent",
+    )
+    page_tokens: int | None = Field(
+        default=None, ge=1, description="prompt tokens one page costs; default: the family's estimate"
+    )
+    ocr_text: bool = Field(default=True, description="also show the OCR text beside the page images")
+    documents_per_call: int = Field(
+        default=16, ge=1, le=4096, description="documents whose page images are decoded and sent in one vLLM call"
+    )
+
+
 class VllmSpec(_SmallModelParts):
     """In-process vLLM on a GPU worker: one offline `vllm.LLM` per worker process, one batched call per shard."""
 
@@ -505,11 +572,30 @@ class VllmSpec(_SmallModelParts):
     )
     enable_prefix_caching: bool = True
     usd_per_hour: float = Field(default=0.0, ge=0, description="GPU-hour price for the cost ledger")
+    vision: VllmVisionSpec | None = Field(
+        default=None,
+        exclude_if=lambda vision: vision is None,  # jobs without it keep their spec hash
+        description="scanned documents also as page images to a vision-language model (written, not yet run on a "
+        "GPU: README)",
+    )
 
     @field_validator("lora_path")
     @classmethod
     def _resolve(cls, path: str | None, info: ValidationInfo) -> str | None:
         return None if path is None else _resolve_path(path, info)
+
+    @model_validator(mode="after")
+    def _vision_family(self) -> Self:
+        if self.vision is not None and self.vision.family == "auto":
+            family = vision_family(self.model)
+            if family is None:
+                known = ", ".join(name for name, _ in _VISION_FAMILIES)
+                raise ValueError(
+                    f"vision: cannot tell the image prompt format of {self.model!r} from its name; set "
+                    f"small_model.vision.family to one of {known}"
+                )
+            object.__setattr__(self, "vision", self.vision.model_copy(update={"family": family}))
+        return self
 
     @property
     def model_name(self) -> str:

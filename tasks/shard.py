@@ -32,6 +32,7 @@ from docroute.tasks.answer.budget import FrontierBudget, release_run_budget, run
 from docroute.tasks.answer.escalate import Escalation, escalate
 from docroute.tasks.answer.frontier_batches import StagedRequest, queue_requests, write_staging
 from docroute.tasks.answer.outcome import apply_audit, apply_small, base_row, finish_escalated, is_audited
+from docroute.tasks.ingest.page_images import page_images
 from docroute.tasks.ingest.read import SourceDocument, read_documents
 from docroute.tasks.learn.harvest import write_labels
 from docroute.tasks.model.infer import engines_built_by_this_thread, frontier_engine, run_engine, small_engine
@@ -121,7 +122,9 @@ def answer_documents(
             )
             row.error, row.error_code = doc.error, doc.error_code
             rows[doc.doc_id] = row
-    requests = [Request(id=d.doc_id, text=d.text or "") for d in readable]
+    requests = [
+        Request(id=d.doc_id, text=d.text or "", geometry=d.lines, page_images=page_images(spec, d)) for d in readable
+    ]
     small = {p.id: p for p in run_engine(small_engine(spec, run.head_version), requests)}
     escalated: list[tuple[SourceDocument, RouteDecision]] = []
     for doc in readable:
@@ -162,8 +165,8 @@ def answer_documents(
     if escalated or audits:
         outcomes: dict[str, Escalation] = {}
         # escalations come first: when the budget runs short it goes to rows that need an answer, not to audits
-        requests = [Request(d.doc_id, d.text or "") for d, _ in escalated]
-        audit_requests = [Request(d.doc_id, d.text or "") for d in audits]
+        requests = [Request(d.doc_id, d.text or "", d.lines) for d, _ in escalated]
+        audit_requests = [Request(d.doc_id, d.text or "", d.lines) for d in audits]
         has_frontier = spec.frontier is not None
         if spec.frontier is not None:
             budget = run.frontier_budget(spec, shard_index)

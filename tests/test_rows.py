@@ -70,6 +70,7 @@ _TRAILING = [
     "pages",
     "ocr_pages",
     "ocr_confidence",
+    "ocr_unread_pages",
     "router_version",
 ]
 _FIELD_NAMES = [f["name"] for f in _FIELDS]
@@ -132,6 +133,7 @@ def _full_row(spec: JobSpec) -> ResultRow:
         pages=3,
         ocr_pages=2,
         ocr_confidence=0.875,
+        ocr_unread_pages=1,
         router_version="r1",
     )
 

@@ -56,7 +56,7 @@ class RankerExtractor:
             started = time.perf_counter()
             prediction = Prediction(id=request.id, model=self.name)
             try:
-                prediction.fields, prediction.field_confidences = self.ranker.extract(request.text)
+                prediction.fields, prediction.field_confidences = self.ranker.extract(request.text, request.geometry)
             except (ValueError, RuntimeError) as exc:
                 prediction.error = f"the extraction ranker failed on this document: {exc}"
             prediction.engine_seconds = time.perf_counter() - started

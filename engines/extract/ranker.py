@@ -7,7 +7,8 @@ is the 3-line span under the name. This module learns that per field, from (docu
 
 * candidates are engines/scoring/candidates.py's, plus longer line spans (engines/extract/ranker_features.py);
 * features are hashed words around the candidate, position, format and value statistics, optionally an encoder
-  embedding and the LM's own score;
+  embedding and the LM's own score; an OCR'd document's page geometry (its lines' rows, columns and boxes) refines
+  the position and context features where the request carries it;
 * the model is a conditional logit: one weight vector, a softmax over *one document's* candidates (plus "no value"
   for optional fields), fitted by maximising the probability of the gold value's candidates with L2 regularisation.
   The regularisation strength is picked by cross-validation and a temperature is fitted on out-of-fold logits, so the
@@ -44,6 +45,7 @@ from docroute.engines.scoring.candidates import Candidate
 from docroute.engines.scoring.confidence import choose_value, softmax
 from docroute.schemas.compare import normalise
 from docroute.schemas.errors import DocrouteError, InputError
+from docroute.schemas.page_geometry import PageLine
 from docroute.schemas.spec import ExtractSpec, FieldSpec
 
 __all__ = [
@@ -178,9 +180,16 @@ class FieldRanker:
         return ranker_candidates(self.field, text, limit=CANDIDATE_LIMIT)
 
     def logits(
-        self, text: str, candidates: Sequence[Candidate], lm_scores: Sequence[float] | None = None
+        self,
+        text: str,
+        candidates: Sequence[Candidate],
+        lm_scores: Sequence[float] | None = None,
+        geometry: Sequence[PageLine] = (),
     ) -> np.ndarray:
-        """Temperature-scaled scores of the candidates (and of "no value" last, for an optional field)."""
+        """Temperature-scaled scores of the candidates (and of "no value" last, for an optional field).
+
+        `geometry` is the document's OCR'd lines (the request's), empty for text: see ranker_features.py.
+        """
         if self.encoder_dim and self.encoder is None:
             raise RankerMismatchError(
                 f"the {self.field.name} ranker reads embeddings from {self.encoder_name}: load it with that encoder"
@@ -193,6 +202,7 @@ class FieldRanker:
             encoder=self.encoder,
             lm_scores=lm_scores,
             uses_lm=self.uses_lm,
+            geometry=geometry,
         )
         return (_scaled(matrix, self.scale) @ self.weights) / self.temperature
 
@@ -201,6 +211,7 @@ class FieldRanker:
         text: str,
         candidates: Sequence[Candidate] | None = None,
         lm_scores: Sequence[float] | None = None,
+        geometry: Sequence[PageLine] = (),
     ) -> tuple[list[Any], np.ndarray]:
         """Values of the options (None last for "no value" on an optional field) and their probabilities.
 
@@ -214,20 +225,21 @@ class FieldRanker:
             values.append(None)
         if not values:
             return [], np.zeros(0)
-        return values, softmax(self.logits(text, candidates, lm_scores))
+        return values, softmax(self.logits(text, candidates, lm_scores, geometry))
 
     def choose(
         self,
         text: str,
         candidates: Sequence[Candidate] | None = None,
         lm_scores: Sequence[float] | None = None,
+        geometry: Sequence[PageLine] = (),
     ) -> tuple[Any, float]:
         """The field's value and its confidence: probability summed over options meaning the same value.
 
         A required field with no candidate at all gives (None, 0.0), as the LM engine does.
         """
         candidates = self.candidates(text) if candidates is None else list(candidates)
-        values, probs = self.rank(text, candidates, lm_scores)
+        values, probs = self.rank(text, candidates, lm_scores, geometry)
         if not values:
             return None, 0.0
         starts = [c.start for c in candidates] + ([-1] if not self.field.required else [])
@@ -296,13 +308,22 @@ def _scaled(matrix: sparse.csr_matrix, scale: np.ndarray) -> sparse.csr_matrix:
 
 
 def training_fingerprint(
-    field: FieldSpec, documents: Sequence[tuple[str, Any]], encoder_name: str, uses_lm: bool
+    field: FieldSpec,
+    documents: Sequence[tuple[str, Any]],
+    encoder_name: str,
+    uses_lm: bool,
+    geometries: Sequence[Sequence[PageLine]] | None = None,
 ) -> str:
-    """Identify a ranker by its field, features, encoder and data, so a cached one is never reused for other data."""
+    """Identify a ranker by its field, features, encoder and data, so a cached one is never reused for other data.
+
+    A document's geometry counts only when it has some, so a ranker trained on text keeps the fingerprint it had.
+    """
     digest = hashlib.sha256(json.dumps(field.model_dump(mode="json"), sort_keys=True).encode())
     digest.update(f"\x00v{FEATURE_VERSION}/{HASH_BITS}\x00{encoder_name}\x00{uses_lm}".encode())
-    for text, gold in documents:
+    for i, (text, gold) in enumerate(documents):
         digest.update(b"\x00T" + text.encode() + b"\x00G" + repr(normalise(field, gold)).encode())
+        if geometries is not None and geometries[i]:
+            digest.update(b"\x00L" + repr(tuple(geometries[i])).encode())
     return digest.hexdigest()[:16]
 
 
@@ -312,22 +333,27 @@ def train_ranker(
     *,
     encoder: Encoder | None = None,
     lm_scores: Sequence[Sequence[float]] | None = None,
+    geometries: Sequence[Sequence[PageLine]] | None = None,
     seed: int = 0,
 ) -> FieldRanker:
     """Fit one field's ranker on (document text, gold value) pairs.
 
     A document teaches only when its gold value is among its candidates (or, for an optional field, when it has no
     value). `lm_scores`, when given, holds per document the LM's scores of `ranker_candidates(field, text)` (in that
-    order, optionally followed by "no value"); the ranker then needs them at prediction time too.
+    order, optionally followed by "no value"); the ranker then needs them at prediction time too. `geometries`, when
+    given, holds per document its OCR'd lines (empty for a text document), so the geometric features are learned.
     Raises RankerTrainingError when fewer than two documents are usable.
     """
     if lm_scores is not None and len(lm_scores) != len(documents):
         raise ValueError("lm_scores needs one list per document")
+    if geometries is not None and len(geometries) != len(documents):
+        raise ValueError("geometries needs one sequence of lines per document")
     blocks: list[sparse.csr_matrix] = []
     positives: list[np.ndarray] = []
     for i, (text, gold) in enumerate(documents):
         if field.required and normalise(field, gold) is None:
             continue  # a required field without a gold value says nothing about which candidate is right
+        lines = () if geometries is None else geometries[i]
         candidates = ranker_candidates(field, text, limit=CANDIDATE_LIMIT)
         values: list[Any] = [c.value for c in candidates] + ([] if field.required else [None])
         positive = _positives(field, values, gold)
@@ -342,6 +368,7 @@ def train_ranker(
                 encoder=encoder,
                 lm_scores=None if lm_scores is None else lm_scores[i],
                 uses_lm=lm_scores is not None,
+                geometry=lines,
             )
         )
         positives.append(positive)
@@ -377,7 +404,7 @@ def train_ranker(
         uses_lm=lm_scores is not None,
         trained_on=len(blocks),
         offered=len(documents),
-        fingerprint=training_fingerprint(field, documents, encoder_name, lm_scores is not None),
+        fingerprint=training_fingerprint(field, documents, encoder_name, lm_scores is not None, geometries),
         encoder=encoder,
     )
 
@@ -427,12 +454,15 @@ class ExtractionRanker:
     seconds: float = 0.0
     """Training time, for reports."""
 
-    def extract(self, text: str) -> tuple[dict[str, Any], dict[str, float | None]]:
-        """Values and confidences of the fields it has rankers for, in the engine's `_extract` shape."""
+    def extract(self, text: str, geometry: Sequence[PageLine] = ()) -> tuple[dict[str, Any], dict[str, float | None]]:
+        """Values and confidences of the fields it has rankers for, in the engine's `_extract` shape.
+
+        `geometry`: the document's OCR'd lines (the request's), empty for a text document.
+        """
         values: dict[str, Any] = {}
         confidences: dict[str, float | None] = {}
         for name, ranker in self.rankers.items():
-            values[name], confidences[name] = ranker.choose(text)
+            values[name], confidences[name] = ranker.choose(text, geometry=geometry)
         return values, confidences
 
     def to_bytes(self) -> bytes:
@@ -458,9 +488,12 @@ def train_extraction_ranker(
     documents: Sequence[tuple[str, Mapping[str, Any]]],
     *,
     encoder: Encoder | None = None,
+    geometries: Sequence[Sequence[PageLine]] | None = None,
     seed: int = 0,
 ) -> tuple[ExtractionRanker, dict[str, str]]:
     """Train a ranker per field on (text, {field: gold}) pairs; a field absent from a mapping is unlabelled there.
+
+    `geometries`, when given, holds per document its OCR'd lines (empty for a text document).
 
     Returns the rankers and, per field that got none, why (too few usable documents), so a caller can report it
     and keep using the LM for that field.
@@ -469,9 +502,11 @@ def train_extraction_ranker(
     rankers: dict[str, FieldRanker] = {}
     skipped: dict[str, str] = {}
     for spec in extract.fields:
-        pairs = [(text, gold[spec.name]) for text, gold in documents if spec.name in gold]
+        labelled = [i for i, (_text, gold) in enumerate(documents) if spec.name in gold]
+        pairs = [(documents[i][0], documents[i][1][spec.name]) for i in labelled]
+        lines = None if geometries is None else [geometries[i] for i in labelled]
         try:
-            rankers[spec.name] = train_ranker(spec, pairs, encoder=encoder, seed=seed)
+            rankers[spec.name] = train_ranker(spec, pairs, encoder=encoder, geometries=lines, seed=seed)
         except RankerTrainingError as exc:
             skipped[spec.name] = str(exc)
     return ExtractionRanker(rankers, _encoder_name(encoder), time.perf_counter() - started), skipped

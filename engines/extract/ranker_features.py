@@ -13,7 +13,18 @@ candidates into a feature matrix, with no model calls:
   and as hashed position tokens, so the model can learn "the first line" or "a 3-line span near the top";
 * format (upper-case, digit, letter and punctuation shares, length, word count, share of its line);
 * value statistics for numbers (rank among the document's amounts, largest or not, how often it is repeated);
-* optionally an encoder embedding of the candidate and of its context line, and an LM score when a caller has one.
+* optionally an encoder embedding of the candidate and of its context line, and an LM score when a caller has one;
+* page geometry, when the request carries the OCR'd lines (schemas/page_geometry.py, `PageMap`): each candidate is
+  mapped to the line(s) it was read from; its position counts the page's lines in reading order (the same as the
+  text's lines where the text was written in reading order, right where it was not); the words of the other lines
+  on its row (boxes overlapping vertically) join its left and right context, even where the text puts them on other
+  lines (an amount printed a little lower than its "TOTAL"), and also hash in namespaces of their own ("gl", "gr");
+  hashed "geo" tokens say its relative x and y on the page, its row from the page's top and bottom, its column, how
+  many lines share its row and whether it is the row's last.
+
+Without geometry every feature is the text's own, so text documents score exactly as they did; with geometry the
+values above change or are added in the same columns: the width stays, a ranker trained on text reads OCR'd
+documents (with their row context), and one trained with geometry also learns the "geo", "gl" and "gr" tokens.
 
 The hash is crc32 (stable across processes, unlike `hash`), so a saved ranker reads the same columns everywhere.
 """
@@ -24,7 +35,7 @@ import math
 import re
 import zlib
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -35,6 +46,7 @@ from scipy import sparse
 from docroute.engines.local.encoders import Encoder
 from docroute.engines.scoring.candidates import Candidate, candidates_for
 from docroute.engines.scoring.confidence import softmax
+from docroute.schemas.page_geometry import PageLine
 from docroute.schemas.spec import FieldSpec
 
 __all__ = [
@@ -43,13 +55,17 @@ __all__ = [
     "HASH_BITS",
     "LM_FEATURES",
     "Layout",
+    "PageMap",
     "feature_width",
     "featurize",
     "ranker_candidates",
 ]
 
 FEATURE_VERSION = 1
-"""Bump when a feature changes meaning: a saved ranker records it and is refused by a different version."""
+"""Bump when a feature changes meaning: a saved ranker records it and is refused by a different version. The
+geometry features did not bump it: without geometry every column means what it meant, and with it the columns keep
+their meaning (a line's place in reading order, the words beside it on its row, new hashed tokens in namespaces of
+their own), so a ranker saved before reads OCR'd documents with their geometry."""
 
 HASH_BITS = 14
 """2^14 hashed columns: collisions stay rare for the few thousand distinct words of a document collection."""
@@ -128,6 +144,120 @@ class Layout:
     def line_at(self, offset: int) -> int:
         """Index of the non-empty line holding character `offset` (the nearest one before it)."""
         return max(0, bisect_right(self.starts, offset) - 1)
+
+
+_SAME_ROW_OVERLAP = 0.3
+"""Two lines share a row for the context words when their boxes overlap vertically by 0.3 of the shorter one's
+height (centres up to 0.7 of a height apart): looser than tasks/ingest/layout.py's row grouping (half a height), so
+a value printed a little lower than its label still reads it as its neighbour when the reading order put the two
+on different rows; lines of consecutive rows do not overlap at all."""
+_X_BINS = 5
+_Y_BINS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class _Placed:
+    """One page line and where its text sits in the document's text (`start` to `end`, character offsets)."""
+
+    line: PageLine
+    start: int
+    end: int
+    row: int
+    """The line's row counted over the whole document, top to bottom, page after page."""
+    index: int
+    """The line's place in reading order among the document's located lines (row by row, left to right)."""
+
+
+class PageMap:
+    """The document's page lines located in its text, so a candidate (a text offset) finds its line(s) and row.
+
+    Lines are found in reading order, each at its first occurrence after the previous one; a line not found there is
+    looked for from the start (the text's order may differ from the reading order), never on text another line
+    already claimed. A line whose text is not in the document at all is left out; a candidate on text no line
+    claims (a PDF page that had a text layer) has no geometry and keeps the text's features.
+    """
+
+    def __init__(self, text: str, geometry: Sequence[PageLine]) -> None:
+        lines = sorted(geometry, key=lambda line: (line.page, line.row, line.column))
+        pages = sorted({line.page for line in lines})
+        rows_before: dict[int, int] = {}
+        total = 0
+        for page in pages:
+            rows_before[page] = total
+            total += 1 + max(line.row for line in lines if line.page == page)
+        self.rows = total
+        self.pages = pages
+        claimed: list[_Placed] = []
+        cursor = 0
+        for line in lines:
+            start = self._find(text, line.text, cursor, claimed)
+            if start is None:
+                start = self._find(text, line.text, 0, claimed)
+            if start is None:
+                continue
+            row = rows_before[line.page] + line.row
+            claimed.append(_Placed(line, start, start + len(line.text), row, len(claimed)))
+            cursor = start + len(line.text)
+        self.placed = sorted(claimed, key=lambda placed: placed.start)
+        self._starts = [placed.start for placed in self.placed]
+
+    @staticmethod
+    def _find(text: str, needle: str, start: int, claimed: Sequence[_Placed]) -> int | None:
+        if not needle:
+            return None
+        at = text.find(needle, start)
+        while at >= 0:
+            end = at + len(needle)
+            if not any(at < other.end and other.start < end for other in claimed):
+                return at
+            at = text.find(needle, at + 1)
+        return None
+
+    def __bool__(self) -> bool:
+        return bool(self.placed)
+
+    def at(self, offset: int) -> _Placed | None:
+        """The line holding character `offset`, or None when no page line covers it."""
+        index = bisect_right(self._starts, offset) - 1
+        if index >= 0 and offset < self.placed[index].end:
+            return self.placed[index]
+        return None
+
+    def covering(self, start: int, end: int) -> list[_Placed]:
+        """The lines overlapping characters `start` to `end`, in text order."""
+        first = max(0, bisect_right(self._starts, start) - 1)
+        return [p for p in self.placed[first:] if p.start < end and start < p.end]
+
+    def relative_y(self, placed: _Placed) -> float:
+        """The line's vertical centre as a share of the document's pages (0 top of the first, 1 bottom of the last)."""
+        line = placed.line
+        within = line.box.centre_y / (line.page_height or 1.0)
+        return (self.pages.index(line.page) + min(1.0, max(0.0, within))) / len(self.pages)
+
+    def relative_x(self, placed: _Placed, offset: int) -> float:
+        """Where character `offset` of the line sits across the page, interpolated along the line's box."""
+        line = placed.line
+        share = (offset - placed.start) / max(1, len(line.text))
+        x = line.box.x0 + line.box.width * share
+        return min(1.0, max(0.0, x / (line.page_width or 1.0)))
+
+    def row_neighbours(self, placed: _Placed, offset: int) -> tuple[list[PageLine], list[PageLine]]:
+        """The other lines of `placed`'s row (vertical overlap) left and right of character `offset`, by their x."""
+        own = placed.line
+        x = self.relative_x(placed, offset) * (own.page_width or 1.0)
+        left: list[PageLine] = []
+        right: list[PageLine] = []
+        for other in self.placed:
+            line = other.line
+            if other is placed or line.page != own.page:
+                continue
+            overlap = min(line.box.y1, own.box.y1) - max(line.box.y0, own.box.y0)
+            if overlap < _SAME_ROW_OVERLAP * min(line.box.height, own.box.height) or overlap <= 0:
+                continue
+            (left if (line.box.x0 + line.box.x1) / 2 < x else right).append(line)
+        left.sort(key=lambda line: line.box.x0)
+        right.sort(key=lambda line: line.box.x0)
+        return left, right
 
 
 def ranker_candidates(field: FieldSpec, text: str, *, limit: int = CANDIDATE_LIMIT) -> list[Candidate]:
@@ -209,13 +339,16 @@ def featurize(
     encoder: Encoder | None = None,
     lm_scores: Sequence[float] | None = None,
     uses_lm: bool = False,
+    geometry: Sequence[PageLine] = (),
 ) -> sparse.csr_matrix:
     """One row per candidate (plus a last "no value" row when `with_none`), columns as `feature_width` says.
 
     `lm_scores` are the caller's log-likelihoods of the candidates (and of "no value" last, when `with_none`);
-    they become a log-probability over the document's candidates, so their scale does not matter.
+    they become a log-probability over the document's candidates, so their scale does not matter. `geometry` is the
+    OCR'd lines of the document (the request's), empty for a text document: see the module's docstring.
     """
     layout = Layout.of(text)
+    pages = PageMap(text, geometry) if geometry else None
     n_lines = max(1, len(layout.lines))
     hashed = 1 << HASH_BITS
     dense_at = {name: hashed + i for i, name in enumerate(DENSE_FEATURES)}
@@ -262,9 +395,19 @@ def featurize(
             places = _occurrences(layout, surface, first, span)
             last_line = max(line for line, _ in places)
             from_bottom = n_lines - 1 - (first + span - 1)
+            rel_line, top_row = first / max(1, n_lines - 1), first
+            placed = pages.at(candidate.start) if pages else None
+            if pages and placed is not None:
+                # the line's place in reading order, not in the text: the same where the text was written in
+                # reading order (one line per OCR'd line, `cells_text`), right where it was not
+                covered = pages.covering(candidate.start, candidate.start + len(surface)) or [placed]
+                located = len(pages.placed)
+                rel_line, top_row = placed.index / max(1, located - 1), placed.index
+                from_bottom = located - 1 - max(p.index for p in covered)
+                _geometry_words(word, pages, placed, start=candidate.start, surface=surface, text=text, span=span)
             dense("located", 1.0)
-            dense("rel_line", first / max(1, n_lines - 1))
-            dense("log_line", math.log1p(first))
+            dense("rel_line", rel_line)
+            dense("log_line", math.log1p(top_row))
             dense("log_from_bottom", math.log1p(from_bottom))
             dense("span_lines", float(span))
             dense("multi_line", float(span > 1))
@@ -273,7 +416,7 @@ def featurize(
             dense("share_of_line", min(1.0, len(surface) / max(1, len(line_text))))
             dense("log_occurrences", math.log1p(len(places) - 1))
             dense("rel_last_line", last_line / max(1, n_lines - 1))
-            top, bottom = min(first, _POSITION_CAP), min(from_bottom, _POSITION_CAP)
+            top, bottom = min(top_row, _POSITION_CAP), min(from_bottom, _POSITION_CAP)
             word("g", f"top{top}")
             word("g", f"bottom{bottom}")
             word("g", f"span{span}")
@@ -338,6 +481,55 @@ def featurize(
     if matrix.shape != (rows, width):
         raise AssertionError(f"feature matrix is {matrix.shape}, expected {(rows, width)}")
     return matrix
+
+
+def _geometry_words(
+    word: Callable[[str, str], None],
+    pages: PageMap,
+    placed: _Placed,
+    *,
+    start: int,
+    surface: str,
+    text: str,
+    span: int,
+) -> None:
+    """A located candidate's geometric words: its row's other lines as context, where it sits, its column.
+
+    Row neighbours of every place a single-line surface is written (an amount repeated under "SUBTOTAL" and on
+    the "TOTAL" row) join the text's left ("l") and right ("r") context, so a ranker trained on text reads a label
+    the OCR put on another text line; they are also hashed in namespaces of their own ("gl", "gr"), which only
+    geometry sets, for a ranker trained with it. Position tokens ("geo") bin the relative x and y, count the
+    page's rows above and below, and say the column, how many lines share the row and whether it is the row's last.
+    """
+    offsets = [start]
+    if span == 1 and surface:
+        pattern = re.compile(r"(?<![\w.])" + re.escape(surface) + r"(?!\w|[.,]\d)", re.IGNORECASE)
+        offsets = sorted({start, *(m.start() for m in pattern.finditer(text))})
+    for offset in offsets:
+        at = pages.at(offset)
+        if at is None:
+            continue
+        left, right = pages.row_neighbours(at, offset)
+        for line in left:
+            for token in _tokens(line.text):
+                word("l", token)
+                word("gl", token)
+        for line in right if span == 1 else ():
+            for token in _tokens(line.text):
+                word("r", token)
+                word("gr", token)
+        nearest = _tokens(left[-1].text) if left else []
+        word("gl1", nearest[-1] if nearest else "<start>")
+    x = pages.relative_x(placed, start)
+    y = pages.relative_y(placed)
+    left, right = pages.row_neighbours(placed, start)
+    word("geo", f"x{min(_X_BINS - 1, int(x * _X_BINS))}")
+    word("geo", f"y{min(_Y_BINS - 1, int(y * _Y_BINS))}")
+    word("geo", f"col{min(placed.line.column, _POSITION_CAP)}")
+    word("geo", f"row{min(placed.row, _POSITION_CAP)}")
+    word("geo", f"rows_below{min(pages.rows - 1 - placed.row, _POSITION_CAP)}")
+    word("geo", f"cells{min(1 + len(left) + len(right), _POSITION_CAP)}")
+    word("geo", "rightmost" if not right else "inner")
 
 
 def _embed_unique(encoder: Encoder, texts: list[str]) -> np.ndarray:

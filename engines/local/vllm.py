@@ -19,6 +19,11 @@ document's part once for all its labels or candidates.
 
 vLLM is imported only when a runtime is created; prompt building, sampling-parameter construction and output
 parsing are plain functions of plain data, tested without a GPU (tests/test_vllm.py).
+
+With `small_model.vision`, scanned documents also show the model their first page images (the pure part is
+engines/local/vllm_vision.py, tested in tests/test_vllm_vision.py): the same prompts with the pages placed before
+the OCR text, the same candidates and the same confidences. Written against vLLM's documented multimodal inputs;
+not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -31,11 +36,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
 from docroute.engines.base import EngineUnavailableError, Prediction, Request, check_complete
+from docroute.engines.local import vllm_vision
 from docroute.engines.local.vllm_scoring import (
     TriePlan,
     apportion,
@@ -48,6 +54,7 @@ from docroute.engines.local.vllm_scoring import (
     trie_plan,
     trie_scores,
 )
+from docroute.engines.local.vllm_vision import DocPages, call_groups, doc_pages, family_of, mm_prompt, page_markup
 from docroute.engines.scoring import fewshot
 from docroute.engines.scoring.candidates import candidates_for
 from docroute.engines.scoring.confidence import (
@@ -69,6 +76,9 @@ CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
 
 QUESTION_RESERVE = 32
 """Tokens kept free beside the document for the question segment and the wrappers around the document."""
+
+MIN_VISION_TEXT_TOKENS = 32
+"""A scanned document's page images must leave at least this many tokens of the context for its OCR text."""
 
 MAX_CANDIDATE_TOKENS = 256
 """A candidate continuation longer than this is no field value; it is not scored."""
@@ -140,6 +150,7 @@ class Call:
     document each. Exactly one of: `read_ids` (a one-token generation reading these ids' next-token
     log-probabilities), `prompt_scoring` (a one-token generation returning prompt log-probabilities), `schema`
     (a JSON string: a structured generation of up to `max_tokens` tokens, with each token's log-probability).
+    `images`: the document's page images, whose placeholders `base` holds (the vision path), or None.
     """
 
     base: tuple[int, ...]
@@ -148,6 +159,7 @@ class Call:
     prompt_scoring: bool = False
     schema: str | None = None
     max_tokens: int = 1
+    images: DocPages | None = None
 
     def __post_init__(self) -> None:
         kinds = (bool(self.read_ids), self.prompt_scoring, self.schema is not None)
@@ -211,7 +223,25 @@ def llm_kwargs(spec: VllmSpec, *, lora_rank: int | None = None) -> dict[str, Any
         kwargs["enable_lora"] = True
         kwargs["max_loras"] = 1
         kwargs["max_lora_rank"] = lora_rank or 16
+    if spec.vision is not None:
+        kwargs.update(vllm_vision.llm_kwargs(spec.vision))
     return kwargs
+
+
+def prompt_inputs(calls: Sequence[Call]) -> list[dict[str, Any]]:
+    """vLLM's prompts for calls: token ids, with the page images where a call shows them (rendered once per
+    document here, and dropped with the returned list)."""
+    rendered: dict[int, list[Any]] = {}
+    prompts: list[dict[str, Any]] = []
+    for call in calls:
+        if call.images is None:
+            prompts.append({"prompt_token_ids": call.prompt})
+            continue
+        images = rendered.get(id(call.images))
+        if images is None:
+            images = rendered[id(call.images)] = call.images.render()
+        prompts.append(mm_prompt(call.prompt, images, call.images.uuids()))
+    return prompts
 
 
 def lora_rank(lora_path: str) -> int | None:
@@ -247,6 +277,14 @@ class Runtime(Protocol):
     def run(self, calls: Sequence[Call]) -> tuple[list[Any], float]: ...
 
 
+class VisionRuntime(Runtime, Protocol):
+    """A runtime that can also show page images: image placeholders as markup tokens, and in a chat prompt."""
+
+    def markup(self, text: str) -> list[int]: ...
+
+    def chat_prompt(self, messages: list[dict[str, str]], lead: str = "") -> list[int]: ...
+
+
 class TokenizerGlue:
     """Plain-text tokens, BOS and chat prompts from a Hugging Face tokenizer (what `LLM.get_tokenizer()` gives)."""
 
@@ -265,6 +303,10 @@ class TokenizerGlue:
         """Tokens of chat-template text, whose special-token strings are meant as special tokens."""
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
+    def markup(self, text: str) -> list[int]:
+        """Tokens of prompt markup (image placeholders): special-token strings become the special tokens."""
+        return self._encode_markup(text)
+
     def decode(self, tokens: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(tokens), skip_special_tokens=True))
 
@@ -276,11 +318,12 @@ class TokenizerGlue:
             self._bos = special_prefix(full, plain)
         return self._bos
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_prompt(self, messages: list[dict[str, str]], lead: str = "") -> list[int]:
         """The messages under the model's chat template (plain text for a model without one).
 
         The last message (the fenced document) is tokenized as plain text and the template around it as markup,
-        so a document cannot close its own turn with the model's special tokens.
+        so a document cannot close its own turn with the model's special tokens. `lead` (image placeholders) is
+        markup put at the start of that message.
         """
         if getattr(self.tokenizer, "chat_template", None):
             last = messages[-1]
@@ -292,7 +335,11 @@ class TokenizerGlue:
                     continue
                 parts = str(text).split(CHAT_SENTINEL)
                 if len(parts) == 2:
-                    return self._encode_markup(parts[0]) + self.encode(last["content"]) + self._encode_markup(parts[1])
+                    head = self._encode_markup(parts[0] + lead)
+                    return head + self.encode(last["content"]) + self._encode_markup(parts[1])
+        if lead:
+            body, question = "\n\n".join(m["content"] for m in messages[:-1]), plain_chat(messages[-1:])
+            return self.bos() + self.encode(f"{body}\n\n") + self._encode_markup(lead) + self.encode(question)
         return self.bos() + self.encode(plain_chat(messages))
 
 
@@ -330,8 +377,11 @@ class VllmRuntime:
     def bos(self) -> list[int]:
         return self.tokens.bos()
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.tokens.chat_prompt(messages)
+    def chat_prompt(self, messages: list[dict[str, str]], lead: str = "") -> list[int]:
+        return self.tokens.chat_prompt(messages, lead)
+
+    def markup(self, text: str) -> list[int]:
+        return self.tokens.markup(text)
 
     # calls
     def _sampling_params(self, call: Call) -> Any:
@@ -352,7 +402,7 @@ class VllmRuntime:
         """
         if not calls:
             return [], 0.0
-        prompts = [{"prompt_token_ids": call.prompt} for call in calls]
+        prompts = prompt_inputs(calls)
         params = [self._sampling_params(call) for call in calls]
         with self.lock:
             started = time.perf_counter()
@@ -401,6 +451,7 @@ def runtime_key(spec: VllmSpec) -> tuple[Any, ...]:
         spec.lora_path,
         spec.seed,
         spec.enable_prefix_caching,
+        spec.vision.max_pages if spec.vision is not None else None,
     )
 
 
@@ -453,15 +504,17 @@ class ScoreJob:
 
 
 def score_calls(
-    prompt: Sequence[int], continuations: list[list[int]], *, token_ids: bool
+    prompt: Sequence[int], continuations: list[list[int]], *, token_ids: bool, images: DocPages | None = None
 ) -> tuple[ScoreJob, list[Call]]:
     """The calls scoring each continuation after `prompt`: trie reads, or one prompt-scoring call each."""
     base = tuple(prompt)
     if token_ids:
         plan = trie_plan(continuations)
-        calls = [Call(base, path, read_ids=ids) for path, ids in zip(plan.paths, plan.reads, strict=True)]
+        calls = [
+            Call(base, path, read_ids=ids, images=images) for path, ids in zip(plan.paths, plan.reads, strict=True)
+        ]
         return ScoreJob(len(base), continuations, plan), calls
-    calls = [Call(base, tuple(c), prompt_scoring=True) for c in continuations]
+    calls = [Call(base, tuple(c), prompt_scoring=True, images=images) for c in continuations]
     return ScoreJob(len(base), continuations, None), calls
 
 
@@ -557,6 +610,13 @@ class VllmEngine:
         self.classifier_choice: Any = None  # engines/classify_choice.ClassifierChoice, set by build_small_engine
         self._runtime: Runtime = runtime or shared_runtime(spec)
         self.scoring = "token_ids" if self._runtime.supports_token_ids else "prompt_logprobs"
+        self._family = family_of(spec.vision) if spec.vision is not None else None
+        self._vision_runtime: VisionRuntime | None = None
+        if spec.vision is not None:
+            if not callable(getattr(self._runtime, "markup", None)):
+                raise EngineUnavailableError("small_model.vision is set but this vLLM runtime cannot show page images")
+            self._vision_runtime = cast("VisionRuntime", self._runtime)
+        self._leads: dict[int, list[int]] = {}  # image placeholder tokens by page count
         self.strategy = "label_scoring"
         self._examples = list(examples)
         self._ctx = self._runtime.max_model_len
@@ -588,8 +648,8 @@ class VllmEngine:
                 break
             shots = shots[: len(shots) * 3 // 4]
         self.few_shot_used = len(shots)
-        reserve = len(self._classify_prefix) + QUESTION_RESERVE + longest + 1
-        self._classify_budget = self._document_budget(reserve)
+        self._classify_reserve = len(self._classify_prefix) + QUESTION_RESERVE + longest + 1
+        self._classify_budget = self._document_budget(self._classify_reserve)
 
     def _prepare_extraction(self, extract: ExtractSpec) -> None:
         self._candidate_room = min(MAX_CANDIDATE_TOKENS, self._ctx // 8)
@@ -612,6 +672,7 @@ class VllmEngine:
         # a document may need JSON generation too: the chat prompt around it and the answer must fit as well
         empty_chat = len(self._runtime.chat_prompt(chat_messages(self.task.model_copy(update={"classify": None}), "")))
         reserve = max(reserve, empty_chat + self.spec.max_output_tokens + QUESTION_RESERVE)
+        self._extract_reserve = reserve
         self._extract_budget = self._document_budget(reserve)
 
     def _document_budget(self, reserve: int) -> int:
@@ -686,6 +747,35 @@ class VllmEngine:
         kept, truncated = truncate_tokens(tokens, budget, self._marker)
         return (self._runtime.decode(kept) if truncated else text), truncated
 
+    def _lead(self, pages: DocPages | None) -> list[int]:
+        """The image placeholder tokens put before a document's text (none on the text path)."""
+        if pages is None:
+            return []
+        assert self._family is not None and self._vision_runtime is not None
+        lead = self._leads.get(pages.count)
+        if lead is None:
+            lead = self._leads[pages.count] = self._vision_runtime.markup(page_markup(self._family, pages.count))
+        return lead
+
+    def _text_budget(self, budget: int, reserve: int, pages: DocPages | None, lead: Sequence[int]) -> int:
+        """The document's text budget, less what its page images take of the context."""
+        if pages is None:
+            return budget
+        room = self._ctx - reserve - pages.tokens - len(lead)
+        if room < MIN_VISION_TEXT_TOKENS:
+            raise ValueError(
+                f"its {pages.count} page image(s) take about {pages.tokens} of the {self._ctx}-token context, "
+                "leaving no room for its text; lower small_model.vision.max_pixels or max_pages, or raise "
+                "max_model_len"
+            )
+        return min(budget, room)
+
+    def _shown(self, visible: str, pages: DocPages | None) -> str:
+        """The text the prompt shows beside page images (all of it on the text path)."""
+        if pages is None or self.spec.vision is None or self.spec.vision.ocr_text:
+            return visible
+        return ""
+
     def plan(self, batch: Sequence[Request]) -> tuple[list[_DocPlan], list[Call]]:
         """Every call the shard needs, grouped per document, the documents' calls contiguous and in order."""
         plans: list[_DocPlan] = []
@@ -695,10 +785,11 @@ class VllmEngine:
             plan = _DocPlan(first=len(calls))
             own: list[Call] = []
             try:
+                pages = doc_pages(request.page_images, self.spec.vision)
                 if self.task.classify is not None:
-                    self._plan_classification(request.text, plan, own, token_ids)
+                    self._plan_classification(request.text, plan, own, token_ids, pages=pages)
                 if self.task.extract is not None:
-                    self._plan_extraction(request.text, self.task.extract, plan, own, token_ids)
+                    self._plan_extraction(request.text, self.task.extract, plan, own, token_ids, pages=pages)
             except (ValueError, RuntimeError) as exc:  # this document cannot be asked; the others still are
                 plan = _DocPlan(first=len(calls), error=f"small model failed on this document: {exc}")
                 own = []
@@ -707,29 +798,46 @@ class VllmEngine:
             plans.append(plan)
         return plans, calls
 
-    def _plan_classification(self, text: str, plan: _DocPlan, calls: list[Call], token_ids: bool) -> None:
-        visible, truncated = self._visible(text, self._classify_budget)
-        doc = self._runtime.encode(fewshot.classify_document(visible))
+    def _plan_classification(
+        self, text: str, plan: _DocPlan, calls: list[Call], token_ids: bool, *, pages: DocPages | None = None
+    ) -> None:
+        lead = self._lead(pages)
+        budget = self._text_budget(self._classify_budget, self._classify_reserve, pages, lead)
+        visible, truncated = self._visible(text, budget)
+        doc = self._runtime.encode(fewshot.classify_document(self._shown(visible, pages)))
         room = self._ctx - len(self._classify_prefix) - len(self._question) - max(map(len, self._label_tokens)) - 1
+        room -= len(lead) + (pages.tokens if pages is not None else 0)
         if len(doc) > room:  # the wrapper added more than the reserve allows for: cut its end
-            doc, truncated = doc[:room], True
+            doc, truncated = doc[: max(room, 0)], True
         plan.truncated |= truncated
-        prompt = self._classify_prefix + doc + self._question
-        job, job_calls = score_calls(prompt, self._label_tokens, token_ids=token_ids)
+        prompt = self._classify_prefix + lead + doc + self._question
+        job, job_calls = score_calls(prompt, self._label_tokens, token_ids=token_ids, images=pages)
         job.first, job.count = len(calls), len(job_calls)
         plan.label_job = job
         calls.extend(job_calls)
 
     def _plan_extraction(
-        self, text: str, extract: ExtractSpec, plan: _DocPlan, calls: list[Call], token_ids: bool
+        self,
+        text: str,
+        extract: ExtractSpec,
+        plan: _DocPlan,
+        calls: list[Call],
+        token_ids: bool,
+        *,
+        pages: DocPages | None = None,
     ) -> None:
-        visible, truncated = self._visible(text, self._extract_budget)
-        doc = self._runtime.encode(fewshot.extract_document(visible))
+        lead = self._lead(pages)
+        budget = self._text_budget(self._extract_budget, self._extract_reserve, pages, lead)
+        visible, truncated = self._visible(text, budget)
+        shown = self._shown(visible, pages)
+        doc = self._runtime.encode(fewshot.extract_document(shown))
         longest_question = max(map(len, self._field_questions.values()))
         room = self._ctx - len(self._extract_prefix) - longest_question - self._candidate_room - 1
+        room -= len(lead) + (pages.tokens if pages is not None else 0)
         if len(doc) > room:  # the wrapper added more than the reserve allows for: cut its end
-            doc, truncated = doc[:room], True
+            doc, truncated = doc[: max(room, 0)], True
         plan.truncated |= truncated
+        doc = lead + doc
         generate: list[FieldSpec] = []
         for spec_field in extract.fields:
             if self.spec.extract_strategy == "generate":
@@ -760,7 +868,7 @@ class VllmEngine:
                 plan.fixed[spec_field.name] = (None, 0.0)
                 continue
             prompt = self._extract_prefix + doc + self._field_questions[spec_field.name]
-            job, job_calls = score_calls(prompt, continuations, token_ids=token_ids)
+            job, job_calls = score_calls(prompt, continuations, token_ids=token_ids, images=pages)
             job.first, job.count = len(calls), len(job_calls)
             calls.extend(job_calls)
             prior_indices = None
@@ -772,11 +880,16 @@ class VllmEngine:
         if generate:
             sub_extract = extract.model_copy(update={"fields": generate})
             sub_task = self.task.model_copy(update={"classify": None, "extract": sub_extract})
-            prompt = self._runtime.chat_prompt(chat_messages(sub_task, visible))
+            messages = chat_messages(sub_task, shown)
+            if pages is None:
+                prompt = self._runtime.chat_prompt(messages)
+            else:
+                assert self._family is not None and self._vision_runtime is not None
+                prompt = self._vision_runtime.chat_prompt(messages, page_markup(self._family, pages.count))
             schema = json.dumps(answer_schema(sub_task), sort_keys=True)
             plan.generate_task = sub_task
             plan.generate_call = len(calls)
-            calls.append(Call(tuple(prompt), schema=schema, max_tokens=self.spec.max_output_tokens))
+            calls.append(Call(tuple(prompt), schema=schema, max_tokens=self.spec.max_output_tokens, images=pages))
 
     # ------------------------------------------------------------------ reading answers
     def _label_probs(self, plan: _DocPlan, outputs: Sequence[Any]) -> np.ndarray:
@@ -815,7 +928,7 @@ class VllmEngine:
             return []
         plans, calls = self.plan(batch)
         try:
-            outputs, seconds = self._runtime.run(calls)
+            outputs, seconds = self._run(calls)
             results: list[tuple[list[Any], float] | Exception] = []
             weights = [self._weight(outputs[p.first : p.first + p.count]) for p in plans]
             shares = apportion(seconds, weights)
@@ -825,9 +938,22 @@ class VllmEngine:
             results = [self._run_alone(calls[p.first : p.first + p.count]) for p in plans]
         return self._assemble(batch, plans, results)
 
+    def _run(self, calls: Sequence[Call]) -> tuple[list[Any], float]:
+        """One runtime call for the shard; on the vision path, one per `documents_per_call` documents with pages,
+        so only their page images are decoded and in memory at a time."""
+        if self.spec.vision is None:
+            return self._runtime.run(calls)
+        outputs: list[Any] = []
+        seconds = 0.0
+        for start, end in call_groups([c.images for c in calls], self.spec.vision.documents_per_call):
+            part, part_seconds = self._runtime.run(calls[start:end])
+            outputs.extend(part)
+            seconds += part_seconds
+        return outputs, seconds
+
     def _run_alone(self, calls: Sequence[Call]) -> tuple[list[Any], float] | Exception:
         try:
-            return self._runtime.run(calls)
+            return self._run(calls)
         except Exception as exc:  # becomes this document's error row
             return exc
 

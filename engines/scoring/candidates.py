@@ -229,6 +229,10 @@ _DATE_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
         re.compile(r"(?<![\d.,/])(?P<a>\d{1,2}) ?/ ?(?P<b>\d{1,2}) ?/ ?(?P<y>(?:19|20)\d{2})" + _YEAR_END),
         "numeric",
     ),
+    (  # a date run into its time, as OCR writes it when it loses the space: "29/06/20188:26:57AM", "06/04/1711:43"
+        re.compile(r"(?<![\d.,/])(?P<a>\d{1,2})(?P<s>[-/.])(?P<b>\d{1,2})(?P=s)(?P<y>\d{4}|\d{2})(?=\d{1,2}:\d{2})"),
+        "numeric",
+    ),
     (
         re.compile(
             rf"(?<![\d.,])(?P<d>\d{{1,2}}){_ORDINAL}(?:[\s\-/.]|of\s)*{_MON}[\s\-/.,']*(?P<y>\d{{4}}|\d{{2}}){_YEAR_END}",

@@ -50,6 +50,7 @@ def base_row(
         pages=doc.pages,
         ocr_pages=doc.ocr_pages,
         ocr_confidence=doc.ocr_confidence,
+        ocr_unread_pages=doc.ocr_unread_pages,
         router_version=router_version,
     )
 

@@ -20,6 +20,7 @@ from docroute.schemas.documents import Shard
 from docroute.schemas.spec import JobSpec
 from docroute.tasks.answer.budget import run_budget
 from docroute.tasks.answer.escalate import escalate
+from docroute.tasks.ingest.page_images import page_images
 from docroute.tasks.ingest.read import read_documents
 from docroute.tasks.model.infer import frontier_engine, run_engine, small_engine
 from docroute.tasks.route.decide import part_confidence
@@ -52,7 +53,7 @@ def score_shard(
     a run (whose budget the calls draw on), with the frontier too."""
     documents = [d for d in read_documents(spec.source, shard.refs) if wanted is None or d.doc_id in wanted]
     readable = [d for d in documents if d.ok]
-    requests = [Request(d.doc_id, d.text or "") for d in readable]
+    requests = [Request(d.doc_id, d.text or "", d.lines, page_images(spec, d)) for d in readable]
     small = {p.id: p for p in run_engine(small_engine(spec, head_version), requests)}
     frontier: dict[str, Any] = {}
     engine = frontier_engine(spec) if frontier_run_id is not None else None

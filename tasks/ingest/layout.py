@@ -4,13 +4,27 @@ Extraction fields are positional (the amount on the row of "TOTAL", the block at
 text keeps where each line sat. OCR returns lines in detection order, which is not reading order: a right-aligned
 amount is often found before the label on its left, or a few pixels higher. `reading_order` sorts lines into rows
 (top to bottom) and columns (left to right within a row); `lines_text` writes one text line per row, so a label and
-its value stay on one line of the text the models read. Pure: no image library, no I/O.
+its value stay on one line of the text the models read. `Box` and `PageLine` live in schemas/page_geometry.py (the
+extraction engines read them from the request) and are re-exported here. Pure: no image library, no I/O.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from docroute.schemas.page_geometry import Box, PageLine
+
+__all__ = [
+    "CELL_SEPARATOR",
+    "ROW_TOLERANCE",
+    "Box",
+    "OcrLine",
+    "PageLine",
+    "lines_text",
+    "mean_confidence",
+    "reading_order",
+]
 
 #: Two lines are one row when their vertical centres are within this share of their mean height: half a line
 #: height tolerates a skewed scan or a baseline a few pixels off, and still separates consecutive lines of text.
@@ -21,61 +35,12 @@ CELL_SEPARATOR = " "
 
 
 @dataclass(frozen=True, slots=True)
-class Box:
-    """An axis-aligned box in page pixels: left, top, right, bottom (y grows downwards, as in images)."""
-
-    x0: float
-    y0: float
-    x1: float
-    y1: float
-
-    @property
-    def height(self) -> float:
-        return max(self.y1 - self.y0, 0.0)
-
-    @property
-    def centre_y(self) -> float:
-        return (self.y0 + self.y1) / 2
-
-    @classmethod
-    def around(cls, points: Iterable[Sequence[float]]) -> Box:
-        """The box around a polygon's corners (OCR detectors return four corners of a possibly tilted box)."""
-        xs, ys = zip(*((float(point[0]), float(point[1])) for point in points), strict=True)
-        return cls(min(xs), min(ys), max(xs), max(ys))
-
-
-@dataclass(frozen=True, slots=True)
 class OcrLine:
     """One line as the recogniser returned it: its text, box and confidence (0 to 1), in no particular order."""
 
     text: str
     box: Box
     confidence: float
-
-
-@dataclass(frozen=True, slots=True)
-class PageLine:
-    """One line of a page in reading order, with what the extraction stage needs to use its position.
-
-    `page` counts from 1; `row` counts the page's rows from 0, top to bottom; `column` counts a row's lines from 0,
-    left to right; `box` is in page pixels and `page_width`/`page_height` give its relative position
-    (`relative_box`), which is what compares across scans of different resolutions.
-    """
-
-    page: int
-    row: int
-    column: int
-    text: str
-    box: Box
-    confidence: float
-    page_width: float
-    page_height: float
-
-    @property
-    def relative_box(self) -> Box:
-        """The box as fractions of the page (0 to 1), independent of the scan's resolution."""
-        width, height = self.page_width or 1.0, self.page_height or 1.0
-        return Box(self.box.x0 / width, self.box.y0 / height, self.box.x1 / width, self.box.y1 / height)
 
 
 def reading_order(lines: Iterable[OcrLine], *, page: int, width: float, height: float) -> list[PageLine]:

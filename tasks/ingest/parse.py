@@ -83,6 +83,7 @@ ERROR_CODES: dict[str, str] = {
     "too_many_pages": "more pages needing OCR than source.max_pages",
     "ocr_no_text": "OCR found no text on any page (blank or unreadable scans); blank pages among others are skipped",
     "ocr_unavailable": "an image, and OCR (docroute's [ocr] extra) is not installed",
+    "ocr_time_limit": "source.max_ocr_seconds ran out before OCR read any text (a partly read one keeps its pages)",
 }
 
 #: A PDF page whose text layer has fewer characters than this (a page number, a stamp) is rendered and OCR'd: a
@@ -143,6 +144,7 @@ _HTML_CELLS = frozenset({"td", "th"})
 _HTML_PREFORMATTED = frozenset({"pre", "textarea", "listing", "plaintext"})
 
 _MISSING = object()
+_logger = logging.getLogger(__name__)
 _LOCAL_SCHEMES = frozenset({"file", "local"})
 
 
@@ -164,7 +166,8 @@ class ParsedDocument:
     pages: int | None = None  # pdf and image: the document's page count
     ocr_pages: int | None = None  # pdf and image: how many of them were read by OCR
     ocr_confidence: float | None = None  # the mean confidence of the OCR'd lines; None when nothing was OCR'd
-    lines: tuple[PageLine, ...] = ()  # the OCR'd lines in reading order, with their boxes (tasks/ingest/layout.py)
+    lines: tuple[PageLine, ...] = ()  # the lines in reading order with their boxes: OCR'd, or a PDF's text layer
+    ocr_unread_pages: int | None = None  # pdf and image: pages needing OCR left unread when max_ocr_seconds ran out
 
     @property
     def ok(self) -> bool:
@@ -604,8 +607,15 @@ def _quiet_pypdf() -> None:
         logger.setLevel(logging.ERROR)
 
 
-def _pdf_page_texts(data: bytes) -> tuple[list[str], int]:
-    """The text layer of each page pypdf reads (up to `_PDF_MAX_PAGES`), and the PDF's page count."""
+def _pdf_page_texts(data: bytes) -> tuple[list[str], int, list[tuple[PageLine, ...]]]:
+    """The text layer of each page (up to `_PDF_MAX_PAGES`), the PDF's page count, and each page's lines.
+
+    pypdf opens the file and decides what is corrupt or encrypted, as before OCR existed. The text itself is read by
+    PDFium when the [ocr] extra is installed: its lines come in reading order with their boxes
+    (`ocr.pdf_text_layers`), and on receipts whose lines were not drawn top to bottom it made 0.5% character errors
+    where pypdf's drawing-order text made 80% (10% drawn in order; bench/pdf_text.py, BENCHMARKS.md). Without the
+    extra, or when PDFium cannot open what pypdf can, pypdf's text is kept and pages have no lines.
+    """
     start = data.find(b"%PDF-", 0, 1024)
     if start < 0:
         raise _DocumentError(
@@ -631,6 +641,9 @@ def _pdf_page_texts(data: bytes) -> tuple[list[str], int]:
         raise _DocumentError("pdf_corrupt", reason) from None
     if count == 0:
         raise _DocumentError("pdf_corrupt", "the PDF has no readable pages")
+    layers = _pdfium_text_layers(data, min(count, _PDF_MAX_PAGES))
+    if layers is not None:
+        return [page.text for page in layers], count, [page.lines for page in layers]
     texts: list[str] = []
     errors: list[str] = []
     for index in range(min(count, _PDF_MAX_PAGES)):
@@ -643,7 +656,20 @@ def _pdf_page_texts(data: bytes) -> tuple[list[str], int]:
             texts.append("")  # one entry per page, so an index is a page number
     if errors and len(errors) == min(count, _PDF_MAX_PAGES):
         raise _DocumentError("pdf_corrupt", f"no page could be read; {errors[0]}{_pdf_cut_off(data)}")
-    return texts, count
+    return texts, count, [() for _ in texts]
+
+
+def _pdfium_text_layers(data: bytes, count: int) -> list[Any] | None:
+    """PDFium's text layer of the first `count` pages, or None without the [ocr] extra or when PDFium cannot open it."""
+    from docroute.tasks.ingest import ocr
+
+    if not ocr.ocr_available():
+        return None
+    try:
+        layers = ocr.pdf_text_layers(data, count)
+    except ocr.OcrRefusedError:
+        return None
+    return layers if len(layers) == count else None
 
 
 def _pdf_document(data: bytes, source: SourceSpec) -> ParsedDocument:
@@ -652,16 +678,21 @@ def _pdf_document(data: bytes, source: SourceSpec) -> ParsedDocument:
     Decided per page, because scanned pages and born-digital ones mix in one file (a typed letter with a signed
     scan appended). A page whose layer has fewer than `PDF_MIN_PAGE_CHARS` characters is OCR'd; when OCR finds
     nothing there, the layer's few characters are kept. Without the [ocr] extra the text-layer pages are kept and
-    a PDF with none is `pdf_no_text`, as before OCR existed.
+    a PDF with none is `pdf_no_text`, as before OCR existed. OCR stops once `source.max_ocr_seconds` is spent: the
+    pages read are kept and `ocr_unread_pages` counts the rest, or, when no page has any text, the row is
+    `ocr_time_limit`.
     """
     from docroute.tasks.ingest import ocr
 
-    texts, count = _pdf_page_texts(data)
+    texts, count, layer_lines = _pdf_page_texts(data)
     # A page pypdf could not read has an empty layer, so it is OCR'd too: PDFium may render what pypdf cannot parse.
     scanned = [index for index, text in enumerate(texts) if len(text.strip()) < PDF_MIN_PAGE_CHARS]
     page_texts = [text.strip() for text in texts]
-    lines: list[PageLine] = []
+    page_lines = list(layer_lines)
+    ocr_lines: list[PageLine] = []
     ocr_pages = 0
+    unread = 0
+    seconds = 0.0
     if scanned and ocr.ocr_available():
         if len(scanned) > source.max_pages:
             raise _DocumentError(
@@ -669,27 +700,50 @@ def _pdf_document(data: bytes, source: SourceSpec) -> ParsedDocument:
                 f"{len(scanned)} of its {count} pages have no text layer and need OCR; source.max_pages is "
                 f"{source.max_pages}",
             )
+        deadline = ocr.OcrDeadline(source.max_ocr_seconds)
         try:
-            for index, image in ocr.render_pdf_pages(data, scanned):
-                page = ocr.ocr_image(image, page=index + 1)
+            for index, image in ocr.render_pdf_pages(data, scanned, deadline=deadline):
+                page = ocr.ocr_image(image, page=index + 1, threads=source.ocr_threads)
                 ocr_pages += 1
                 if page.lines:
-                    lines.extend(page.lines)
+                    ocr_lines.extend(page.lines)
+                    page_lines[index] = page.lines
                     page_texts[index] = lines_text(page.lines)
         except ocr.OcrRefusedError as refused:
             # A page PDFium cannot render loses only its OCR: the text-layer pages still stand, as before OCR.
             if refused.code != DocumentErrorCode.PDF_CORRUPT or not any(page_texts):
                 raise _DocumentError(refused.code, refused.reason) from None
+        else:
+            unread = len(scanned) - ocr_pages
+        seconds = deadline.elapsed
     text = _normalise("\n\n".join(page for page in page_texts if page))
     if not text.strip():
+        if unread:
+            raise _DocumentError("ocr_time_limit", _time_limit_reason(source, ocr_pages, unread, seconds))
         if ocr_pages:
             raise _DocumentError("ocr_no_text", f"OCR found no text on any of its {count} page(s) (blank scans?)")
         raise _DocumentError(
             "pdf_no_text",
             f"no text layer on any of its {count} page(s); scanned PDFs need OCR: install docroute's [ocr] extra",
         )
+    if unread:
+        _logger.info("%s", _time_limit_reason(source, ocr_pages, unread, seconds))
     return ParsedDocument(
-        None, text, "pdf", pages=count, ocr_pages=ocr_pages, ocr_confidence=mean_confidence(lines), lines=tuple(lines)
+        None,
+        text,
+        "pdf",
+        pages=count,
+        ocr_pages=ocr_pages,
+        ocr_confidence=mean_confidence(ocr_lines),
+        lines=tuple(line for lines in page_lines for line in lines),
+        ocr_unread_pages=unread,
+    )
+
+
+def _time_limit_reason(source: SourceSpec, read: int, unread: int, elapsed: float) -> str:
+    return (
+        f"OCR stopped after {elapsed:.0f} s (source.max_ocr_seconds is {source.max_ocr_seconds:g}): {read} page(s) "
+        f"read, {unread} page(s) needing OCR left unread"
     )
 
 
@@ -697,29 +751,41 @@ def _image_document(data: bytes, source: SourceSpec) -> ParsedDocument:
     """An image file's text by OCR, page by page (a TIFF's frames), refused from its headers when hostile.
 
     Blank pages among others are skipped (separator sheets, the backs of pages); a file where OCR finds no text
-    at all is `ocr_no_text`, a reasoned error rather than an empty document the model would answer anyway.
+    at all is `ocr_no_text`, a reasoned error rather than an empty document the model would answer anyway. Pages
+    after `source.max_ocr_seconds` is spent are not decoded: the pages read are kept (`ocr_unread_pages` counts the
+    rest), or the row is `ocr_time_limit` when they held no text.
     """
     from docroute.tasks.ingest import ocr
 
     try:
         ocr.require_ocr("an image")
         lines: list[PageLine] = []
-        pages = 0
-        for number, image in enumerate(ocr.image_pages(data, max_pages=source.max_pages), start=1):
-            pages += 1
-            lines.extend(ocr.ocr_image(image, page=number).lines)
+        frames = ocr.image_pages(data, max_pages=source.max_pages)
+        deadline = ocr.OcrDeadline(source.max_ocr_seconds)
+        read = 0
+        for number in range(1, len(frames) + 1):
+            if deadline.expired():
+                break
+            lines.extend(ocr.ocr_image(next(frames), page=number, threads=source.ocr_threads).lines)
+            read += 1
     except ocr.OcrRefusedError as refused:
         raise _DocumentError(refused.code, refused.reason) from None
+    unread = len(frames) - read
     if not lines:
-        raise _DocumentError("ocr_no_text", f"OCR found no text on any of its {pages} page(s) (blank or unreadable)")
+        if unread:
+            raise _DocumentError("ocr_time_limit", _time_limit_reason(source, read, unread, deadline.elapsed))
+        raise _DocumentError("ocr_no_text", f"OCR found no text on any of its {read} page(s) (blank or unreadable)")
+    if unread:
+        _logger.info("%s", _time_limit_reason(source, read, unread, deadline.elapsed))
     return ParsedDocument(
         None,
         _normalise(lines_text(lines)),
         "image",
-        pages=pages,
-        ocr_pages=pages,
+        pages=len(frames),
+        ocr_pages=read,
         ocr_confidence=mean_confidence(lines),
         lines=tuple(lines),
+        ocr_unread_pages=unread,
     )
 
 

@@ -15,6 +15,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from docroute.schemas.documents import DocumentRef
 from docroute.schemas.outcomes import DocumentErrorCode
+from docroute.schemas.page_geometry import PageLine
 from docroute.schemas.spec import SourceSpec
 from docroute.tasks.ingest.discover import source_filesystem
 from docroute.tasks.ingest.parse import detect_format, parse_document
@@ -36,6 +37,8 @@ class SourceDocument:
     pages: int | None = None  # pdf and image: the page count (tasks/ingest/parse.py ParsedDocument)
     ocr_pages: int | None = None  # pdf and image: pages read by OCR
     ocr_confidence: float | None = None  # mean confidence of the OCR'd lines
+    ocr_unread_pages: int | None = None  # pages left unread by OCR when source.max_ocr_seconds ran out
+    lines: tuple[PageLine, ...] = ()  # the OCR'd lines with their boxes, for the extraction rankers (Request.geometry)
 
     @property
     def ok(self) -> bool:
@@ -101,6 +104,8 @@ def read_documents(source: SourceSpec, refs: Sequence[DocumentRef]) -> list[Sour
                     pages=parsed.pages,
                     ocr_pages=parsed.ocr_pages,
                     ocr_confidence=parsed.ocr_confidence,
+                    ocr_unread_pages=parsed.ocr_unread_pages,
+                    lines=parsed.lines,
                 )
             )
     return documents
