@@ -22,18 +22,16 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
 import random
 import resource
 import sys
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from publish import machine_line, publish  # bench/publish.py
+from publish import machine_info, machine_line, publish  # bench/publish.py
 
 ROOT = Path(__file__).resolve().parent.parent
 SROIE = ROOT.parent / "shared" / "datasets" / "sroie" / "train" / "box"
@@ -225,13 +223,7 @@ def main() -> None:
     results = run(receipts)
     load_after = os.getloadavg()[0]
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "date": datetime.now(UTC).date().isoformat(),
-    }
+    info = machine_info()
     command = f"python bench/ocr.py --receipts {args.receipts} --seed {args.seed}"
     rows = [
         "| input | receipts | CER | CER ignoring spaces | s / page | pages / s | failed |",
@@ -258,13 +250,7 @@ def main() -> None:
 def threads_main(args: argparse.Namespace) -> None:
     load_before = os.getloadavg()[0]
     results = threads_comparison(load_receipts(args.threads, args.seed), args.workers)
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "date": datetime.now(UTC).date().isoformat(),
-    }
+    info = machine_info()
     command = f"python bench/ocr.py --threads {args.threads} --workers {args.workers} --seed {args.seed}"
     table = (
         machine_line(info, command)

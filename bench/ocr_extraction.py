@@ -31,12 +31,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from extraction_ranker import FIELDS
 from ocr import MARGIN, Receipt, as_pdf
-from publish import append_to_benchmarks, machine_line
+from publish import append_to_benchmarks, machine_info, machine_line
 from routing_economics import _sroie_text
 
 from docroute.engines.extract.ranker import ExtractionRanker, train_extraction_ranker
@@ -228,13 +226,7 @@ def main() -> None:
     names = [spec.name for spec in FIELDS.fields]
     seconds = {v: sum(ocr[v][s]["seconds"] for s in test_stems) / len(test_stems) for v in ocr}
     failed = {v: sum(bool(ocr[v][s]["failed"]) for s in test_stems) for v in ocr}
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "date": datetime.now(UTC).date().isoformat(),
-    }
+    info = machine_info()
     command = f"python bench/ocr_extraction.py --train {args.train} --receipts {args.receipts} --seed {args.seed}"
     rows = [
         "| rankers | input | " + " | ".join(names) + " | gap vs text (date / total) |",

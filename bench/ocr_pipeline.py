@@ -21,13 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import sys
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from memory_flat import NullEngine, _start_prefect_server  # bench/memory_flat.py
 from ocr import RESULTS, SROIE, draw, load_receipts  # bench/ocr.py
-from publish import append_to_benchmarks, machine_line
+from publish import append_to_benchmarks, machine_info, machine_line
 
 JOB = """name: bench-ocr-pipeline
 source:
@@ -140,13 +138,7 @@ def main() -> None:
             results.append(run_flow(folder, Path(scratch) / f"out-{workers}", workers))
     load_after = os.getloadavg()[0]
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "date": datetime.now(UTC).date().isoformat(),
-    }
+    info = machine_info()
     command = f"python bench/ocr_pipeline.py --receipts {args.receipts} --seed {args.seed}"
     rows = [
         "| runner.max_workers | documents (pages) | flow s | pages / s | OCR s (summed) | share of the run not OCR |",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,6 +17,17 @@ def append_to_benchmarks(title: str, table: str, path: Path = BENCHMARKS) -> Non
     section = f"\n### {title} · {datetime.now(UTC).date().isoformat()}\n\n{table.rstrip()}\n"
     path.write_text(text.rstrip("\n") + "\n" + section, encoding="utf-8")
     print(f"appended to {path}")
+
+
+def machine_info() -> dict[str, object]:
+    """Where and when a benchmark ran, in the keys `machine_line` reads."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "date": datetime.now(UTC).date().isoformat(),
+    }
 
 
 def machine_line(info: dict[str, object], command: str) -> str:

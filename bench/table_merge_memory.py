@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -33,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from publish import machine_line, publish  # bench/publish.py
+from publish import machine_info, machine_line, publish  # bench/publish.py
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "table_merge"
@@ -186,13 +184,7 @@ def main() -> None:
         cells = " | ".join(f"+{found[w]['peak_mib']:.0f} | {found[w]['seconds']:.2f}" for w in WAYS)
         lines.append(f"| {size:,} | {round(size * args.fraction):,} | {cells} |")
     command = "python bench/table_merge_memory.py --sizes " + " ".join(map(str, args.sizes))
-    info = {
-        "platform": platform.platform(),
-        "cores": os.cpu_count(),
-        "processor": platform.machine(),
-        "python": platform.python_version(),
-        "date": f"{datetime.now(UTC):%Y-%m-%d}",
-    }
+    info = machine_info()
     table = "\n".join(
         [
             f"{machine_line(info, command)} One merge of {args.fraction:.0%} of the documents into a table of N rows"
