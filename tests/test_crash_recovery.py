@@ -46,6 +46,7 @@ COMMIT_STEPS = [
     "docroute.tasks.account.report:write_json",  # cost table and run row written; no manifest
     "docroute.tasks.account.report:write_json+after",  # manifest written; old snapshots not pruned, no artifacts
     "docroute.flows.process:sync_current_table@2",  # committed; the current table one run behind (call 1: run start)
+    "docroute.tasks.store.table:_commit_properties",  # the table's new Delta files written, their commit not made
     "docroute.flows.process:sync_current_table@2+after",  # the table holds the run; plan and old parts not cleaned
     "docroute.flows.process:clean_up_after_commit",  # committed; plan file and obsolete parts not deleted
     "docroute.tasks.store.plan:_delete@1+after",  # part-way through the clean-up
@@ -328,6 +329,7 @@ def test_a_crash_loop_on_s3_ends_with_one_current_row_per_document(tmp_path: Pat
         "docroute.flows.process:write_merged_state+after",
         "docroute.tasks.account.report:write_json+after",
         "docroute.flows.process:sync_current_table@2",
+        "docroute.tasks.store.table:_commit_properties",  # the table's files written to S3, the Delta commit not made
         "docroute.tasks.store.plan:_delete@1+after",
     ]
     try:
