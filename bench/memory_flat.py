@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -49,12 +48,17 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from publish import machine_info  # bench/publish.py
+
 if TYPE_CHECKING:
     from docroute.engines.base import Engine, Prediction, Request
+
+machine = machine_info  # the sibling benchmarks import it from here (bench/publish.py has the one definition)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "memory"
@@ -348,17 +352,6 @@ def measure(
     )
 
 
-def machine() -> dict[str, Any]:
-    """Where the numbers come from."""
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "date": datetime.now(UTC).date().isoformat(),
-    }
-
-
 def _mib(value: float | None) -> str:
     return "—" if value is None else f"{value:,.0f}"
 
@@ -449,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             flush=True,
         )
         measurements.append(m)
-    info = machine()
+    info = machine_info()
     table = markdown(measurements, info, command)
     print()
     print(table)

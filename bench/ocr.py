@@ -62,8 +62,9 @@ def load_receipts(count: int, seed: int) -> list[Receipt]:
     return receipts
 
 
-def draw(receipt: Receipt) -> bytes:
-    """The receipt as a PNG: every line's text at its box, in a font as tall as most of the box."""
+def draw(receipt: Receipt, *, fit_width: bool = False) -> bytes:
+    """The receipt as a PNG: every line's text at its box, in a font as tall as most of the box; with `fit_width`,
+    also shrunk until it is no wider than the box (so a wide label does not run into the amount beside it)."""
     from PIL import Image, ImageDraw, ImageFont
 
     width = int(max(box[2] for box, _ in receipt.lines)) + MARGIN
@@ -71,9 +72,12 @@ def draw(receipt: Receipt) -> bytes:
     page = Image.new("L", (width, height), 255)
     pen = ImageDraw.Draw(page)
     fonts: dict[int, ImageFont.FreeTypeFont | ImageFont.ImageFont] = {}
-    for (x0, y0, _x1, y1), text in receipt.lines:
+    for (x0, y0, x1, y1), text in receipt.lines:
         size = max(10, min(60, round((y1 - y0) * 0.8)))
         font = fonts.setdefault(size, ImageFont.load_default(size=size))
+        while fit_width and size > 8 and font.getlength(text) > max(x1 - x0, 1):
+            size -= 1
+            font = fonts.setdefault(size, ImageFont.load_default(size=size))
         pen.text((x0, y0), text, font=font, fill=0)
     buffer = io.BytesIO()
     page.save(buffer, "PNG")

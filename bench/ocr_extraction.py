@@ -41,7 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from extraction_ranker import FIELDS
-from ocr import MARGIN, Receipt, as_pdf
+from ocr import Receipt, as_pdf, draw
 from publish import append_to_benchmarks, machine_info, machine_line
 from routing_economics import _sroie_text
 
@@ -72,29 +72,6 @@ def receipt_of(stem: str) -> Receipt:
         xs, ys = [float(v) for v in parts[0:8:2]], [float(v) for v in parts[1:8:2]]
         lines.append(((min(xs), min(ys), max(xs), max(ys)), parts[8].strip()))
     return Receipt(stem, lines)
-
-
-def draw(receipt: Receipt) -> bytes:
-    """The receipt as a PNG: every line's text at its box, as tall as most of the box and no wider than it."""
-    import io
-
-    from PIL import Image, ImageDraw, ImageFont
-
-    width = int(max(box[2] for box, _ in receipt.lines)) + MARGIN
-    height = int(max(box[3] for box, _ in receipt.lines)) + MARGIN
-    page = Image.new("L", (width, height), 255)
-    pen = ImageDraw.Draw(page)
-    fonts: dict[int, ImageFont.FreeTypeFont | ImageFont.ImageFont] = {}
-    for (x0, y0, x1, y1), text in receipt.lines:
-        size = max(10, min(60, round((y1 - y0) * 0.8)))
-        font = fonts.setdefault(size, ImageFont.load_default(size=size))
-        while size > 8 and font.getlength(text) > max(x1 - x0, 1):
-            size -= 1
-            font = fonts.setdefault(size, ImageFont.load_default(size=size))
-        pen.text((x0, y0), text, font=font, fill=0)
-    buffer = io.BytesIO()
-    page.save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def split(seed: int, train: int, held_out: int) -> tuple[list[str], list[str]]:
@@ -150,7 +127,7 @@ def ocr_receipts(
             if cached.exists() and not refresh:
                 entries[stem] = json.loads(cached.read_text(encoding="utf-8"))
                 continue
-            png = draw(receipt_of(stem))
+            png = draw(receipt_of(stem), fit_width=True)
             data = png if variant == "png" else as_pdf(png)
             started = time.perf_counter()
             document = parse_document(data, uri=f"{stem}.{variant}", source=source)[0]
